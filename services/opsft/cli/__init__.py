@@ -1,0 +1,40 @@
+"""The `opsft` command line. Each subcommand lives in its own module with
+`add_parser(subparsers)` and `run(args) -> int`.
+
+    opsft models path
+    opsft score --input corpus.jsonl --output scored.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommand modules, in the order `opsft --help` lists them.
+COMMANDS = ["models", "score"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsft", description="On-policy SFT: CLL scoring, IDFT, Hinted Decoding")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"opsft.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.run(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"opsft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`opsft score`: add CLL statistics to every row of a corpus."""
+
+from __future__ import annotations
+
+import time
+
+from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("score", help="score a corpus with CLL (log p + H per response token)")
+    parser.add_argument("--input", help="JSONL or Parquet corpus")
+    parser.add_argument("--output", help="JSONL or Parquet file to write (by extension)")
+    add_model_flags(parser)
+    add_engine_flags(parser)
+    parser.add_argument("--tokens", action="store_true", default=None, help="also write per-token phi")
+    parser.add_argument("--include-eos", action="store_true", default=None, help="score the end-of-turn token too")
+    parser.add_argument("--temperature", type=float, help="softmax temperature of p (default 1)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from opsft.config import ScoreConfig, load_config
+
+    cfg = load_config(ScoreConfig, args.config, {
+        **engine_overrides(args), "input": args.input, "output": args.output, "tokens": args.tokens,
+        "include_eos": args.include_eos, "temperature": args.temperature})
+    if not cfg.input or not cfg.output:
+        raise ValueError("--input and --output are required (on the command line or in --config)")
+    print_summary("score", score_in_process(cfg))
+    return 0
+
+
+def score_in_process(cfg) -> dict:
+    from opsft.corpus import read_rows, write_rows
+    from opsft.engines import make_engine
+    from opsft.scoring import score_rows, summary
+
+    rows = read_rows(cfg.input)
+    engine = make_engine(cfg.engine.kind, cfg.engine.model, **cfg.engine.options())
+    progress = Progress(len(rows), "score")
+    start, out = time.monotonic(), []
+    step = max(cfg.engine.max_batch_size * 4, 1)
+    for i in range(0, len(rows), step):
+        out += score_rows(rows[i:i + step], engine, cfg.include_eos, cfg.tokens, cfg.temperature)
+        progress.update(len(rows[i:i + step]))
+    write_rows(out, cfg.output)
+    elapsed = time.monotonic() - start
+    result = summary(out)
+    result.update(model=engine.model_id, output=cfg.output, seconds=round(elapsed, 2),
+                  tokens_per_s=round(result["tokens"] / elapsed, 1) if elapsed else None)
+    return result

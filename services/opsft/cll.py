@@ -1,0 +1,137 @@
+"""Centered log-likelihood (CLL): how on-policy each token of a text is for a model.
+
+For a token x_t with next-token distribution p_t = softmax(z_t / tau) over the full
+vocabulary:  phi_t = log p_t(x_t) + H(p_t).  If x_t is drawn from p_t, E[phi_t] = 0.
+
+Everything here is plain torch over logits and token ids; it never materialises more
+than `chunk_size x vocab` floats at once (plus the caller's logits), so scoring long
+sequences costs about what a forward pass costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+# Thresholds of the per-sequence "fraction of tokens with phi > t" statistics.
+FRACTION_THRESHOLDS = {"cll_frac_pos": 0.0, "cll_frac_gt_m1": -1.0, "cll_frac_gt_m3": -3.0, "cll_frac_gt_m5": -5.0}
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    """Fused, chunked log p(label) and H(p). Saves only logsumexp per position; the
+    backward pass recomputes the softmax chunk by chunk (d logp / dz = (onehot - p) / tau).
+    The entropy output carries no gradient (every loss here uses it detached)."""
+
+    @staticmethod
+    def forward(ctx, flat, labels, temperature, chunk_size):
+        n = flat.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=flat.device)
+        ent = torch.empty(n, dtype=torch.float32, device=flat.device)
+        lses = torch.empty(n, dtype=torch.float32, device=flat.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            z = flat[sl].float() / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            probs = torch.exp(z - lse.unsqueeze(-1))
+            ent[sl] = lse - (probs * z).sum(-1)
+            logp[sl] = z.gather(-1, labels[sl, None]).squeeze(-1) - lse
+            lses[sl] = lse
+        ctx.save_for_backward(flat, labels, lses)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        flat, labels, lses = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk_size
+        grad = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            z = flat[sl].float() / tau
+            g = -torch.exp(z - lses[sl].unsqueeze(-1)) * grad_logp[sl].unsqueeze(-1)
+            g.scatter_add_(-1, labels[sl, None], grad_logp[sl, None])
+            grad[sl] = (g / tau).to(flat.dtype)
+        return grad, None, None, None
+
+
+def token_logprob_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels) and H(p) per position, in float32, computed in chunks of positions.
+
+    logits: [..., V] (position t predicts labels[..., t]); labels: [...] (ids outside
+    [0, V), such as -100, give logprob 0 and must be masked by the caller). log p is
+    differentiable in the logits; H is returned without gradient.
+
+    Uses H = logsumexp(z) - sum softmax(z) * z: one exp per chunk, never a full
+    log_softmax, and no vocabulary-sized tensor is kept for the backward pass.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    valid = (flat_labels >= 0) & (flat_labels < vocab)
+    safe = torch.where(valid, flat_labels, torch.zeros_like(flat_labels)).long()
+    logp, ent = _LogprobEntropy.apply(flat, safe, float(temperature), int(chunk_size))
+    logp = logp.masked_fill(~valid, 0.0)
+    return logp.reshape(labels.shape), ent.reshape(labels.shape)
+
+
+def token_phi(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """phi_t = log p_t(x_t) + H(p_t) per position (logits at t predict labels[t]); 0 where mask is False."""
+    with torch.no_grad():
+        logp, ent = token_logprob_entropy(logits, labels, temperature, chunk_size)
+        phi = logp + ent
+        if mask is not None:
+            phi = phi.masked_fill(~mask.bool(), 0.0)
+    return phi
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """Per-sequence CLL statistics, the fields `opsft score` writes."""
+
+    cll: float
+    cll_sum: float
+    cll_frac_pos: float
+    cll_frac_gt_m1: float
+    cll_frac_gt_m3: float
+    cll_frac_gt_m5: float
+    logprob_mean: float
+    entropy_mean: float
+    n_tokens: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize(logprob, entropy) -> SequenceStats:
+    """Statistics of one sequence's response tokens from per-token log p and H (1-D, any sequence type)."""
+    logprob = torch.as_tensor(logprob, dtype=torch.float64)
+    entropy = torch.as_tensor(entropy, dtype=torch.float64)
+    n = int(logprob.numel())
+    if n == 0:
+        raise ValueError("no response tokens to summarise")
+    phi = logprob + entropy
+    fracs = {name: float((phi > t).double().mean()) for name, t in FRACTION_THRESHOLDS.items()}
+    return SequenceStats(
+        cll=float(phi.mean()),
+        cll_sum=float(phi.sum()),
+        logprob_mean=float(logprob.mean()),
+        entropy_mean=float(entropy.mean()),
+        n_tokens=n,
+        **fracs,
+    )

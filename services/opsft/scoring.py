@@ -1,0 +1,60 @@
+"""Scoring corpus rows with CLL: rows in, rows out (same order, same count, extra fields).
+
+Engine-agnostic and Ray-free: `opsft score` calls it in-process, the Ray Data job calls it
+on each batch inside an actor, and the HTTP service calls it per request.
+"""
+
+from __future__ import annotations
+
+from opsft.chat import encode
+from opsft.cll import summarize
+from opsft.corpus import RowError, parse_row, with_id
+
+SCORE_FIELDS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
+                "logprob_mean", "entropy_mean", "n_tokens")
+
+
+def empty_scores(error: str | None, tokens: bool = False) -> dict:
+    out = {name: None for name in SCORE_FIELDS}
+    out["error"] = error
+    if tokens:
+        out["token_phi"] = None
+    return out
+
+
+def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool = False,
+               temperature: float = 1.0) -> list[dict]:
+    """Each row with its CLL statistics added; invalid rows get `error` and null statistics."""
+    out = [with_id(dict(row)) for row in rows]
+    encoded, where = [], []
+    for k, row in enumerate(out):
+        try:
+            ex = parse_row(row)
+            encoded.append(encode(engine.tokenizer, ex.messages, ex.response, include_eos, engine.max_length))
+            where.append(k)
+        except RowError as exc:
+            row.update(empty_scores(str(exc), tokens))
+    if encoded:
+        scores = engine.score_tokens([e.input_ids for e in encoded], [e.response_start for e in encoded],
+                                     temperature)
+        for k, sc in zip(where, scores, strict=True):
+            stats = summarize(sc.logprob, sc.entropy).as_dict()
+            stats["error"] = None
+            if tokens:
+                stats["token_phi"] = [float(x) for x in sc.logprob + sc.entropy]
+            out[k].update(stats)
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    """Corpus-level figures: rows, error rows, token-weighted and row-mean CLL."""
+    ok = [r for r in rows if not r.get("error") and r.get("cll") is not None]
+    n_tok = sum(r["n_tokens"] for r in ok)
+    return {
+        "rows": len(rows),
+        "error_rows": len(rows) - len(ok),
+        "tokens": n_tok,
+        "cll_mean": sum(r["cll"] for r in ok) / len(ok) if ok else None,
+        "cll_token_mean": sum(r["cll_sum"] for r in ok) / n_tok if n_tok else None,
+        "cll_frac_pos_mean": sum(r["cll_frac_pos"] for r in ok) / len(ok) if ok else None,
+    }

@@ -1,0 +1,75 @@
+"""CLL math against a brute-force reference (full log_softmax + entropy)."""
+
+import math
+
+import pytest
+import torch
+from opsft.cll import summarize, token_logprob_entropy, token_phi
+
+
+def brute_phi(logits, labels, temperature=1.0):
+    logp_all = torch.log_softmax(logits.double() / temperature, dim=-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1) + ent
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 4096])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_chunked_phi_equals_brute_force(chunk, temperature):
+    g = torch.Generator().manual_seed(chunk)
+    logits = torch.randn(3, 11, 97, generator=g) * 4
+    labels = torch.randint(0, 97, (3, 11), generator=g)
+    phi = token_phi(logits, labels, temperature=temperature, chunk_size=chunk)
+    torch.testing.assert_close(phi.double(), brute_phi(logits, labels, temperature), atol=2e-5, rtol=1e-5)
+
+
+def test_mask_zeroes_positions_and_out_of_range_labels():
+    logits = torch.randn(2, 5, 13)
+    labels = torch.randint(0, 13, (2, 5))
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    phi = token_phi(logits, labels, mask=mask, chunk_size=4)
+    assert torch.all(phi[~mask] == 0)
+    torch.testing.assert_close(phi[mask].double(), brute_phi(logits, labels)[mask], atol=1e-5, rtol=1e-5)
+    labels_ignored = labels.clone()
+    labels_ignored[0, 0] = -100
+    logp, _ = token_logprob_entropy(logits, labels_ignored)
+    assert logp[0, 0] == 0
+
+
+def test_logprob_gradient_equals_autograd_of_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 6, 31, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 31, (4, 6), generator=g)
+    weights = torch.randn(4, 6, generator=g)
+    logp, ent = token_logprob_entropy(logits, labels, temperature=0.8, chunk_size=5)
+    (logp * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref = torch.log_softmax(logits / 0.8, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, atol=1e-5, rtol=1e-4)
+    assert not ent.requires_grad
+
+
+def test_sampled_tokens_have_phi_mean_near_zero():
+    # E_{x ~ p}[log p(x) + H(p)] = 0: the property that gives CLL its name.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(20000, 50, generator=g) * 2
+    labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(-1)
+    assert abs(float(token_phi(logits, labels).mean())) < 0.02
+
+
+def test_summarize_hand_computed():
+    logp = [-0.5, -2.0, -6.0, -0.1]
+    ent = [1.0, 0.5, 0.5, 0.05]  # phi = 0.5, -1.5, -5.5, -0.05
+    s = summarize(logp, ent)
+    assert s.n_tokens == 4
+    assert math.isclose(s.cll, (0.5 - 1.5 - 5.5 - 0.05) / 4)
+    assert math.isclose(s.cll_sum, -6.55)
+    assert s.cll_frac_pos == 0.25
+    assert s.cll_frac_gt_m1 == 0.5
+    assert s.cll_frac_gt_m3 == 0.75
+    assert s.cll_frac_gt_m5 == 0.75
+    assert math.isclose(s.logprob_mean, -8.6 / 4)
+    with pytest.raises(ValueError):
+        summarize([], [])
