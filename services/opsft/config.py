@@ -91,3 +91,41 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None,
         if value is not None:
             set_path(data, key, value)
     return cls.model_validate(data)
+
+
+# ---------------------------------------------------------------------------- serving (opsft serve)
+
+
+class ServeAutoscaling(Strict):
+    """Ray Serve autoscaling of the scorer replicas (replaces a fixed num_replicas)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="per replica")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+
+class ServeConfig(Strict):
+    """The CLL scoring HTTP API (opsft.serve): engine, HTTP limits, batching, replicas, auth."""
+
+    engine: EngineConfig = EngineConfig()
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = "opsft-score"
+    route_prefix: str = "/"
+    temperature: float = Field(1.0, gt=0)
+    max_items: int = Field(64, ge=1, description="items per request")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request body size limit")
+    batching: bool = Field(True, description="let concurrent requests share forward passes")
+    max_batch_requests: int = Field(16, ge=1, description="requests merged into one scoring call")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_replicas: int = Field(1, ge=1, description="scorer replicas when autoscaling is off")
+    autoscaling: ServeAutoscaling | None = None
+    max_ongoing_requests: int = Field(64, ge=1, description="per scorer replica")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per scorer replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per scorer replica (set engine.device too)")
+    torch_threads: int | None = Field(None, ge=1, description="None = num_cpus rounded up")
+    api_key_env: str = Field("OPSFT_API_KEY", description="environment variable holding the bearer token")
+    api_key_file: str | None = Field(None, description="file holding the bearer token (wins over the env var)")
+    reload_timeout_s: float = Field(600.0, gt=0)
