@@ -129,3 +129,76 @@ class ServeConfig(Strict):
     api_key_env: str = Field("OPSFT_API_KEY", description="environment variable holding the bearer token")
     api_key_file: str | None = Field(None, description="file holding the bearer token (wins over the env var)")
     reload_timeout_s: float = Field(600.0, gt=0)
+
+
+# ---------------------------------------------------------------------------- training (opsft train)
+
+
+class LossConfig(Strict):
+    """The loss of `opsft train` and its parameters (method.md section 2)."""
+
+    name: Literal["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy"] = "idft"
+    beta: float = Field(1.0, gt=0, description="idft: gamma_raw = clamp(exp(-phi / beta), gamma_min, gamma_max)")
+    gamma_min: float = Field(0.1, ge=0)
+    gamma_max: float = Field(2.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="idft lambda schedule: 0 while progress < this. "
+                                "0 = the released run scripts; the official config file says 0.2")
+    transition_ratio: float = Field(0.0, ge=0, le=1, description="idft lambda: linear rise length (config file: 0.1)")
+    bound: float = Field(5.0, gt=0, description="idft_hardmask: keep tokens with -bound < phi < bound")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of p in the loss")
+
+    def params(self) -> dict[str, float]:
+        """Keyword arguments for opsft.losses.compute for this loss."""
+        if self.name in ("sft", "dft", "eaft"):
+            return {}
+        out = {"beta": self.beta, "gamma_min": self.gamma_min, "gamma_max": self.gamma_max,
+               "warmup_ratio": self.warmup_ratio, "transition_ratio": self.transition_ratio}
+        if self.name == "idft_hardmask":
+            out["bound"] = self.bound
+        return out
+
+
+class TrainScaling(Strict):
+    """Ray Train workers (ray.train.ScalingConfig) and the data-parallel strategy."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, ge=0, description="with use_gpu")
+    cpus_per_worker: float = Field(1.0, ge=0)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp shards a model that does not fit one GPU")
+
+
+class TrainConfig(Strict):
+    """`opsft train`. Defaults are the official settings (method.md): AdamW betas (0.9, 0.95), weight decay
+    0.01, 10% warm-up then cosine, gradient clip 1.0, bf16 autocast on GPU, lr 6e-5, batch 256, 1 epoch (the
+    base-model runs; runs on hinted-decoding data used lr 8e-6 for IDFT, 1e-6 for SFT, 3 epochs)."""
+
+    input: str | None = Field(None, description="corpus, or the output of score / rewrite")
+    output_dir: str | None = Field(None, description="checkpoints, metrics.jsonl, tensorboard/")
+    model: str | None = Field(None, description="local HF folder; None = the embedded default")
+    eval_input: str | None = Field(None, description="held-out corpus; else eval_rows are held out of input")
+    eval_rows: int = Field(0, ge=0, description="rows held out of input (seeded) when eval_input is not given")
+    loss: LossConfig = LossConfig()
+    scaling: TrainScaling = TrainScaling()
+    lr: float = Field(6e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * this")
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="lr warm-up, fraction of all optimiser steps")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    global_batch_size: int = Field(256, ge=1, description="rows per optimiser step, over all workers")
+    micro_batch_size: int = Field(4, ge=1, description="rows per forward pass on one worker")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (wins over epochs)")
+    seed: int = 0
+    autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto = bf16 on a GPU with bf16, else off")
+    max_length: int | None = Field(None, ge=8, description="tokens per row; None = the model's context")
+    overlong: Literal["skip", "truncate"] = Field("skip", description="rows over max_length: skip, or cut the end")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints Ray keeps; None = all")
+    eval_every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = only at the end")
+    resume_from: str | None = Field(None, description="a checkpoint folder to continue from exactly")
+    max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the last checkpoint on failure")
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
+    fail_after_step: int | None = Field(None, ge=1, description="testing: crash once after this step (recovery)")
