@@ -1,10 +1,19 @@
-"""`opsft score`: add CLL statistics to every row of a corpus."""
+"""`opsft score`: add CLL statistics to every row of a corpus.
+
+In-process by default (one engine, one output file: the reference path, fine on a laptop).
+`--ray` runs it as a Ray Data job (actor pool of engines, output folder of part files,
+resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster):
+
+    opsft score --input corpus.jsonl --output scored.parquet
+    opsft score --input s3://bucket/corpus.parquet --output s3://bucket/scored.parquet --ray --actors 2-8 --gpus 1
+"""
 
 from __future__ import annotations
 
 import time
 
 from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
+from opsft.cli.jobflags import add_job_flags, job_overrides
 
 
 def add_parser(sub) -> None:
@@ -16,6 +25,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--tokens", action="store_true", default=None, help="also write per-token phi")
     parser.add_argument("--include-eos", action="store_true", default=None, help="score the end-of-turn token too")
     parser.add_argument("--temperature", type=float, help="softmax temperature of p (default 1)")
+    add_job_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -24,11 +34,25 @@ def run(args) -> int:
 
     cfg = load_config(ScoreConfig, args.config, {
         **engine_overrides(args), "input": args.input, "output": args.output, "tokens": args.tokens,
-        "include_eos": args.include_eos, "temperature": args.temperature})
+        "include_eos": args.include_eos, "temperature": args.temperature, **job_overrides(args)})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
-    print_summary("score", score_in_process(cfg))
+    if cfg.distributed or cfg.address:
+        print_summary("score (Ray Data)", score_distributed(cfg))
+    else:
+        print_summary("score", score_in_process(cfg))
     return 0
+
+
+def score_distributed(cfg) -> dict:
+    from opsft.jobs.files import SCORE_TYPES
+    from opsft.jobs.pipeline import connect, run_job, spec_from_config
+
+    connect(cfg.address)
+    spec = spec_from_config(cfg, "opsft.scoring:score_rows", name="score", column_types=SCORE_TYPES,
+                            fn_kwargs={"include_eos": cfg.include_eos, "tokens": cfg.tokens,
+                                       "temperature": cfg.temperature})
+    return run_job(spec)
 
 
 def score_in_process(cfg) -> dict:

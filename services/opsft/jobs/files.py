@@ -1,0 +1,136 @@
+"""The output folder of a Ray Data corpus job, and resume by id. Ray-free (pyarrow only).
+
+A job writes its output path as a FOLDER of part files, whatever the extension says:
+`scored.parquet/part-<uuid>.parquet` (or `.jsonl` parts for a `.jsonl` output). Each part is
+written under a hidden temporary name and renamed into place when complete, so a job that
+is killed leaves only whole parts behind (plus temporaries, removed on the next run).
+Re-running the job reads the ids already in the folder and skips those input rows; the
+final folder holds every row exactly once. Works on any pyarrow filesystem URI (s3://...).
+
+    rows = read_output("scored.parquet")        # all rows of all parts (or of a single file)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from opsft.corpus import file_format, parse_jsonl_line
+
+PART_PREFIX = "part-"
+TMP_PREFIX = ".tmp-"
+
+# Arrow types for the columns opsft adds, so a part whose rows are all errors (nulls)
+# still has the same schema as the others.
+SCORE_TYPES = {name: pa.float64() for name in ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1",
+                                               "cll_frac_gt_m3", "cll_frac_gt_m5", "logprob_mean",
+                                               "entropy_mean")}
+SCORE_TYPES.update(n_tokens=pa.int64(), error=pa.string(), id=pa.string(), token_phi=pa.list_(pa.float64()))
+
+
+def _json_default(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)  # numpy values, bytes, dates
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).absolute())
+
+
+def part_files(path: str) -> list[str]:
+    """Complete part files of an output folder, sorted (empty if the folder does not exist)."""
+    fs, root = filesystem(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"{path} is a file; a Ray Data job writes its output as a folder of part files "
+                         "(choose a new output path, or delete the file)")
+    found = fs.get_file_info(pafs.FileSelector(root))
+    return sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.startswith(PART_PREFIX))
+
+
+def remove_temporaries(path: str) -> int:
+    """Delete half-written parts left by a killed job; returns how many."""
+    fs, root = filesystem(path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return 0
+    stale = [f.path for f in fs.get_file_info(pafs.FileSelector(root)) if f.base_name.startswith(TMP_PREFIX)]
+    for p in stale:
+        fs.delete_file(p)
+    return len(stale)
+
+
+def _read_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None) -> list[dict]:
+    if part.endswith(".parquet"):
+        with fs.open_input_file(part) as handle:
+            table = pq.read_table(handle, columns=columns)
+        return table.to_pylist()
+    with fs.open_input_stream(part) as handle:
+        lines = handle.read().splitlines()
+    rows = [parse_jsonl_line(raw, n) for n, raw in enumerate(lines, 1) if raw.strip()]
+    return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
+
+
+def read_output(path: str) -> list[dict]:
+    """Every row of a job's output folder (parts in name order), or of a single corpus file."""
+    fs, root = filesystem(path)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        return _read_part(fs, root)
+    return [row for part in part_files(path) for row in _read_part(fs, part)]
+
+
+def output_ids(path: str) -> list[str]:
+    """The id of every row already written to an output folder, one per row."""
+    fs, _ = filesystem(path)
+    return [str(r.get("id")) for part in part_files(path) for r in _read_part(fs, part, ["id"])]
+
+
+def done_ids(path: str) -> set[str]:
+    """Ids of the rows already written to an output folder (what a resumed job skips)."""
+    return set(output_ids(path))
+
+
+def rows_table(rows: list[dict], column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """An Arrow table of rows; known columns get their fixed type, and a column whose values
+    Arrow cannot hold in one type (an int here, a string there) is stored as JSON text."""
+    column_types = column_types or {}
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    arrays, fields = [], []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            array = pa.array(values, type=column_types.get(name))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            array = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+                              for v in values], type=pa.string())
+        arrays.append(array)
+        fields.append(pa.field(name, array.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_part(path: str, rows: list[dict], column_types: dict[str, pa.DataType] | None = None) -> str:
+    """Write rows as one new part file of the output folder (atomically); returns its path."""
+    fmt = file_format(path)
+    fs, root = filesystem(path)
+    fs.create_dir(root, recursive=True)
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.{fmt}"
+    tmp, final = f"{root}/{TMP_PREFIX}{name}", f"{root}/{name}"
+    with fs.open_output_stream(tmp) as handle:
+        if fmt == "parquet":
+            pq.write_table(rows_table(rows, column_types), handle)
+        else:
+            for row in rows:
+                line = json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+                handle.write(line.encode("utf-8", "surrogatepass"))
+    fs.move(tmp, final)
+    return final

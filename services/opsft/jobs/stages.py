@@ -1,0 +1,132 @@
+"""The stages of a Ray Data corpus job: parse input into rows (with ids), the actor that holds
+an engine and applies a per-batch function `fn(rows, engine, **kwargs) -> rows`, and the
+datasink that writes part files and counts what it wrote.
+
+Rows travel between stages as one pickled dict per Arrow row (column `row`) next to their
+`id`: a corpus has arbitrary, sometimes mixed-type columns, and pickling keeps every value
+exactly as read, whatever the other blocks hold. Only the writer turns rows into Parquet
+or JSONL (opsft.jobs.files). See docs/data_jobs.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import pickle
+import time
+
+import pyarrow as pa
+from ray.data import Datasink
+
+from opsft.corpus import parse_jsonl_line, with_id
+from opsft.jobs import files
+
+log = logging.getLogger(__name__)
+
+
+def _row_id(row: dict) -> str:
+    if row.get("id") in (None, "") and "raw_line" in row:  # an unparseable line: id from its text
+        return "line-" + hashlib.sha256(f"{row['error']}\n{row['raw_line']}".encode("utf-8", "replace")
+                                        ).hexdigest()[:16]
+    return str(with_id(row)["id"])
+
+
+def _carrier(rows: list[dict], skip_ids: frozenset) -> pa.Table:
+    ids = [_row_id(r) for r in rows]
+    for row, rid in zip(rows, ids, strict=True):
+        if row.get("id") in (None, ""):
+            row["id"] = rid
+    return pa.table({"row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
+                     "id": pa.array(ids, pa.string()),
+                     "skip": pa.array([i in skip_ids for i in ids], pa.bool_())})
+
+
+def parse_jsonl_files(batch: dict, skip_ids: frozenset = frozenset()) -> pa.Table:
+    """read_binary_files batch (bytes, path) -> carrier rows; a bad line becomes an error row."""
+    rows = []
+    for data in batch["bytes"]:
+        rows += [parse_jsonl_line(raw, n) for n, raw in enumerate(bytes(data).splitlines(), 1) if raw.strip()]
+    return _carrier(rows, skip_ids)
+
+
+def parse_table(batch: pa.Table, skip_ids: frozenset = frozenset()) -> pa.Table:
+    """read_parquet batch (any columns) -> carrier rows."""
+    return _carrier(batch.to_pylist(), skip_ids)
+
+
+def load_function(ref: str):
+    """'package.module:function' -> the function."""
+    module, _, name = ref.partition(":")
+    if not name:
+        raise ValueError(f"row function {ref!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def apply_rows(fn, rows: list[dict], engine, kwargs: dict) -> list[dict]:
+    """fn over a batch; if the batch raises, row by row, so one bad row cannot fail the job:
+    a row that raises alone keeps its columns and gets `error`."""
+    try:
+        out = fn(rows, engine, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - isolate the row(s) responsible
+        log.warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc)
+        out = []
+        for row in rows:
+            try:
+                out += fn([row], engine, **kwargs)
+            except Exception as row_exc:  # noqa: BLE001
+                out.append({**row, "error": f"{type(row_exc).__name__}: {row_exc}"})
+    if len(out) != len(rows):
+        raise RuntimeError(f"row function returned {len(out)} rows for {len(rows)}: it must keep rows 1:1")
+    return out
+
+
+class EngineActor:
+    """A Ray Data callable class: builds the engine once per actor, then maps batches."""
+
+    def __init__(self, engine: dict, fn: str, fn_kwargs: dict | None = None):
+        from opsft.engines import make_engine
+
+        start = time.monotonic()
+        self.fn, self.fn_kwargs = load_function(fn), dict(fn_kwargs or {})
+        self.engine = make_engine(engine["kind"], engine.get("model"), **engine.get("options", {}))
+        log.info("engine %s on %s ready in %.1fs", engine["kind"], self.engine.model_id, time.monotonic() - start)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        skip = batch.column("skip").to_pylist()
+        todo = [k for k, s in enumerate(skip) if not s]
+        if not todo:
+            return batch
+        blobs = batch.column("row").to_pylist()
+        out = apply_rows(self.fn, [pickle.loads(blobs[k]) for k in todo], self.engine, self.fn_kwargs)
+        for k, row in zip(todo, out, strict=True):
+            blobs[k] = pickle.dumps(row, protocol=5)
+        return pa.table({"row": pa.array(blobs, pa.binary()), "id": batch.column("id"), "skip": batch.column("skip")})
+
+
+class PartsDatasink(Datasink):
+    """Writes each write task's rows as one part file; counts rows, errors and tokens."""
+
+    def __init__(self, output: str, column_types: dict | None = None):
+        self.output, self.column_types = output, column_types
+        self.result: dict | None = None
+
+    def write(self, blocks, ctx) -> dict:
+        rows, skipped = [], 0
+        for block in blocks:
+            for blob, skip in zip(block.column("row").to_pylist(), block.column("skip").to_pylist(), strict=True):
+                if skip:
+                    skipped += 1
+                else:
+                    rows.append(pickle.loads(blob))
+        if rows:
+            files.write_part(self.output, rows, self.column_types)
+        return {"rows": len(rows), "skipped": skipped, "error_rows": sum(1 for r in rows if r.get("error")),
+                "tokens": sum(int(r.get("n_tokens") or 0) for r in rows)}
+
+    def on_write_complete(self, write_result) -> None:
+        total = {"rows": 0, "skipped": 0, "error_rows": 0, "tokens": 0}
+        for part in write_result.write_returns:
+            for key in total:
+                total[key] += part[key]
+        self.result = total
