@@ -23,8 +23,10 @@ def empty_scores(error: str | None, tokens: bool = False) -> dict:
 
 
 def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool = False,
-               temperature: float = 1.0) -> list[dict]:
-    """Each row with its CLL statistics added; invalid rows get `error` and null statistics."""
+               temperature: float = 1.0, token_details: bool = False) -> list[dict]:
+    """Each row with its CLL statistics added; invalid rows get `error` and null statistics.
+    `token_details` also adds the response's `token_ids`, `token_logprob` and `token_entropy`
+    (lists; set on scored rows only), e.g. for the HTTP API's per-token answer."""
     out = [with_id(dict(row)) for row in rows]
     encoded, where = [], []
     for k, row in enumerate(out):
@@ -37,11 +39,14 @@ def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool
     if encoded:
         scores = engine.score_tokens([e.input_ids for e in encoded], [e.response_start for e in encoded],
                                      temperature)
-        for k, sc in zip(where, scores, strict=True):
+        for k, enc, sc in zip(where, encoded, scores, strict=True):
             stats = summarize(sc.logprob, sc.entropy).as_dict()
             stats["error"] = None
             if tokens:
                 stats["token_phi"] = [float(x) for x in sc.logprob + sc.entropy]
+            if token_details:
+                stats.update(token_ids=enc.input_ids[enc.response_start:], token_logprob=sc.logprob.tolist(),
+                             token_entropy=sc.entropy.tolist())
             out[k].update(stats)
     return out
 
