@@ -1,0 +1,98 @@
+"""`opsft train`: fine-tune a model on a corpus with SFT / DFT / EAFT / IDFT as a Ray Train job.
+
+    opsft train --input corpus.jsonl --output-dir runs/idft --loss idft --max-steps 100 \\
+        --global-batch-size 16 --micro-batch-size 4 --workers 2
+    opsft train --config train.yaml --lr 8e-6          # flags override the YAML (TrainConfig)
+    opsft train ... --local                            # one process, no Ray (debugging)
+
+The final checkpoint folder (printed) is a Hugging Face model folder; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+from opsft.cli.common import print_summary
+
+# flag -> dotted TrainConfig key
+FLAGS = {
+    "input": "input", "output_dir": "output_dir", "model": "model", "eval_input": "eval_input",
+    "eval_rows": "eval_rows", "loss": "loss.name", "beta": "loss.beta", "gamma_min": "loss.gamma_min",
+    "gamma_max": "loss.gamma_max", "lambda_warmup_ratio": "loss.warmup_ratio",
+    "lambda_transition_ratio": "loss.transition_ratio", "bound": "loss.bound", "lr": "lr",
+    "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
+    "global_batch_size": "global_batch_size", "micro_batch_size": "micro_batch_size", "epochs": "epochs",
+    "max_steps": "max_steps", "seed": "seed", "autocast": "autocast", "max_length": "max_length",
+    "overlong": "overlong", "checkpoint_every": "checkpoint_every", "eval_every": "eval_every",
+    "resume_from": "resume_from", "max_failures": "max_failures", "address": "address",
+    "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
+    "cpus_per_worker": "scaling.cpus_per_worker", "strategy": "scaling.strategy",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with SFT/DFT/EAFT/IDFT (Ray Train)")
+    p.add_argument("--config", help="YAML TrainConfig; flags given on the command line override it")
+    p.add_argument("--input", help="corpus (JSONL/Parquet), or the output of score / rewrite")
+    p.add_argument("--output-dir", help="checkpoints, metrics.jsonl, tensorboard/")
+    p.add_argument("--model", help="local HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--eval-input", help="held-out corpus for eval loss / CLL")
+    p.add_argument("--eval-rows", type=int, help="rows held out of --input when --eval-input is not given")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy"],
+                   help="default idft")
+    g.add_argument("--beta", type=float, help="idft temperature of gamma (default 1)")
+    g.add_argument("--gamma-min", type=float, help="default 0.1")
+    g.add_argument("--gamma-max", type=float, help="default 2.0")
+    g.add_argument("--lambda-warmup-ratio", type=float,
+                   help="idft lambda = 0 before this fraction of steps (default 0, the released run scripts; "
+                        "the official config file uses 0.2)")
+    g.add_argument("--lambda-transition-ratio", type=float, help="idft lambda rise length (default 0; config: 0.1)")
+    g.add_argument("--bound", type=float, help="idft_hardmask: keep |phi| < bound (default 5)")
+    g = p.add_argument_group("optimisation (defaults: the official settings, docs/training.md)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 6e-5)")
+    g.add_argument("--warmup-ratio", type=float, help="lr warm-up fraction (default 0.1), then cosine")
+    g.add_argument("--weight-decay", type=float, help="default 0.01")
+    g.add_argument("--grad-clip", type=float, help="default 1.0; 0 = off")
+    g.add_argument("--global-batch-size", type=int, help="rows per optimiser step over all workers (default 256)")
+    g.add_argument("--micro-batch-size", type=int, help="rows per forward pass per worker (default 4)")
+    g.add_argument("--epochs", type=int, help="default 1")
+    g.add_argument("--max-steps", type=int, help="optimiser steps (wins over --epochs)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--autocast", choices=["auto", "bf16", "off"], help="auto = bf16 on a bf16 GPU, else fp32")
+    g.add_argument("--max-length", type=int, help="tokens per row (default: the model's context)")
+    g.add_argument("--overlong", choices=["skip", "truncate"], help="rows over --max-length (default skip)")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 0: only the last)")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 0: only the last)")
+    g.add_argument("--resume-from", help="checkpoint folder to continue from exactly")
+    g.add_argument("--max-failures", type=int, help="worker failures Ray Train recovers from (default 0)")
+    g.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    g.add_argument("--gpus-per-worker", type=float)
+    g.add_argument("--cpus-per-worker", type=float)
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], help="default ddp")
+    g.add_argument("--address", help="Ray cluster address")
+    g.add_argument("--local", action="store_true", help="train in this process without Ray (one worker)")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args):
+    from opsft.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, args.config, {key: getattr(args, flag) for flag, key in FLAGS.items()})
+    if not cfg.input or not cfg.output_dir:
+        raise ValueError("--input and --output-dir are required (on the command line or in --config)")
+    return cfg
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    if args.local:
+        from opsft.train.loop import run_local
+
+        summary = run_local(cfg)
+    else:
+        from opsft.train.ray_job import run_ray
+
+        summary = run_ray(cfg)
+    print_summary("train", summary)
+    return 0

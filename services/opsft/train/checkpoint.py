@@ -1,0 +1,78 @@
+"""Checkpoints: a Hugging Face model folder that transformers and vLLM load as is
+(safetensors, config, tokenizer with its chat template) plus `trainer_state.pt`
+(optimiser, scheduler, optimiser step = data position, RNG states) and a readable
+`trainer_state.json`, so that a run resumed from it continues exactly where it stopped,
+the IDFT lambda schedule included (progress = step / total_steps is restored with step).
+
+    save_checkpoint(folder, model, tokenizer, optimizer, scheduler, {"step": 10, ...})
+    state = load_trainer_state(folder); restore_training(state, optimizer, scheduler)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+# The data position is only meaningful for the same examples, batch size and seed.
+DATA_KEYS = ("n_examples", "global_batch_size", "seed", "total_steps")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | Path, model, tokenizer, optimizer_state: dict, scheduler_state: dict,
+                    trainer: dict, model_state: dict | None = None) -> Path:
+    """Write the HF folder and the trainer state. `model` is the unwrapped HF model (its
+    config and save logic); `model_state` overrides its weights (e.g. gathered from FSDP)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=model_state)
+    tokenizer.save_pretrained(folder)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state(),
+                "trainer": trainer}, folder / STATE_FILE)
+    (folder / STATE_JSON).write_text(json.dumps(trainer, indent=2, default=str))
+    return folder
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / STATE_FILE).exists()
+
+
+def load_trainer_state(folder: str | Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: not an opsft checkpoint (no {STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Raise when the checkpoint's data position does not apply to this run's data."""
+    bad = {k: (saved.get(k), current.get(k)) for k in DATA_KEYS if saved.get(k) != current.get(k)}
+    if bad:
+        detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in bad.items())
+        raise ValueError(f"cannot resume exactly: the run differs from the checkpoint ({detail}); use the same "
+                         "corpus, global_batch_size, seed, epochs/max_steps")
+
+
+def restore_training(state: dict, optimizer, scheduler) -> int:
+    """Load optimiser, scheduler and RNG state; returns the optimiser steps already done."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["trainer"]["step"])

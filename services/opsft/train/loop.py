@@ -1,0 +1,210 @@
+"""The training loop, shared by the Ray Train workers (opsft.train.ray_job) and the
+in-process run (`run_local`, one worker, no Ray: the reference the tests compare with).
+
+What differs between the two is a `Runtime`: rank, world size, the sum-over-workers
+reduction, how the model is wrapped (DDP / FSDP / not at all) and where a checkpoint
+goes (a folder under output_dir, or ray.train.report). The loop itself: for every
+optimiser step, take this worker's micro-batches of the deterministic global batch,
+call train_step, log, evaluate and checkpoint on schedule.
+
+    from opsft.config import TrainConfig
+    run_local(TrainConfig(input="corpus.jsonl", output_dir="out", max_steps=20, global_batch_size=8))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opsft.chat import model_max_length
+from opsft.corpus import read_rows
+from opsft.train.checkpoint import check_compatible, load_trainer_state, restore_training, save_checkpoint
+from opsft.train.data import (
+    BatchPlan,
+    TrainExample,
+    check_batch_sizes,
+    collate,
+    prepare_examples,
+    split_eval,
+    worker_micro_batches,
+)
+from opsft.train.metrics import MetricsWriter
+from opsft.train.step import (
+    LossSpec,
+    Reduce,
+    autocast_context,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    no_reduce,
+    train_step,
+)
+
+log = logging.getLogger(__name__)
+FAIL_MARKER = ".fail_after_step_done"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by `fail_after_step` (testing crash recovery)."""
+
+
+def _plain_state(wrapped, optimizer) -> tuple[dict, dict]:
+    return getattr(wrapped, "module", wrapped).state_dict(), optimizer.state_dict()
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    reduce: Reduce = no_reduce
+    wrap: Callable = lambda model: model
+    # (wrapped model, optimizer) -> (full model state, optimizer state); collective under FSDP
+    full_state: Callable = _plain_state
+    # (metrics, write(folder)) -> checkpoint path or None; called on every rank at checkpoint steps
+    checkpoint: Callable | None = None
+
+
+def prepare_data(cfg, tokenizer, max_length: int) -> tuple[list[TrainExample], list[TrainExample], dict]:
+    """Train and eval examples from cfg.input / cfg.eval_input, with counted skips; raises a
+    clear error when nothing is left to train on."""
+    rows = read_rows(cfg.input)
+    if not rows:
+        raise ValueError(f"{cfg.input}: the corpus has no rows")
+    examples, stats = prepare_examples(rows, tokenizer, max_length, cfg.overlong)
+    if not examples:
+        raise ValueError(f"{cfg.input}: no usable training rows out of {stats.rows} ({stats.error_rows} invalid "
+                         f"{stats.errors}, {stats.too_long_skipped} longer than {max_length} tokens)")
+    if cfg.eval_input:
+        eval_ex, eval_stats = prepare_examples(read_rows(cfg.eval_input), tokenizer, max_length, cfg.overlong)
+        train = examples
+        summary = {"train": stats.as_dict(), "eval": eval_stats.as_dict()}
+    else:
+        train, eval_ex = split_eval(examples, cfg.eval_rows, cfg.seed)
+        summary = {"train": stats.as_dict(), "eval_held_out": len(eval_ex)}
+    return train, eval_ex, summary
+
+
+def resolve_max_length(cfg, model_config, tokenizer) -> int:
+    limit = model_max_length(model_config, tokenizer)
+    if cfg.max_length is None:
+        return limit
+    if cfg.max_length > limit:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {limit} tokens")
+    return cfg.max_length
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of (step, rank): any randomness in the model (dropout) is a function of
+    the position in training, so resuming needs no per-rank RNG bookkeeping."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % (2**63)
+
+
+def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
+               resume_state: dict | None = None) -> dict:
+    """Train `model` (unwrapped, on runtime.device) from step 0 or from resume_state; returns
+    the last step's metrics plus `checkpoint` (the last checkpoint path, rank 0)."""
+    W, rank = runtime.world_size, runtime.rank
+    plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+    check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, W)
+    lengths = [len(e) for e in train]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_position = {"n_examples": len(train), "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
+                     "total_steps": total, "steps_per_epoch": plan.steps_per_epoch}
+
+    model.train()
+    wrapped = runtime.wrap(model)
+    optimizer = make_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps)
+    scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
+    start = 0
+    if resume_state is not None:
+        check_compatible(resume_state["trainer"], data_position)
+        start = restore_training(resume_state, optimizer, scheduler)
+        log.info("resumed at step %d of %d", start, total)
+    spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature)
+    autocast = autocast_context(runtime.device, cfg.autocast)
+    writer = MetricsWriter(cfg.output_dir, start) if rank == 0 and cfg.output_dir else None
+    last: dict = {"step": start}
+    try:
+        for step in range(start, total):
+            torch.manual_seed(step_seed(cfg.seed, step, rank))
+            parts = worker_micro_batches(plan.step_indices(step), lengths, cfg.micro_batch_size, rank, W) or [[]]
+            batches = [collate([train[i] for i in part], pad_id, runtime.device) for part in parts]
+            progress = step / total
+            metrics = train_step(wrapped, optimizer, scheduler, batches, spec, progress, world_size=W,
+                                 reduce=runtime.reduce, grad_clip=cfg.grad_clip, autocast=autocast)
+            done = step + 1
+            metrics.update(step=done, progress=progress, epoch=step // plan.steps_per_epoch)
+            if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total):
+                metrics.update(evaluate(wrapped, eval_ex, spec, done / total, pad_id, runtime.device,
+                                        micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W,
+                                        reduce=runtime.reduce, autocast=autocast))
+            if writer:
+                writer.write(metrics)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", done, total, metrics["loss"], metrics["lr"],
+                         metrics["tokens_per_s"])
+            last = metrics
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total:
+                model_state, optim_state = runtime.full_state(wrapped, optimizer)
+                trainer = {**data_position, "step": done, "loss": cfg.loss.model_dump(), "world_size": W,
+                           "metrics": metrics}
+
+                def write(folder, model_state=model_state, optim_state=optim_state, trainer=trainer):
+                    save_checkpoint(folder, model, tokenizer, optim_state, scheduler.state_dict(), trainer,
+                                    model_state=model_state)
+
+                if runtime.checkpoint is not None:
+                    last["checkpoint"] = runtime.checkpoint(metrics, write)
+            _maybe_fail(cfg, done)
+    finally:
+        if writer:
+            writer.close()
+    return last
+
+
+def _maybe_fail(cfg, done: int) -> None:
+    if cfg.fail_after_step != done or not cfg.output_dir:
+        return
+    marker = Path(cfg.output_dir) / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(done))
+    raise InjectedFailure(f"fail_after_step={done}: injected failure (testing recovery)")
+
+
+# ---------------------------------------------------------------------------- one process, no Ray
+
+
+def local_checkpointer(output_dir: str | Path) -> Callable:
+    def checkpoint(metrics: dict, write) -> str:
+        folder = Path(output_dir) / "checkpoints" / f"step-{int(metrics['step']):06d}"
+        write(folder)
+        return str(folder)
+
+    return checkpoint
+
+
+def run_local(cfg, model=None, tokenizer=None) -> dict:
+    """Train in this process on one device (the `opsft train --local` path and the test
+    reference). Resumes from cfg.resume_from when set. Returns a summary."""
+    from opsft.models import load_model
+
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    resume_state = None
+    if cfg.resume_from:
+        resume_state = load_trainer_state(cfg.resume_from)
+        model, tokenizer = load_model(cfg.resume_from, device=str(device))
+    elif model is None:
+        model, tokenizer = load_model(cfg.model, device=str(device))
+    model.to(device)
+    train, eval_ex, data_summary = prepare_data(cfg, tokenizer, resolve_max_length(cfg, model.config, tokenizer))
+    runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None)
+    last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
+    return {"data": data_summary, "final": last, "checkpoint": last.get("checkpoint")}

@@ -1,0 +1,166 @@
+"""`opsft train` as a Ray Train job: a thin TorchTrainer around opsft.train.loop.train_loop.
+
+Driver: reads and tokenises the corpus (counting skipped rows), puts the examples in Ray
+Data datasets ("train", "eval") and starts a TorchTrainer with the ScalingConfig from
+TrainConfig.scaling. Workers: read their dataset shard, load the model (or the checkpoint
+Ray hands back after a failure, or cfg.resume_from), wrap it with DDP (or FSDP) via
+ray.train.torch.prepare_model, and run the shared loop; checkpoints go through
+ray.train.report into <output_dir>/ray/.
+
+Why every worker receives the whole (tokenised) dataset (DataConfig(datasets_to_split=[])):
+Ray Data's streaming split hands blocks to whichever worker asks first, so the rows of a
+step would depend on timing and on the number of workers. Exact normalisation and
+resuming need the global batch of step k to be the same rows every time; the loop takes
+each worker's deterministic slice of it (opsft.train.data). The cost: each worker holds
+the token ids of the corpus in memory (4-8 bytes a token).
+
+Ray Train V2 (the default in Ray 2.60): a rerun with the same output_dir continues from the
+run's last checkpoint (ray.train.get_checkpoint), like a restart after a failure.
+
+    python -m opsft.cli train --input corpus.jsonl --output-dir out --workers 2
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from opsft.train.checkpoint import load_trainer_state
+from opsft.train.data import TrainExample
+from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
+
+log = logging.getLogger(__name__)
+RUN_NAME = "ray"
+
+
+def _to_rows(examples: list[TrainExample]) -> list[dict]:
+    return [{"i": i, "input_ids": e.input_ids, "response_start": e.response_start, "has_eos": e.has_eos}
+            for i, e in enumerate(examples)]
+
+
+def _from_shard(shard) -> list[TrainExample]:
+    if shard is None:
+        return []
+    rows = sorted(shard.iter_rows(), key=lambda r: r["i"])
+    return [TrainExample([int(t) for t in r["input_ids"]], int(r["response_start"]), bool(r["has_eos"]))
+            for r in rows]
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _fsdp_full_state(wrapped, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _report_checkpoint(rank: int):
+    import ray.train
+
+    def checkpoint(metrics: dict, write) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                write(folder)
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+                             checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):06d}")
+        return None
+
+    return checkpoint
+
+
+def _load(folder_or_model, device):
+    from opsft.models import load_model
+
+    return load_model(folder_or_model, device=str(device))
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker function of the TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    from opsft.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    train = _from_shard(ray.train.get_dataset_shard("train"))
+    eval_ex = _from_shard(ray.train.get_dataset_shard("eval"))
+    resume_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # restart after a failure, or a rerun of the same output_dir
+        with ckpt.as_directory() as folder:
+            resume_state = load_trainer_state(folder)
+            model, tokenizer = _load(folder, device)
+    elif cfg.resume_from:
+        resume_state = load_trainer_state(cfg.resume_from)
+        model, tokenizer = _load(cfg.resume_from, device)
+    else:
+        model, tokenizer = _load(config["model"], device)
+    if resume_state is not None and cfg.scaling.strategy == "fsdp":
+        raise ValueError("resuming is implemented for strategy 'ddp' only (FSDP optimiser state is sharded)")
+    fsdp = cfg.scaling.strategy == "fsdp"
+    runtime = Runtime(
+        rank=rank, world_size=world, device=device, reduce=_all_reduce,
+        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy=cfg.scaling.strategy),
+        full_state=_fsdp_full_state if fsdp else _plain_state,
+        checkpoint=_report_checkpoint(rank))
+    train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
+
+
+def run_ray(cfg) -> dict:
+    """Run the TorchTrainer to the end; returns a summary (data counts, last metrics, the
+    final checkpoint folder: a HF model folder)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from opsft.models import resolve_model
+
+    if not cfg.output_dir:
+        raise ValueError("output_dir is required (checkpoints and metrics go there)")
+    output_dir = Path(cfg.output_dir).resolve()
+    model_path = cfg.resume_from or resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_length = resolve_max_length(cfg, AutoConfig.from_pretrained(model_path), tokenizer)
+    train, eval_ex, data_summary = prepare_data(cfg, tokenizer, max_length)
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in (
+            "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "OPSFT_HOME") if k in os.environ}})
+    datasets = {"train": ray.data.from_items(_to_rows(train))}
+    if eval_ex:
+        datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model)},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=str(output_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    result = trainer.fit()
+    return {"data": data_summary, "final": result.metrics,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "metrics_file": str(output_dir / "metrics.jsonl")}

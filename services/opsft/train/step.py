@@ -1,0 +1,192 @@
+"""One optimiser step with exact normalisation, the LR schedule, and held-out evaluation.
+
+No Ray here: a step takes this worker's micro-batches and a `reduce` function (sum over
+workers: torch.distributed.all_reduce under Ray Train, the identity in one process).
+
+Exact normalisation (opsft.losses docstring): before the step the valid-token count of
+the whole global batch is summed over workers; every micro-batch loss is divided by
+count / W, gradients add up over micro-batches (DDP no_sync on all but the last) and DDP
+averages over the W workers, so the gradient is that of the mean token loss of the
+global batch, whatever W and the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from opsft import losses
+from opsft.cll import token_phi
+from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class LossSpec:
+    name: str = "idft"
+    params: dict = field(default_factory=dict)
+    temperature: float = 1.0
+
+
+# ---------------------------------------------------------------------------- optimiser and schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimiser step `step` (0-based): linear warm-up from 0
+    over warmup_steps, then cosine from 1 down to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    done = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW; weight decay on matrices only (not on norms and biases), as the HF Trainer does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, min_ratio))
+
+
+def autocast_context(device: torch.device, mode: str):
+    """bf16 autocast for mode 'bf16', or 'auto' on a CUDA device that supports bf16; else nothing."""
+    use = mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- the step
+
+STEP_KEYS = ("loss", "phi_mean", "logprob_mean", "entropy_mean", "weight_mean", "gamma_mean", "lambda_mean",
+             "frac_gamma_min", "frac_gamma_max", "frac_kept")
+
+
+def response_logits(model, batch: dict, autocast) -> tuple[torch.Tensor, int]:
+    """(logits, first): logits for label columns first.. only. The LM head skips the columns
+    before the earliest response token of the batch (prompt positions have no label)."""
+    labels = batch["labels"]
+    cols = (labels != IGNORE).any(0).nonzero()
+    first = int(cols[0]) if len(cols) else labels.shape[1] - 1
+    with autocast:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=labels.shape[1] - first)
+    return out.logits, first
+
+
+def forward_loss(model, batch: dict, spec: LossSpec, progress: float, normalizer, autocast):
+    logits, first = response_logits(model, batch, autocast)
+    return losses.compute(spec.name, logits, batch["labels"][:, first:], None, progress, normalizer=normalizer,
+                          temperature=spec.temperature, **spec.params)
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: LossSpec, progress: float, *,
+               world_size: int = 1, reduce: Reduce = no_reduce, grad_clip: float = 1.0,
+               autocast=None) -> dict[str, float]:
+    """Forward/backward over this worker's micro-batches, then one optimiser step.
+
+    Returns global metrics (the same on every worker): `loss` is the mean token loss of the
+    global batch, the other *_mean / frac_* are token means over it; plus lr, grad_norm,
+    tokens (loss tokens), input_tokens and tokens_per_s."""
+    start = time.perf_counter()
+    autocast = autocast or contextlib.nullcontext()
+    if not micro_batches:
+        raise ValueError("a worker needs at least one micro-batch (use collate([]) for an empty one)")
+    device = micro_batches[0]["labels"].device
+    counts = torch.tensor([sum(float((mb["labels"] != IGNORE).sum()) for mb in micro_batches),
+                           sum(float(mb["attention_mask"].sum()) for mb in micro_batches)],
+                          dtype=torch.float64, device=device)
+    counts = reduce(counts)
+    global_tokens = float(counts[0])
+    normalizer = losses.global_token_normalizer(global_tokens, world_size)
+    sums = torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=device)
+    lr = optimizer.param_groups[0]["lr"]
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            loss, metrics = forward_loss(model, mb, spec, progress, normalizer, autocast)
+            loss.backward()
+        n = metrics["n_tokens"]
+        sums[0] += metrics["loss"] * normalizer  # the token-loss sum of this micro-batch
+        for k, key in enumerate(STEP_KEYS[1:], 1):
+            sums[k] += metrics.get(key, 0.0) * n
+    grad_norm = _clip(model, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = reduce(sums) / max(global_tokens, 1.0)
+    out = {key: float(v) for key, v in zip(STEP_KEYS, sums, strict=True)}
+    if spec.name in ("sft", "dft", "eaft"):
+        for key in ("gamma_mean", "lambda_mean", "frac_gamma_min", "frac_gamma_max"):
+            out.pop(key)
+    if spec.name != "idft_hardmask":
+        out.pop("frac_kept")
+    seconds = time.perf_counter() - start
+    out.update(lr=lr, grad_norm=grad_norm, tokens=global_tokens, input_tokens=float(counts[1]),
+               step_seconds=seconds, tokens_per_s=float(counts[1]) / seconds)
+    return out
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
+        norm = model.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------- held-out evaluation
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[TrainExample], spec: LossSpec, progress: float, pad_id: int, device, *,
+             micro_batch_size: int = 8, rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce,
+             autocast=None) -> dict[str, float]:
+    """Held-out figures over all workers: eval_loss (the training loss, token mean), eval_nll
+    (token mean of -log p), eval_cll (row mean of the per-row mean phi over the response
+    without its end-of-turn token, the `cll` of opsft score), eval_rows, eval_tokens."""
+    autocast = autocast or contextlib.nullcontext()
+    mine = sorted(examples[rank::world_size], key=len, reverse=True)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, nll sum, tokens, cll sum, cll rows
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(mine), micro_batch_size):
+        group = mine[s:s + micro_batch_size]
+        batch = collate(group, pad_id, device)
+        logits, first = response_logits(model, batch, autocast)
+        labels = batch["labels"][:, first:]
+        _, metrics = losses.compute(spec.name, logits, labels, None, progress,
+                                    temperature=spec.temperature, **spec.params)
+        n = metrics["n_tokens"]
+        sums[0] += metrics["loss"] * n
+        sums[1] -= metrics["logprob_mean"] * n
+        sums[2] += n
+        mask = cll_mask(group, batch["labels"])[:, first:]
+        phi = token_phi(logits, labels, mask, spec.temperature)
+        rows = mask.sum(1)
+        keep = rows > 0
+        sums[3] += (phi.sum(1)[keep] / rows[keep]).double().sum()
+        sums[4] += float(keep.sum())
+    model.train(was_training)
+    sums = reduce(sums)
+    tokens, cll_rows = max(float(sums[2]), 1.0), max(float(sums[4]), 1.0)
+    return {"eval_loss": float(sums[0]) / tokens, "eval_nll": float(sums[1]) / tokens,
+            "eval_cll": float(sums[3]) / cll_rows, "eval_rows": len(examples), "eval_tokens": float(sums[2])}

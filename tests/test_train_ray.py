@@ -1,0 +1,37 @@
+"""opsft train as a Ray Train job: two CPU workers (gloo, DDP) reproduce the one-process
+run with the same global batch, through a worker crash and Ray's restart from the last
+checkpoint; the result is a HF folder. One TorchTrainer fit (it costs ~1 minute here)."""
+
+from __future__ import annotations
+
+import pytest
+from opsft.config import TrainConfig
+from opsft.train.loop import run_local
+from opsft.train.metrics import read_metrics
+from train_helpers import arithmetic_rows, max_weight_diff, save_tiny, weights, write_corpus
+
+
+@pytest.mark.slow
+def test_two_ray_workers_with_a_crash_equal_one_uninterrupted_process(tmp_path, tiny_model, tokenizer, ray_local):
+    from opsft.train.ray_job import run_ray
+
+    model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(14) + [{"prompt": "no response"}])
+    common = dict(input=corpus, model=model_dir, loss={"name": "idft"}, max_steps=4, global_batch_size=4, lr=3e-3,
+                  warmup_ratio=0.25, eval_rows=2, checkpoint_every=2, seed=3)
+    ref = run_local(TrainConfig(**common, micro_batch_size=4, output_dir=str(tmp_path / "one")))
+    out = run_ray(TrainConfig(**common, micro_batch_size=1, output_dir=str(tmp_path / "two"),
+                              scaling={"num_workers": 2}, fail_after_step=3, max_failures=1))
+
+    assert out["data"]["train"]["error_rows"] == 1
+    assert (tmp_path / "two" / ".fail_after_step_done").exists()  # the crash did happen
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["tokens"] == a["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["phi_mean"] == pytest.approx(a["phi_mean"], rel=1e-5, abs=1e-6)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
+    assert out["final"]["step"] == 4 and out["checkpoint"]
+    assert max_weight_diff(weights(ref["checkpoint"]), weights(out["checkpoint"])) < 1e-5
+    assert max_weight_diff(weights(model_dir), weights(out["checkpoint"])) > 1e-3  # it did train
