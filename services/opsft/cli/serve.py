@@ -1,0 +1,60 @@
+"""`opsft serve`: run the CLL scoring HTTP API locally (Ray Serve, FastAPI ingress).
+
+    opsft serve                                   # the embedded model on http://127.0.0.1:8000
+    opsft serve --model /ckpt --port 8080 --config deploy/serve_local.yaml
+    curl -s localhost:8000/v1/score -H 'content-type: application/json' \\
+      -d '{"items": [{"prompt": "What is 2+2?", "response": "4"}]}'
+
+Starts a local Ray cluster unless RAY_ADDRESS (or --address) names one; Ctrl-C stops it.
+For a cluster use `serve deploy deploy/serve_config.yaml` instead (see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from opsft.cli.common import add_engine_flags, add_model_flags, engine_overrides
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("serve", help="serve CLL scoring over HTTP (Ray Serve)")
+    add_model_flags(parser)
+    add_engine_flags(parser)
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--replicas", type=int, help="scorer replicas (default 1)")
+    parser.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                        help="score each request on its own (for comparison)")
+    parser.add_argument("--api-key-file", help="require 'Authorization: Bearer <key>' with the key in this file "
+                                               "(or set OPSFT_API_KEY)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from opsft.config import ServeConfig, load_config
+
+    cfg = load_config(ServeConfig, args.config, {
+        **engine_overrides(args), "host": args.host, "port": args.port, "num_replicas": args.replicas,
+        "batching": args.batching, "api_key_file": args.api_key_file})
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from opsft.serve.app import run_local
+
+    ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+    try:
+        url = run_local(cfg)
+        print(f"opsft serve: scoring API on {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

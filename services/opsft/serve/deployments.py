@@ -1,0 +1,215 @@
+"""The Ray Serve deployments of the CLL scoring API.
+
+- ModelRegistry (1 replica, no CPU): which checkpoint is current, and its version. A scorer
+  replica that starts later (autoscaling, restart) loads what the registry names.
+- Scorer (the replicas that hold an engine): validates each request's items with the
+  tokenizer, merges concurrent requests into one scoring call (@serve.batch), runs it on
+  one worker thread, and swaps engines on `load(record)` while requests keep flowing.
+- ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth; on a reload it promotes the
+  new checkpoint in the registry and broadcasts `load` to every scorer replica.
+
+The engine is built by `engine_factory(model)`; the default makes an opsft engine from the
+config (tests may hand in another picklable callable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from opsft.config import EngineConfig, ServeConfig
+from opsft.serve.core import Job, check_job, score_jobs
+from opsft.serve.http import Limits, build_http_app
+
+log = logging.getLogger("opsft.serve")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class EngineFactory:
+    """model (folder, hub id or None = the configured/default model) -> opsft engine."""
+
+    def __init__(self, engine: EngineConfig):
+        self.engine = engine
+
+    def __call__(self, model: str | None):
+        from opsft.engines import make_engine
+
+        return make_engine(self.engine.kind, model or self.engine.model, **self.engine.options())
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class ModelRegistry:
+    """The current model record: {model, version, source, promoted_at}."""
+
+    def __init__(self, model: str | None):
+        self.record = {"model": model, "version": 0, "source": "config", "promoted_at": utc_now()}
+
+    def current(self) -> dict:
+        return self.record
+
+    def promote(self, model: str) -> tuple[dict, dict]:
+        """Make `model` current; returns (new record, previous record)."""
+        previous = self.record
+        self.record = {"model": model, "version": previous["version"] + 1, "source": "reload",
+                       "promoted_at": utc_now()}
+        return self.record, previous
+
+    def restore(self, record: dict) -> None:
+        """Undo a promotion that no replica could load."""
+        self.record = record
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Scorer:
+    async def __init__(self, config: dict, registry, engine_factory=None):
+        self.cfg = ServeConfig.model_validate(config)
+        self.factory = engine_factory or EngineFactory(self.cfg.engine)
+        threads = self.cfg.torch_threads or max(1, math.ceil(self.cfg.num_cpus))
+        import torch
+
+        torch.set_num_threads(threads)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="opsft-score")  # one forward pass at a time
+        self.reload_lock = asyncio.Lock()
+        self.replica = replica_name()
+        record = await registry.current.remote()
+        engine = await asyncio.to_thread(self.factory, record["model"])
+        self.current = (engine, record, utc_now())  # swapped as one attribute
+        self._score_batch.set_max_batch_size(self.cfg.max_batch_requests)
+        self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.items = Counter("opsft_scored_items", description="items scored")
+        self.tokens = Counter("opsft_scored_tokens", description="response tokens scored")
+        self.batch_rows = Histogram("opsft_batch_rows", description="rows per scoring call",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.batch_seconds = Histogram("opsft_batch_seconds", description="seconds per scoring call",
+                                       boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        log.info("scorer %s serving %s (version %d, %d torch threads)", self.replica, engine.model_id,
+                 record["version"], threads)
+
+    async def score(self, job: Job) -> dict:
+        engine = self.current[0]
+        error = check_job(engine, job)
+        if error is not None:
+            return error
+        if self.cfg.batching:
+            return await self._score_batch(job)
+        return (await self._run([job]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, jobs: list[Job]) -> list[dict]:
+        return await self._run(jobs)
+
+    async def _run(self, jobs: list[Job]) -> list[dict]:
+        engine, record, _ = self.current  # in-flight calls finish on the engine they started with
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        answers = await loop.run_in_executor(self.worker, score_jobs, engine, jobs, self.cfg.temperature)
+        seconds = time.perf_counter() - start
+        rows = sum(len(job.rows) for job in jobs)
+        tokens = sum(r["n_tokens"] for a in answers for r in a.get("results", ()))
+        self.items.inc(rows)
+        self.tokens.inc(tokens)
+        self.batch_rows.observe(rows)
+        self.batch_seconds.observe(seconds)
+        log.info("scored %d requests, %d rows, %d tokens in %.3f s", len(jobs), rows, tokens, seconds)
+        for answer in answers:
+            if "results" in answer:
+                answer.update(model=engine.model_id, model_version=record["version"])
+        return answers
+
+    async def load(self, record: dict) -> dict:
+        """Switch to record's model: load it next to the current one, then swap."""
+        async with self.reload_lock:
+            if record["version"] != self.current[1]["version"]:
+                start = time.perf_counter()
+                engine = await asyncio.to_thread(self.factory, record["model"])
+                self.current = (engine, record, utc_now())
+                log.info("scorer %s now serves %s (version %d), loaded in %.1f s", self.replica,
+                         engine.model_id, record["version"], time.perf_counter() - start)
+        return self.info()
+
+    def info(self) -> dict:
+        engine, record, loaded_at = self.current
+        return {"replica": self.replica, "model": engine.model_id, "version": record["version"],
+                "loaded_at": loaded_at}
+
+
+def replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (local testing mode)
+        return f"pid{os.getpid()}"
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The bearer token: from cfg.api_key_file if set, else the env var cfg.api_key_env; None = no auth."""
+    if cfg.api_key_file:
+        key = Path(cfg.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"{cfg.api_key_file}: the API key file is empty")
+        return key
+    return os.environ.get(cfg.api_key_env) or None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class ScoreAPI:
+    def __init__(self, config: dict, scorer, registry):
+        self.cfg = ServeConfig.model_validate(config)
+        self.scorer, self.registry = scorer, registry
+        self.limits = Limits(max_items=self.cfg.max_items, max_body_bytes=self.cfg.max_body_bytes,
+                             api_key=read_api_key(self.cfg))
+        self.requests = Counter("opsft_http_requests", description="HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram("opsft_http_latency_ms", description="HTTP latency by route",
+                                 boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+                                 tag_keys=("route",))
+        self.reload_lock = asyncio.Lock()
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self, self.limits, on_request=self.record_request)
+
+    def record_request(self, route: str, status: int, ms: float) -> None:
+        route = route if route in ("/healthz", "/v1/score", "/v1/models", "/v1/models/reload") else "other"
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        self.latency.observe(ms, tags={"route": route})
+
+    async def score(self, job: Job) -> dict:
+        return await self.scorer.score.remote(job)
+
+    async def models(self, replicas: list[dict] | None = None) -> dict:
+        record = await self.registry.current.remote()
+        if replicas is None:
+            replicas = await self.scorer.broadcast("info").results_async(timeout_s=30)
+        model = next((r["model"] for r in replicas if r["version"] == record["version"]), record["model"] or "")
+        info = {"model": model, "name": Path(model).name or model, "source": record["source"],
+                "version": record["version"], "loaded_at": record["promoted_at"],
+                "replicas": sorted(replicas, key=lambda r: r["replica"])}
+        return {"data": [info]}
+
+    async def reload(self, model: str) -> dict:
+        """Promote `model` and load it on every scorer replica; on failure keep the old one."""
+        async with self.reload_lock:
+            record, previous = await self.registry.promote.remote(model)
+            answers = await self.scorer.broadcast("load", record).results_async(
+                timeout_s=self.cfg.reload_timeout_s, return_exceptions=True)
+            failed = [a for a in answers if isinstance(a, BaseException)]
+            if failed:
+                await self.registry.restore.remote(previous)
+                await self.scorer.broadcast("load", previous).results_async(
+                    timeout_s=self.cfg.reload_timeout_s, return_exceptions=True)
+                cause = getattr(failed[0], "cause", None) or failed[0]
+                return {"status": 422, "detail": f"cannot load model {model!r}: {type(cause).__name__}: "
+                                                  f"{str(cause).strip().splitlines()[-1][:300]}"}
+            return await self.models(answers)

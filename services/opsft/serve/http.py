@@ -1,0 +1,200 @@
+"""The FastAPI app of the CLL scoring API: routes, request limits, auth and error mapping.
+
+`build_http_app(service)` builds the app around any object with `score(job)`, `models()`
+and `reload(model)` coroutines plus the limits below; the Ray Serve ingress (deployments.py)
+is one such object, so the HTTP layer is the same with or without Ray.
+
+Error policy: every problem with the input is a 4xx whose `detail` says what is wrong
+(400 malformed JSON or bad Content-Length, 401 auth, 404/405 routing, 413 body or item count
+over the limit, 422 wrong types or an item the model cannot score); a 500 means a bug and a
+503 an unavailable backend, never bad input.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from opsft.serve.core import Job
+from opsft.serve.schemas import ErrorResponse, ModelsResponse, ReloadRequest, ScoreRequest, ScoreResponse
+
+log = logging.getLogger("opsft.serve")
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 64
+    max_body_bytes: int = 2 * 1024 * 1024
+    api_key: str | None = None  # None = no auth
+
+
+def json_error(status: int, detail: str, headers: dict | None = None, errors: list | None = None) -> JSONResponse:
+    body = {"detail": detail} if errors is None else {"detail": detail, "errors": errors}
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: bearer-token auth (all routes but /healthz), the body size limit
+    (Content-Length and the streamed body both count), and per-request metrics/logging."""
+
+    def __init__(self, app, limits: Limits, on_request: Callable[[str, int, float], None] | None = None):
+        self.app, self.limits, self.on_request = app, limits, on_request
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_tracked(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            early = self._check_auth(scope) or self._check_length(scope)
+            if early is None:
+                body, early = await self._read_body(receive)
+            if early is not None:
+                await early(scope, receive, send_tracked)
+                return
+            await self.app(scope, replay(body, receive), send_tracked)
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            route = route_of(scope)
+            log.info("%s %s -> %d in %.1f ms", scope.get("method"), route, status[0], ms)
+            if self.on_request is not None:
+                self.on_request(route, status[0], ms)
+
+    def _check_auth(self, scope):
+        key = self.limits.api_key
+        if not key or route_of(scope) == "/healthz":
+            return None
+        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return None
+        why = "missing" if not given else "wrong"
+        return json_error(401, f"{why} API key: send the header 'Authorization: Bearer <key>'",
+                          headers={"WWW-Authenticate": "Bearer"})
+
+    def _check_length(self, scope):
+        raw = dict(scope.get("headers") or []).get(b"content-length")
+        if raw is None:
+            return None
+        try:
+            length = int(raw)
+        except ValueError:
+            return json_error(400, f"Content-Length is not a number: {raw[:32]!r}")
+        if length > self.limits.max_body_bytes:
+            return json_error(413, f"request body is {length} bytes; the limit is {self.limits.max_body_bytes}")
+        return None
+
+    async def _read_body(self, receive):
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", json_error(400, "client disconnected before sending the body")
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.limits.max_body_bytes:
+                return b"", json_error(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive that hands the already read body over once, then defers to the client."""
+    sent = [False]
+
+    async def receive_again():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+def route_of(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def describe(errors: list[dict]) -> str:
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def plain_errors(errors) -> list[dict]:
+    return [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
+            for e in errors]
+
+
+def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
+    app = FastAPI(title="opsft CLL scoring API", version="1",
+                  description="Centered log-likelihood (phi = log p + H) of responses under the served model. "
+                              "When an API key is set, send 'Authorization: Bearer <key>' (all routes but /healthz).")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        errors = plain_errors(exc.errors())
+        status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
+        return json_error(status, ("malformed JSON: " if status == 400 else "invalid request: ") + describe(errors),
+                          errors=errors)
+
+    @app.exception_handler(Exception)
+    async def crashed(_request, exc: Exception):
+        log.exception("request failed")
+        if is_unavailable(exc):
+            return json_error(503, f"scoring backend unavailable, retry later: {type(exc).__name__}")
+        return json_error(500, f"internal error: {type(exc).__name__}: {exc}"[:500])
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)
+    async def models():
+        return await service.models()
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
+    async def score(req: ScoreRequest):
+        if len(req.items) > limits.max_items:
+            raise HTTPException(413, f"too many items: {len(req.items)} > {limits.max_items}; split the request")
+        job = Job(rows=[item.as_row() for item in req.items], include_eos=req.include_eos,
+                  return_tokens=req.return_tokens)
+        answer = await service.score(job)
+        if "status" in answer:
+            return json_error(answer["status"], answer["detail"])
+        return answer
+
+    @app.post("/v1/models/reload", response_model=ModelsResponse, responses=ERRORS)
+    async def reload(req: ReloadRequest):
+        answer = await service.reload(req.model)
+        if "status" in answer:
+            return json_error(answer["status"], answer["detail"])
+        return answer
+
+    app.add_middleware(Guard, limits=limits, on_request=on_request)
+    return app
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in (exc, exc.__cause__, getattr(exc, "cause", None)) if e is not None}
+    return bool(names & {"RayActorError", "ActorDiedError", "ActorUnavailableError", "BackPressureError",
+                         "DeploymentUnavailableError", "TimeoutError"})
