@@ -1,0 +1,231 @@
+"""opsft train without Ray: data plan, labels, exact normalisation over micro-batches and
+(simulated) workers, LR schedule, exact resume, HF checkpoint reload, bad inputs.
+Uses the tiny random Llama of conftest with the real tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from opsft import losses
+from opsft.cli import main as cli_main
+from opsft.config import TrainConfig
+from opsft.train.data import (
+    IGNORE,
+    BatchPlan,
+    TrainExample,
+    check_batch_sizes,
+    collate,
+    prepare_examples,
+    worker_micro_batches,
+)
+from opsft.train.loop import InjectedFailure, run_local
+from opsft.train.metrics import read_metrics
+from opsft.train.step import LossSpec, forward_loss, lr_factor, make_optimizer, make_scheduler, train_step
+from train_helpers import arithmetic_rows, max_weight_diff, save_tiny, weights, write_corpus
+
+
+def test_labels_cover_response_and_end_of_turn_never_the_prompt(tokenizer):
+    rows = [{"prompt": "Say hi.", "response": "Hi there!"}]
+    [ex], stats = prepare_examples(rows, tokenizer, max_length=512)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                           tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    response = tokenizer("Hi there!", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert ex.response_start == len(prompt) and ex.has_eos
+    batch = collate([ex, TrainExample([5, 6, 7], 2, False)], pad_id=0)
+    labels = batch["labels"]
+    # position t predicts token t + 1: labelled exactly where token t + 1 is a response token
+    expected = [IGNORE] * (len(prompt) - 1) + response + [tokenizer.eos_token_id, IGNORE]
+    assert labels[0].tolist() == expected
+    assert labels[1].tolist()[:3] == [IGNORE, 7, IGNORE] and batch["attention_mask"][1].tolist()[:4] == [1, 1, 1, 0]
+    assert stats.response_tokens == len(response) + 1
+
+
+def test_bad_rows_are_counted_and_overlong_policy_is_explicit(tokenizer):
+    long = {"prompt": "Count.", "response": " ".join(["one two three"] * 40)}
+    rows = [{"prompt": "ok?", "response": "yes"}, {"prompt": "x", "error": "upstream failure"},
+            {"prompt": "no response"}, {"messages": "bad"}, long]
+    ex, stats = prepare_examples(rows, tokenizer, max_length=64, overlong="skip")
+    assert (len(ex), stats.error_rows, stats.too_long_skipped, stats.truncated) == (1, 3, 1, 0)
+    ex, stats = prepare_examples(rows, tokenizer, max_length=64, overlong="truncate")
+    assert (len(ex), stats.too_long_skipped, stats.truncated) == (2, 0, 1)
+    assert len(ex[1]) == 64 and not ex[1].has_eos and ex[0].has_eos
+
+
+def test_every_global_batch_is_the_same_rows_for_any_split():
+    lengths = [7, 3, 9, 9, 2, 5, 8, 1, 4, 6, 6]
+    plan = BatchPlan(len(lengths), global_batch_size=4, seed=1)
+    assert plan.steps_per_epoch == 3 and plan.total_steps(epochs=2, max_steps=None) == 6
+    seen = []
+    for step in range(6):
+        rows = plan.step_indices(step)
+        seen += rows
+        for world, micro in [(1, 4), (1, 1), (2, 2), (2, 1), (4, 1)]:
+            parts = [worker_micro_batches(rows, lengths, micro, r, world) for r in range(world)]
+            flat = [i for worker in parts for mb in worker for i in mb]
+            assert sorted(flat) == sorted(rows) and all(len(mb) <= micro for w in parts for mb in w)
+            for worker in parts:  # each micro-batch holds neighbours in the length order
+                for mb in worker:
+                    assert [lengths[i] for i in mb] == sorted((lengths[i] for i in mb), reverse=True)
+    assert sorted(seen[:11]) == list(range(11)) and sorted(seen[11:]) == list(range(11))  # each epoch once
+    assert plan.step_indices(0) != BatchPlan(len(lengths), 4, seed=2).step_indices(0)
+    with pytest.raises(ValueError, match="multiple"):
+        check_batch_sizes(8, 3, 2)
+
+
+def test_lr_warmup_then_cosine():
+    assert [lr_factor(s, 10, 2) for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
+    assert lr_factor(6, 10, 2) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(10, 10, 2) == pytest.approx(0.0) and lr_factor(10, 10, 2, min_ratio=0.1) == pytest.approx(0.1)
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(model, lr=1.0, weight_decay=0.01)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # no decay on the bias
+    sched = make_scheduler(opt, total_steps=10, warmup_ratio=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[6] == pytest.approx(0.5)
+
+
+def _batches(tokenizer, n=6):
+    ex, _ = prepare_examples(arithmetic_rows(n), tokenizer, max_length=256)
+    return ex
+
+
+def test_exact_normalisation_over_micro_batches_and_workers(tiny_model, tokenizer):
+    """The gradient of the global-batch token mean, whether the batch is one forward pass,
+    several accumulated micro-batches, or two workers whose gradients are averaged (DDP)."""
+    ex = _batches(tokenizer)
+    spec = LossSpec("idft", {})
+    n_tokens = sum(len(e) - e.response_start for e in ex)
+
+    def grads(parts, world):
+        model = copy.deepcopy(tiny_model).train()
+        norm = losses.global_token_normalizer(n_tokens, world)
+        for part in parts:
+            loss_value, _ = forward_loss(model, collate(part, tokenizer.pad_token_id), spec, 0.5, norm,
+                                         torch.autocast("cpu", enabled=False))
+            loss_value.backward()
+        return {k: p.grad.clone() / 1.0 for k, p in model.named_parameters()}
+
+    whole = grads([ex], 1)
+    accumulated = grads([ex[:1], ex[1:4], ex[4:]], 1)
+    # two workers with 1 and 5 rows: each worker's sum, then DDP's average over W = 2
+    w0, w1 = grads([ex[:1]], 2), grads([ex[1:3], ex[3:]], 2)
+    for k in whole:
+        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close((w0[k] + w1[k]) / 2, whole[k], rtol=1e-5, atol=1e-8)
+    # and the loss itself: the per-token mean over the global batch, by brute force (SFT: mean -log p)
+    model = copy.deepcopy(tiny_model)
+    batch = collate(ex, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    valid = batch["labels"] != IGNORE
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
+    got = forward_loss(model, batch, LossSpec("sft"), 0.5, None, torch.autocast("cpu", enabled=False))[0]
+    assert float(got.detach()) == pytest.approx(float(-(logp[valid]).mean()), rel=1e-5)
+
+
+def test_train_step_accumulation_gives_the_same_weights(tiny_model, tokenizer):
+    ex = _batches(tokenizer, 8)
+    results = []
+    for micro in (8, 2):
+        model = copy.deepcopy(tiny_model).train()
+        opt = make_optimizer(model, 1e-2, 0.01)
+        sched = make_scheduler(opt, 2, 0.0)
+        curve = []
+        for _ in range(2):
+            parts = worker_micro_batches(list(range(8)), [len(e) for e in ex], micro, 0, 1)
+            mbs = [collate([ex[i] for i in p], tokenizer.pad_token_id) for p in parts]
+            curve.append(train_step(model, opt, sched, mbs, LossSpec("idft", {}), 0.0))
+        results.append((curve, model.state_dict()))
+    (c1, s1), (c2, s2) = results
+    for a, b in zip(c1, c2, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
+        assert a["gamma_mean"] == pytest.approx(b["gamma_mean"], rel=1e-6)
+        assert 0 <= a["frac_gamma_min"] <= 1 and 0 <= a["frac_gamma_max"] <= 1
+    assert c1[1]["logprob_mean"] > c1[0]["logprob_mean"]  # it learns
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-6)
+
+
+def _cfg(tmp_path, corpus, model_dir, **kw):
+    base = dict(input=corpus, model=model_dir, max_steps=4, global_batch_size=4, micro_batch_size=2, lr=3e-3,
+                warmup_ratio=0.25, checkpoint_every=2, seed=5, eval_rows=2,
+                loss={"name": "idft", "warmup_ratio": 0.25, "transition_ratio": 0.5})
+    return TrainConfig(**{**base, **kw})
+
+
+def test_kill_and_resume_continues_exactly(tmp_path, tiny_model, tokenizer):
+    """A crash after step 3, resumed from the step-2 checkpoint, gives the curve and the
+    weights of the uninterrupted run, the IDFT lambda schedule included."""
+    model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(12))
+    full = run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "full")))
+    crashed = tmp_path / "crashed"
+    with pytest.raises(InjectedFailure):
+        run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(crashed), fail_after_step=3))
+    assert [m["step"] for m in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3]
+    resumed = run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(crashed),
+                             resume_from=str(crashed / "checkpoints" / "step-000002")))
+    a, b = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(crashed / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["lambda_mean"] for m in a] == [0.0, 0.0, 0.5, 1.0]  # progress 0, .25, .5, .75: rise over .25...75
+    for x, y in zip(a, b, strict=True):
+        assert (x["loss"], x["lr"], x["lambda_mean"]) == (y["loss"], y["lr"], y["lambda_mean"])
+    assert max_weight_diff(weights(full["checkpoint"]), weights(resumed["checkpoint"])) == 0.0
+    with pytest.raises(ValueError, match="cannot resume exactly"):
+        run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "x"), global_batch_size=2,
+                       resume_from=str(crashed / "checkpoints" / "step-000002")))
+
+
+def test_checkpoint_reloads_with_plain_transformers_and_scores_identically(tmp_path, tiny_model, tokenizer):
+    from opsft.engines.hf import HFEngine
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(6))
+    cfg = _cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "o"), max_steps=2, eval_rows=0)
+    trained = copy.deepcopy(tiny_model)
+    out = run_local(cfg, model=trained, tokenizer=tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(out["checkpoint"])
+    tok2 = AutoTokenizer.from_pretrained(out["checkpoint"])
+    assert tok2.chat_template == tokenizer.chat_template and tok2.eos_token_id == tokenizer.eos_token_id
+    ex, _ = prepare_examples(arithmetic_rows(3), tokenizer, 256)
+    seqs, starts = [e.input_ids for e in ex], [e.response_start for e in ex]
+    s_mem = HFEngine(model_and_tokenizer=(trained.eval(), tokenizer)).score_tokens(seqs, starts)
+    s_disk = HFEngine(model_and_tokenizer=(reloaded.eval(), tok2)).score_tokens(seqs, starts)
+    s_base = HFEngine(model_and_tokenizer=(tiny_model.eval(), tokenizer)).score_tokens(seqs, starts)
+    for a, b, c in zip(s_mem, s_disk, s_base, strict=True):
+        assert (a.logprob == b.logprob).all() and (a.entropy == b.entropy).all()
+        assert not (a.logprob == c.logprob).all()  # the weights did change
+    assert math.isfinite(read_metrics(tmp_path / "o" / "metrics.jsonl")[-1]["loss"])
+
+
+def test_cli_bad_inputs_fail_clearly(tmp_path, tiny_model, tokenizer, capsys):
+    model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    args = ["train", "--local", "--model", model_dir, "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
+            "--global-batch-size", "2", "--micro-batch-size", "2"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli_main([*args, "--input", str(empty)]) == 2
+    assert "the corpus has no rows" in capsys.readouterr().err
+    invalid = write_corpus(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"response": "b"}, {"error": "x"}])
+    assert cli_main([*args, "--input", invalid]) == 2
+    err = capsys.readouterr().err
+    assert "no usable training rows out of 3 (3 invalid" in err
+    huge = {"prompt": "Go.", "response": "word " * 600}  # over the tiny model's 512-token context
+    mixed = write_corpus(tmp_path / "mixed.jsonl", arithmetic_rows(2) + [huge])
+    assert cli_main([*args, "--input", mixed]) == 0
+    out = capsys.readouterr().out
+    assert '"too_long_skipped": 1' in out and '"used": 2' in out
+    assert cli_main([*args, "--input", mixed, "--max-length", "100000"]) == 2
+    assert "exceeds the model's context of 512" in capsys.readouterr().err
+    assert cli_main([*args, "--input", mixed, "--micro-batch-size", "3"]) == 2
+    assert "not a multiple" in capsys.readouterr().err
