@@ -89,9 +89,8 @@ def question_text(messages: list[dict]) -> str:
 
 
 def stable_id(row: dict) -> str:
-    """A content hash of prompt/messages and response: the same row always gets the same id."""
-    key = {k: row.get(k) for k in ("prompt", "messages", "response")}
-    blob = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+    """A hash of the row's content (every field): the same input row always gets the same id."""
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=_json_default, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -155,12 +154,33 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(arrow_table(rows), tmp)
     else:
         with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
     tmp.replace(path)
+
+
+def arrow_table(rows: list[dict]):
+    """A pyarrow Table of rows whose columns may mix types (a bad row's `response: 42` among
+    strings): such a column is written as strings (JSON for non-strings) instead of failing."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        pass
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    data = {}
+    for col in columns:
+        values = [row.get(col) for row in rows]
+        try:
+            data[col] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            data[col] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=_json_default)
+                                  for v in values], type=pa.string())
+    return pa.table(data)
 
 
 def _json_default(value):

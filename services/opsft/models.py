@@ -70,8 +70,9 @@ def default_model_dir(home: Path | None = None) -> Path:
             return target
         if target.exists():  # a half-written folder from a killed conversion
             shutil.rmtree(target)
+        for stale in root.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):  # left by killed conversions; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         _convert_gguf(_gguf_source(), tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": GGUF_FILE, "time": time.time()}))
         os.replace(tmp, target)

@@ -1,0 +1,158 @@
+"""Benchmark: CLL scoring throughput and peak memory on the embedded model.
+
+Compares `opsft` scoring (HFEngine: length-sorted batches, LM head only on response
+positions, chunked fused log p + entropy) with a naive reference done the way the
+official scorer does it (one sequence at a time, full logits, full log_softmax), at equal
+exactness (max |delta phi| in fp32), and reports the achieved fraction of this machine's
+measured fp32 matmul throughput, plus a bf16 mode's speed and error.
+
+    .venv/bin/python benchmarks/score_throughput.py [--rows 16] [--tokens 256]
+
+Each measurement runs in a fresh process so peak RSS is its own. Prints a table and a
+JSON line (`RESULT {...}`) that benchmarks/run_all.py collects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_rows(n_rows: int, n_tokens: int, tokenizer) -> list[dict]:
+    """n_rows (question, response) pairs; responses of ~n_tokens tokens of English prose."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics.values())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = []
+    for i in range(n_rows):
+        chunk = ids[i * n_tokens * 2: i * n_tokens * 2 + n_tokens]
+        rows.append({"prompt": f"Explain part {i} of the Python reference manual.", "response": tokenizer.decode(chunk)})
+    return rows
+
+
+def naive_scores(model, tokenizer, rows):
+    """Official-style: one sequence at a time, logits for every position, full log_softmax."""
+    import torch
+
+    from opsft.chat import encode
+    from opsft.corpus import parse_row
+
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            ex = parse_row(row)
+            enc = encode(tokenizer, ex.messages, ex.response)
+            logits = model(torch.tensor([enc.input_ids])).logits[0].float()
+            logp_all = torch.log_softmax(logits, -1)
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            labels = torch.tensor(enc.input_ids[1:])
+            logp = logp_all[:-1].gather(-1, labels[:, None]).squeeze(-1)
+            phi = (logp + ent[:-1])[enc.response_start - 1:]
+            out.append(phi.double().numpy())
+    return out
+
+
+def measure(mode: str, n_rows: int, n_tokens: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from opsft.engines.hf import HFEngine
+    from opsft.models import default_model_dir
+    from opsft.scoring import score_rows
+
+    dtype = "bfloat16" if mode == "opsft-bf16" else "float32"
+    engine = HFEngine(str(default_model_dir()), device="cpu", dtype=dtype, max_batch_size=16)
+    rows = make_rows(n_rows, n_tokens, engine.tokenizer)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run = (lambda: naive_scores(engine.model, engine.tokenizer, rows)) if mode == "naive" else (
+        lambda: [r["token_phi"] for r in score_rows(rows, engine, tokens=True)])
+    run()  # warm-up
+    start = time.perf_counter()
+    phis = run()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n_resp = sum(len(p) for p in phis)
+    n_total = n_resp + sum(len(engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)) for r in rows)
+    queue.put({"mode": mode, "seconds": seconds, "response_tokens": n_resp, "total_tokens": n_total,
+               "peak_rss_mb": peak / 1024, "model_rss_mb": base_rss / 1024,
+               "phis": [list(map(float, p)) for p in phis], "params": _param_counts(engine.model)})
+
+
+def _param_counts(model) -> dict:
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "embedding": emb.numel(), "hidden": emb.shape[1], "vocab": emb.shape[0],
+            "layers": model.config.num_hidden_layers}
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def model_flops(result: dict, lm_head_on_all: bool) -> float:
+    """Forward FLOPs: 2 x (non-embedding params) per token + LM head per scored position
+    (attention score FLOPs are small at these lengths and left out)."""
+    p = result["params"]
+    body = 2 * (p["total"] - p["embedding"]) * result["total_tokens"]
+    head_positions = result["total_tokens"] if lm_head_on_all else result["response_tokens"]
+    return body + 2 * p["hidden"] * p["vocab"] * head_positions
+
+
+def run_in_process(mode, n_rows, n_tokens):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(mode, n_rows, n_tokens, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+
+    peak_gflops = matmul_gflops()
+    res = {m: run_in_process(m, args.rows, args.tokens) for m in ("naive", "opsft-fp32", "opsft-bf16")}
+    import numpy as np
+
+    ref = res["naive"]["phis"]
+
+    def max_err(mode):
+        return max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(res[mode]["phis"], ref))
+
+    print(f"machine fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s")
+    print(f"{'mode':<12} {'resp tok/s':>10} {'speedup':>8} {'peak MB':>8} {'GFLOP/s':>8} {'of mm':>6} {'max|dphi|':>10}")
+    summary = {"matmul_gflops": peak_gflops}
+    for mode, r in res.items():
+        tps = r["response_tokens"] / r["seconds"]
+        gflops = model_flops(r, lm_head_on_all=(mode == "naive")) / r["seconds"] / 1e9
+        speedup = tps / (res["naive"]["response_tokens"] / res["naive"]["seconds"])
+        err = 0.0 if mode == "naive" else max_err(mode)
+        print(f"{mode:<12} {tps:>10.0f} {speedup:>7.2f}x {r['peak_rss_mb']:>8.0f} {gflops:>8.1f} "
+              f"{gflops / peak_gflops:>6.0%} {err:>10.2e}")
+        summary[mode] = {"response_tokens_per_s": tps, "speedup_vs_naive": speedup, "peak_rss_mb": r["peak_rss_mb"],
+                         "gflops": gflops, "fraction_of_matmul": gflops / peak_gflops, "max_abs_dphi": err}
+    print("RESULT " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
