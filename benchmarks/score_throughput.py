@@ -33,14 +33,14 @@ def make_rows(n_rows: int, n_tokens: int, tokenizer) -> list[dict]:
     rows = []
     for i in range(n_rows):
         chunk = ids[i * n_tokens * 2: i * n_tokens * 2 + n_tokens]
-        rows.append({"prompt": f"Explain part {i} of the Python reference manual.", "response": tokenizer.decode(chunk)})
+        prompt = f"Explain part {i} of the Python reference manual."
+        rows.append({"prompt": prompt, "response": tokenizer.decode(chunk)})
     return rows
 
 
 def naive_scores(model, tokenizer, rows):
     """Official-style: one sequence at a time, logits for every position, full log_softmax."""
     import torch
-
     from opsft.chat import encode
     from opsft.corpus import parse_row
 
@@ -137,18 +137,20 @@ def main() -> None:
     ref = res["naive"]["phis"]
 
     def max_err(mode):
-        return max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(res[mode]["phis"], ref))
+        pairs = zip(res[mode]["phis"], ref, strict=True)
+        return max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in pairs)
 
     print(f"machine fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s")
-    print(f"{'mode':<12} {'resp tok/s':>10} {'speedup':>8} {'peak MB':>8} {'GFLOP/s':>8} {'of mm':>6} {'max|dphi|':>10}")
+    header = ("mode", "resp tok/s", "speedup", "peak MB", "GFLOP/s", "of mm", "max|dphi|")
+    print(f"{header[0]:<12} " + " ".join(f"{h:>10}" for h in header[1:]))
     summary = {"matmul_gflops": peak_gflops}
     for mode, r in res.items():
         tps = r["response_tokens"] / r["seconds"]
         gflops = model_flops(r, lm_head_on_all=(mode == "naive")) / r["seconds"] / 1e9
         speedup = tps / (res["naive"]["response_tokens"] / res["naive"]["seconds"])
         err = 0.0 if mode == "naive" else max_err(mode)
-        print(f"{mode:<12} {tps:>10.0f} {speedup:>7.2f}x {r['peak_rss_mb']:>8.0f} {gflops:>8.1f} "
-              f"{gflops / peak_gflops:>6.0%} {err:>10.2e}")
+        print(f"{mode:<12} {tps:>10.0f} {speedup:>9.2f}x {r['peak_rss_mb']:>10.0f} {gflops:>10.1f} "
+              f"{gflops / peak_gflops:>10.0%} {err:>10.2e}")
         summary[mode] = {"response_tokens_per_s": tps, "speedup_vs_naive": speedup, "peak_rss_mb": r["peak_rss_mb"],
                          "gflops": gflops, "fraction_of_matmul": gflops / peak_gflops, "max_abs_dphi": err}
     print("RESULT " + json.dumps(summary))

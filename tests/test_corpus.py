@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from opsft.corpus import RowError, parse_row, read_rows, stable_id, with_id, write_rows
 
 

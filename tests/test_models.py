@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from opsft import models
 
 
@@ -92,4 +91,5 @@ def test_real_default_folder_is_a_complete_hf_model(model_dir):
     assert models.is_complete(folder)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
-    assert "chat_template" in (folder / "tokenizer_config.json").read_text() or (folder / "chat_template.jinja").exists()
+    template_in_config = "chat_template" in (folder / "tokenizer_config.json").read_text()
+    assert template_in_config or (folder / "chat_template.jinja").exists()

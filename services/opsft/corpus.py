@@ -151,7 +151,6 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     rows = list(rows)
     if file_format(path) == "parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(arrow_table(rows), tmp)
