@@ -1,0 +1,349 @@
+"""One realignment cycle: keep a training corpus on-policy for the newest model.
+
+    opsft realign --config realign.yaml
+
+Stages, each writing into the cycle's folder `<output_dir>/cycles/vNNNN/`:
+
+    score     the corpus under the current model               -> scored/      (Ray Data job)
+    select    rows that drifted off-policy (CLL threshold or bottom quantile)
+                                                               -> selected.parquet, kept.parquet
+    rewrite   the selected rows (self-first hinted decoding)   -> rewritten/   (Ray Data job)
+    merge     kept + rewritten, in the corpus's order          -> corpus.parquet (the new corpus)
+    train     fine-tune the current model on it (IDFT)         -> train/       (Ray Train)
+    rescore   the new corpus under the new model               -> rescored/    (Ray Data job)
+    report    before/after CLL, counts by source, training     -> report/summary.json + PNGs
+    promote   POST /v1/models/reload to a scoring service (optional)
+
+The current model is the checkpoint of the newest completed cycle, else `model` from the
+config. `state.json` records the completed stages: a cycle that crashed continues from its
+last completed stage when run again (a stage cut off midway is redone, or resumes by row id
+for the Ray Data jobs). The cycle's fingerprint (corpus content, current model, config) names
+what it was made from: a run whose inputs did not change finds the finished cycle and does
+nothing. A lock on the output folder keeps two cycles from running at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from opsft.corpus import read_rows, write_rows
+from opsft.realign.lock import OutputLock
+
+log = logging.getLogger(__name__)
+STAGES = ("score", "select", "rewrite", "merge", "train", "rescore", "report", "promote")
+FAIL_ENV = "OPSFT_REALIGN_FAIL_AT"  # testing: crash inside this stage, after its work has started
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
+    """Ids of rows to rewrite: cll < value (mode 'threshold') or the lowest `value` fraction
+    by cll (mode 'quantile'; ties broken by id so the choice is deterministic). Rows with an
+    error or no score are never selected."""
+    scored = sorted((r["cll"], str(r["id"])) for r in rows if not r.get("error") and r.get("cll") is not None)
+    if mode == "threshold":
+        return {rid for cll, rid in scored if cll < value}
+    if mode == "quantile":
+        if not 0 <= value <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {value}")
+        return {rid for _, rid in scored[: int(round(value * len(scored)))]}
+    raise ValueError(f"select mode must be 'threshold' or 'quantile', got {mode!r}")
+
+
+SCORE_COLUMNS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
+                 "logprob_mean", "entropy_mean", "n_tokens", "token_phi", "error")
+
+
+def merge_corpus(scored: list[dict], rewritten: list[dict]) -> list[dict]:
+    """The new corpus: every scored row in order, with rewritten responses where a rewrite
+    exists; score columns of the old model are dropped (they describe the old corpus)."""
+    by_id = {str(r["id"]): r for r in rewritten}
+    out = []
+    for row in scored:
+        new = by_id.get(str(row["id"]))
+        base = {k: v for k, v in (new or row).items() if k not in SCORE_COLUMNS}
+        if new is None:
+            base.setdefault("source", "kept")
+        if row.get("error"):
+            base["error"] = row["error"]
+        elif new is not None and new.get("error"):
+            base["error"] = new["error"]
+        out.append(base)
+    return out
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def _file_digest(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:  # head and tail: cheap for multi-GB weights, changes with any retrain
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+
+
+def model_fingerprint(model: str) -> str:
+    path = Path(model)
+    h = hashlib.sha256()
+    if not path.is_dir():
+        h.update(model.encode())  # a hub id
+        return h.hexdigest()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin") or f.name.endswith(".model")):
+            _file_digest(f, h)
+    return h.hexdigest()
+
+
+def corpus_fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+        if f.is_file():
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- the cycle
+
+
+class Cycle:
+    """A realignment cycle over `cfg` (a RealignConfig). Stage runners are injectable
+    (`runners`) so a test can swap one; the defaults call the project's jobs."""
+
+    def __init__(self, cfg, runners: dict[str, Callable] | None = None):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir).resolve()
+        self.runners = {**default_runners(), **(runners or {})}
+
+    # -- where things are
+    def cycles(self) -> list[Path]:
+        return sorted(p for p in (self.root / "cycles").glob("v*") if p.is_dir())
+
+    def latest_completed(self) -> Path | None:
+        done = [c for c in self.cycles() if _load_state(c).get("complete")]
+        return done[-1] if done else None
+
+    def current_model(self) -> str:
+        from opsft.models import resolve_model
+
+        last = self.latest_completed()
+        if last is not None:
+            return _load_state(last)["outputs"]["train"]["checkpoint"]
+        return resolve_model(self.cfg.model)
+
+    def fingerprint(self, model: str) -> str:
+        config = self.cfg.model_dump(mode="json", exclude={"output_dir", "promote"})
+        blob = json.dumps({"corpus": corpus_fingerprint(self.cfg.corpus), "model": model_fingerprint(model),
+                           "config": config}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # -- running
+    def run(self, wait: bool = False) -> dict:
+        with OutputLock(self.root, wait=wait):
+            model = self.current_model()
+            fp = self.fingerprint(model)
+            folder = next((c for c in self.cycles() if _load_state(c).get("fingerprint") == fp), None)
+            if folder is not None and _load_state(folder).get("complete"):
+                log.info("inputs unchanged since %s: nothing to do", folder)
+                return {"cycle": str(folder), "status": "up-to-date", **_load_state(folder)}
+            if folder is None:
+                folder = self.root / "cycles" / f"v{len(self.cycles()) + 1:04d}"
+                folder.mkdir(parents=True)
+                _save_state(folder, {"fingerprint": fp, "model": model, "corpus": str(self.cfg.corpus),
+                                     "started": time.time(), "stages": [], "outputs": {}})
+            else:
+                log.info("resuming %s after stage(s) %s", folder, _load_state(folder)["stages"])
+            return self._run_stages(folder)
+
+    def _run_stages(self, folder: Path) -> dict:
+        state = _load_state(folder)
+        for stage in STAGES:
+            if stage in state["stages"]:
+                continue
+            if stage == "promote" and not self.cfg.promote_url:
+                state["outputs"]["promote"] = {"skipped": "no promote_url"}
+            else:
+                log.info("[%s] stage %s", folder.name, stage)
+                start = time.monotonic()
+                out = self.runners[stage](self, folder, state)
+                out["seconds"] = round(time.monotonic() - start, 2)
+                state["outputs"][stage] = out
+            state["stages"].append(stage)
+            _save_state(folder, state)
+        state["complete"] = True
+        state["finished"] = time.time()
+        _save_state(folder, state)
+        (self.root / "LATEST").write_text(json.dumps({"cycle": str(folder),
+                                                      "checkpoint": state["outputs"]["train"]["checkpoint"],
+                                                      "corpus": str(folder / "corpus.parquet")}))
+        return {"cycle": str(folder), "status": "completed", **state}
+
+
+def _load_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(folder: Path, state: dict) -> None:
+    tmp = folder / ".state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(folder / "state.json")
+
+
+def maybe_crash(stage: str) -> None:
+    if os.environ.get(FAIL_ENV) == stage:
+        raise InjectedCrash(f"injected crash in stage {stage} ({FAIL_ENV})")
+
+
+def fresh(path: Path) -> Path:
+    """A stage output that was cut off midway is redone from scratch."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------- default stage runners
+
+
+def _engine_for(cycle: Cycle, model: str):
+    return cycle.cfg.engine.model_copy(update={"model": model})
+
+
+def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,
+              out_name: str = "scored") -> dict:
+    from opsft.jobs import files
+    from opsft.jobs.pipeline import JobSpec, connect, run_job
+
+    connect(cycle.cfg.address)
+    spec = JobSpec(input=corpus or str(cycle.cfg.corpus), output=str(folder / out_name),
+                   fn="opsft.scoring:score_rows", engine=_engine_for(cycle, model or state["model"]),
+                   pool=cycle.cfg.pool, column_types=files.SCORE_TYPES, name=out_name)
+    maybe_crash("score" if out_name == "scored" else "rescore")
+    return run_job(spec)  # resumes by id from the part files already written
+
+
+def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.jobs.files import read_output
+
+    rows = read_output(str(folder / "scored"))
+    sel = cycle.cfg.select
+    chosen = select_drifted(rows, sel.mode, sel.threshold if sel.mode == "threshold" else sel.quantile)
+    maybe_crash("select")
+    write_rows([r for r in rows if str(r["id"]) in chosen], folder / "selected.parquet")
+    write_rows([r for r in rows if str(r["id"]) not in chosen], folder / "kept.parquet")
+    return {"selected": len(chosen), "kept": len(rows) - len(chosen)}
+
+
+def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.jobs.pipeline import JobSpec, connect, run_job
+
+    if not read_rows(folder / "selected.parquet"):
+        fresh(folder / "rewritten").mkdir()
+        return {"rows_in": 0, "rows_written": 0}
+    connect(cycle.cfg.address)
+    params = cycle.cfg.rewrite.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address"})
+    spec = JobSpec(input=str(folder / "selected.parquet"), output=str(folder / "rewritten"),
+                   fn="opsft.recipe:rewrite_rows", engine=_engine_for(cycle, state["model"]), pool=cycle.cfg.pool,
+                   fn_kwargs={"params": params}, name="rewrite")
+    maybe_crash("rewrite")
+    return run_job(spec)
+
+
+def run_merge(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.jobs.files import read_output
+
+    scored = read_output(str(folder / "scored"))
+    rewritten = read_output(str(folder / "rewritten"))
+    corpus = merge_corpus(scored, rewritten)
+    maybe_crash("merge")
+    write_rows(corpus, folder / "corpus.parquet")
+    sources: dict[str, int] = {}
+    for row in corpus:
+        key = row.get("source") or "kept"
+        sources[key] = sources.get(key, 0) + 1
+    return {"rows": len(corpus), "sources": sources}
+
+
+def run_train(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.train.ray_job import run_ray
+
+    out = fresh(folder / "train")
+    tcfg = cycle.cfg.train.model_copy(update={"input": str(folder / "corpus.parquet"), "output_dir": str(out),
+                                              "model": state["model"], "address": cycle.cfg.address})
+    maybe_crash("train")
+    summary = run_ray(tcfg)
+    final = Path(out) / "final"
+    shutil.copytree(summary["checkpoint"], final)  # a stable path: Ray's checkpoint folder names vary
+    return {"checkpoint": str(final), "data": summary["data"], "final_metrics": summary["final"]}
+
+
+def run_rescore(cycle: Cycle, folder: Path, state: dict) -> dict:
+    return run_score(cycle, folder, state, corpus=str(folder / "corpus.parquet"),
+                     model=state["outputs"]["train"]["checkpoint"], out_name="rescored")
+
+
+def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.jobs.files import read_output
+    from opsft.report import build_report
+
+    before = read_output(str(folder / "scored"))
+    after = read_output(str(folder / "rescored"))
+    maybe_crash("report")
+    summary = build_report([("before", before), ("after", after)], fresh(folder / "report"))
+    compact = {
+        "cll_before": _mean_cll(before), "cll_after": _mean_cll(after),
+        "rewritten_cll_before": _mean_cll([r for r in before if str(r["id"]) in _ids(folder / "selected.parquet")]),
+        "sources": state["outputs"]["merge"]["sources"],
+        "training": state["outputs"]["train"].get("final_metrics"),
+    }
+    (folder / "report" / "cycle.json").write_text(json.dumps(compact, indent=2, default=str))
+    return {"folder": str(folder / "report"), **compact, "separation": summary.get("pairs")}
+
+
+def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
+    import urllib.request
+
+    url = cycle.cfg.promote_url.rstrip("/") + "/v1/models/reload"
+    body = json.dumps({"model": state["outputs"]["train"]["checkpoint"]}).encode()
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get(cycle.cfg.promote_api_key_env or "", "")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=cycle.cfg.promote_timeout_s) as response:
+        return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}")}
+
+
+def _ids(path: Path) -> set[str]:
+    return {str(r["id"]) for r in read_rows(path)}
+
+
+def _mean_cll(rows: list[dict]) -> float | None:
+    vals = [r["cll"] for r in rows if not r.get("error") and r.get("cll") is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def default_runners() -> dict[str, Callable]:
+    return {"score": run_score, "select": run_select, "rewrite": run_rewrite, "merge": run_merge,
+            "train": run_train, "rescore": run_rescore, "report": run_report, "promote": run_promote}

@@ -1,0 +1,92 @@
+"""Realignment building blocks without a model: selection, merging, fingerprints, the lock."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from opsft.realign.cycle import corpus_fingerprint, merge_corpus, model_fingerprint, select_drifted
+from opsft.realign.lock import LockedError, OutputLock
+
+ROWS = [{"id": "a", "cll": -0.9}, {"id": "b", "cll": -0.1}, {"id": "c", "cll": -0.5},
+        {"id": "d", "cll": -0.5}, {"id": "e", "cll": None, "error": "bad row"}, {"id": "f", "cll": 0.2}]
+
+
+def test_threshold_selects_rows_below_it_and_never_error_rows():
+    assert select_drifted(ROWS, "threshold", -0.3) == {"a", "c", "d"}
+    assert select_drifted(ROWS, "threshold", -5.0) == set()
+
+
+def test_quantile_selects_the_lowest_fraction_with_deterministic_ties():
+    # 5 scored rows; 40% -> 2 rows: the lowest (a) and, of the tie at -0.5, the smaller id (c).
+    assert select_drifted(ROWS, "quantile", 0.4) == {"a", "c"}
+    assert select_drifted(ROWS, "quantile", 1.0) == {"a", "b", "c", "d", "f"}
+    assert select_drifted(ROWS, "quantile", 0.0) == set()
+    with pytest.raises(ValueError):
+        select_drifted(ROWS, "quantile", 1.5)
+    with pytest.raises(ValueError):
+        select_drifted(ROWS, "bottom", 0.5)
+
+
+def test_merge_keeps_order_replaces_rewritten_and_drops_old_scores():
+    scored = [{"id": "1", "prompt": "q1", "response": "r1", "cll": -2.0, "meta": 1},
+              {"id": "2", "prompt": "q2", "response": "r2", "cll": -0.1, "meta": 2},
+              {"id": "3", "prompt": None, "response": "r3", "cll": None, "error": "no prompt"}]
+    rewritten = [{"id": "1", "prompt": "q1", "response": "new", "original_response": "r1", "source": "hinted",
+                  "cll": -0.2, "meta": 1}]
+    out = merge_corpus(scored, rewritten)
+    assert [r["id"] for r in out] == ["1", "2", "3"]
+    assert out[0]["response"] == "new" and out[0]["source"] == "hinted" and "cll" not in out[0]
+    assert out[1] == {"id": "2", "prompt": "q2", "response": "r2", "meta": 2, "source": "kept"}
+    assert out[2]["error"] == "no prompt"
+
+
+def test_fingerprints_change_with_content(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"prompt": "q", "response": "a"}\n')
+    first = corpus_fingerprint(str(corpus))
+    assert corpus_fingerprint(str(corpus)) == first
+    corpus.write_text('{"prompt": "q", "response": "b"}\n')
+    assert corpus_fingerprint(str(corpus)) != first
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\0" * 100)
+    fp = model_fingerprint(str(model))
+    (model / "model.safetensors").write_bytes(b"\1" * 100)
+    assert model_fingerprint(str(model)) != fp
+
+
+def test_second_holder_is_refused_with_who_holds_it(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+            OutputLock(tmp_path).acquire()
+        start = time.monotonic()
+        with pytest.raises(LockedError):
+            OutputLock(tmp_path, wait=True, poll_s=0.05, timeout_s=0.3).acquire()
+        assert time.monotonic() - start >= 0.3
+    with OutputLock(tmp_path):  # released on exit
+        pass
+
+
+HOLDER = """
+import sys, time
+from opsft.realign.lock import OutputLock
+held = OutputLock(sys.argv[1]).acquire()  # keep a reference: the handle holds the lock
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_of_a_killed_process_is_recovered(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    with pytest.raises(LockedError, match=f"pid {child.pid}"):
+        OutputLock(tmp_path).acquire()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    lock = OutputLock(tmp_path).acquire()  # the kernel dropped the dead holder's lock
+    assert lock.holder()["pid"] == os.getpid()
+    lock.release()
