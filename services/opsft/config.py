@@ -202,3 +202,21 @@ class TrainConfig(Strict):
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the last checkpoint on failure")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     fail_after_step: int | None = Field(None, ge=1, description="testing: crash once after this step (recovery)")
+
+
+# ---------------------------------------------------------------------------- recurring cycle (opsft schedule)
+
+
+class ScheduleConfig(Strict):
+    """`opsft schedule`: when and where the realignment cycle runs (the cycle's own settings stay in
+    its realign.yaml). Loaded from --schedule-config YAML, flags override."""
+
+    cron: str = Field("0 3 * * *", description="minute hour day-of-month month day-of-week")
+    timezone: str | None = Field(None, description="IANA name (e.g. Europe/Paris); None = this machine's local time")
+    address: str | None = Field(None, description="Ray dashboard address; None = RAY_ADDRESS, else local subprocess")
+    state_dir: str | None = Field(None, description="history and lock; None = <realign output_dir>/.schedule")
+    working_dir: str | None = Field(".", description="Ray mode: uploaded as the job's working_dir; None = "
+                                                     "use the opsft installed in the cluster's image")
+    entrypoint: str | None = Field(None, description="None = python -m opsft.cli realign --config <config>")
+    pip: list[str] = Field(default_factory=list, description="Ray mode: extra pip requirements of the job")
+    poll_s: float = Field(30.0, gt=0, description="seconds between status checks of the running job")

@@ -1,0 +1,371 @@
+"""The recurring scheduler (opsft.realign.cron, opsft.realign.schedule, `opsft schedule`).
+
+Cron: hand-computed fire times and a brute-force minute-by-minute scan. Scheduler: a fake clock
+and a fake submitter (ticks, skip-while-running, history, restart, failures). The local
+submitter runs real subprocesses; the Ray submitter's requests are checked against a fake
+client, and once (slow) against a real Ray head with its job API.
+
+    .venv/bin/python -m pytest -q tests/test_schedule.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from opsft.realign.cron import next_fire_time, parse_cron
+from opsft.realign.schedule import LocalSubmitter, RayJobSubmitter, Scheduler, SchedulerBusy, StateLock, read_history
+
+# ---------------------------------------------------------------------------- cron
+
+
+def test_fields_expand_lists_ranges_steps_and_names():
+    c = parse_cron("5/20 1,3-5 */10 jan-mar,dec 7")
+    assert c.minutes == {5, 25, 45}
+    assert c.hours == {1, 3, 4, 5}
+    assert c.days == {1, 11, 21, 31}
+    assert c.months == {1, 2, 3, 12}
+    assert c.weekdays == {0}  # 7 is Sunday too
+    assert parse_cron("0-30/15 * * * mon-fri").minutes == {0, 15, 30}
+    assert parse_cron("0 0 * * MON-FRI").weekdays == {1, 2, 3, 4, 5}
+    assert parse_cron("@daily") == parse_cron("0 0 * * *").__class__(**{**parse_cron("0 0 * * *").__dict__,
+                                                                       "text": "@daily"})
+
+
+@pytest.mark.parametrize("expr, words", [
+    ("* * * *", "needs 5 fields"), ("60 * * * *", "minute value 60 is outside 0-59"),
+    ("* 24 * * *", "hour value 24"), ("* * 0 * *", "day of month value 0"), ("* * * 13 *", "month value 13"),
+    ("* * * * 8", "day of week value 8"), ("5-1 * * * *", "runs backwards"), ("*/0 * * * *", "step '0'"),
+    ("* * * foo *", "'foo' is not a number or one of"), ("1,,2 * * * *", "empty minute"),
+])
+def test_bad_expressions_say_which_field(expr, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("*", r"\*")):
+        parse_cron(expr)
+
+
+def test_impossible_date_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="never fires"):
+        next_fire_time("0 0 30 2 *", datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize("expr, after, expected", [
+    ("0 3 * * *", datetime(2026, 11, 21, 22, 0), datetime(2026, 11, 22, 3, 0)),
+    ("0 3 * * *", datetime(2026, 11, 22, 3, 0), datetime(2026, 11, 23, 3, 0)),       # strictly after
+    ("0 3 * * *", datetime(2026, 11, 22, 2, 59, 59), datetime(2026, 11, 22, 3, 0)),
+    ("*/15 9-17 * * mon-fri", datetime(2026, 11, 6, 17, 50), datetime(2026, 11, 9, 9, 0)),  # Fri -> Mon
+    ("0 0 29 2 *", datetime(2026, 11, 6), datetime(2028, 2, 29)),                    # next leap day
+    ("0 0 29 2 1", datetime(2026, 11, 6), datetime(2027, 2, 1)),   # dom OR dow: first Monday of Feb 2027
+    ("30 4 1 * *", datetime(2026, 12, 31, 23, 59), datetime(2027, 1, 1, 4, 30)),    # year rollover
+    ("0 0 31 * *", datetime(2026, 4, 1), datetime(2026, 5, 31)),                     # April has no 31st
+])
+def test_next_fire_time_hand_computed(expr, after, expected):
+    assert next_fire_time(expr, after) == expected
+
+
+def _brute_next(expr: str, after: datetime) -> datetime:
+    """Minute-by-minute scan with the day rule written out again (Vixie: OR when both are restricted)."""
+    c = parse_cron(expr)
+    dom, dow = expr.split()[2], expr.split()[4]
+    t = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    while True:
+        day_ok = t.day in c.days
+        week_ok = (t.weekday() + 1) % 7 in c.weekdays
+        if dom != "*" and dow != "*":
+            both = day_ok or week_ok
+        else:
+            both = day_ok and week_ok
+        if t.minute in c.minutes and t.hour in c.hours and t.month in c.months and both:
+            return t
+        t += timedelta(minutes=1)
+
+
+def test_next_fire_time_matches_a_brute_force_scan():
+    rng = random.Random(7)
+    exprs = ["*/7 * * * *", "13 */5 * * *", "0 9-17/4 * * 1-5", "45 23 * * sun", "0 12 1,15 * *",
+             "10 6 10 * 3", "*/30 2 * jan-mar,nov,dec *", "59 23 28-31 * *", "0 0 * * 6,0", "7 7 7 * *"]
+    for expr in exprs:
+        for _ in range(3):
+            after = datetime(2026, 1, 1) + timedelta(minutes=rng.randrange(0, 366 * 24 * 60))
+            assert next_fire_time(expr, after) == _brute_next(expr, after), (expr, after)
+
+
+def test_time_zone_follows_daylight_saving():
+    paris = ZoneInfo("Europe/Paris")  # clocks go back on 2026-10-25 at 03:00 CEST
+    before = next_fire_time("0 3 * * *", datetime(2026, 10, 23, 12, 0, tzinfo=paris))
+    after = next_fire_time("0 3 * * *", datetime(2026, 10, 24, 12, 0, tzinfo=paris))
+    assert (before.hour, before.utcoffset()) == (3, timedelta(hours=2))
+    assert (after.hour, after.utcoffset(), after.day) == (3, timedelta(hours=1), 25)
+    utc = ZoneInfo("UTC")
+    assert after.astimezone(utc) - before.astimezone(utc) == timedelta(days=1, hours=1)  # a longer night
+
+
+# ---------------------------------------------------------------------------- scheduler, fake clock
+
+
+class FakeClock:
+    def __init__(self, start: datetime):
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += timedelta(seconds=seconds)
+
+
+class FakeSubmitter:
+    """Jobs that run `duration` on the fake clock; `fail` makes them end FAILED; `make_output` writes a folder."""
+
+    def __init__(self, clock: FakeClock, duration: timedelta, outputs: Path | None = None):
+        self.clock, self.duration, self.outputs = clock, duration, outputs
+        self.jobs: dict[str, datetime] = {}
+        self.submitted: list[tuple[str, str, datetime]] = []
+        self.fail_submit = 0
+        self.fail_status = 0
+        self.fail_jobs = False
+
+    def submit(self, entrypoint, job_id):
+        if self.fail_submit:
+            self.fail_submit -= 1
+            raise ConnectionError("cluster unreachable")
+        self.jobs[job_id] = self.clock()
+        self.submitted.append((entrypoint, job_id, self.clock()))
+        return job_id
+
+    def status(self, job_id):
+        if self.fail_status:
+            self.fail_status -= 1
+            raise ConnectionError("dashboard timeout")
+        if job_id not in self.jobs:
+            return "LOST"
+        if self.clock() < self.jobs[job_id] + self.duration:
+            return "RUNNING"
+        if self.outputs is not None:
+            (self.outputs / job_id).mkdir(parents=True, exist_ok=True)
+        return "FAILED" if self.fail_jobs else "SUCCEEDED"
+
+
+def make(tmp_path, start="2026-11-21 00:03", duration=5, cron="*/10 * * * *", poll_s=60.0):
+    clock = FakeClock(datetime.fromisoformat(start))
+    sub = FakeSubmitter(clock, timedelta(minutes=duration), tmp_path / "out")
+    sched = Scheduler(cron, "opsft realign --config r.yaml", tmp_path / "state", sub, outputs=str(tmp_path / "out"),
+                      clock=clock, sleep=clock.sleep, poll_s=poll_s)
+    return clock, sub, sched
+
+
+def test_ticks_submit_one_job_each_and_record_their_end(tmp_path):
+    clock, sub, sched = make(tmp_path, duration=5)
+    sched.run(max_ticks=3)
+    assert [t for _, _, t in sub.submitted] == [datetime(2026, 11, 21, 0, m) for m in (10, 20, 30)]
+    assert all(e == "opsft realign --config r.yaml" for e, _, _ in sub.submitted)
+    sched.wait(sub.submitted[-1][1])
+    hist = read_history(tmp_path / "state")
+    assert [h["status"] for h in hist] == ["SUCCEEDED"] * 3
+    for h, (_, job_id, at) in zip(hist, sub.submitted, strict=True):
+        assert h["job_id"] == job_id and h["tick"] == at.astimezone().isoformat(timespec="seconds")
+        ended = datetime.fromisoformat(h["ended"]).replace(tzinfo=None)
+        assert at + timedelta(minutes=5) <= ended <= at + timedelta(minutes=6)  # seen within one poll
+        assert h["outputs"] == str(tmp_path / "out") and h["new_outputs"] == [str(tmp_path / "out" / job_id)]
+    assert max(clock.sleeps) <= 60.0
+
+
+def test_a_tick_is_skipped_while_the_previous_job_runs(tmp_path):
+    clock, sub, sched = make(tmp_path, duration=25)
+    sched.run(max_ticks=4)  # 00:10 submit (ends 00:35), 00:20 skip, 00:30 skip, 00:40 submit
+    assert [t.minute for _, _, t in sub.submitted] == [10, 40]
+    hist = read_history(tmp_path / "state")
+    assert [h["status"] for h in hist] == ["SUCCEEDED", "SKIPPED", "SKIPPED", "SUBMITTED"]
+    assert hist[1]["reason"] == f"previous job {sub.submitted[0][1]} still running"
+    assert [h["tick"][11:16] for h in hist] == ["00:10", "00:20", "00:30", "00:40"]
+    # the raw file is append-only JSONL: 4 tick records + 1 end record
+    lines = (tmp_path / "state" / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(x) for x in lines)
+
+
+def test_failures_are_recorded_and_the_schedule_goes_on(tmp_path):
+    clock, sub, sched = make(tmp_path, duration=1)
+    sub.fail_submit = 1
+    sub.fail_jobs = True
+    sched.run(max_ticks=2)
+    hist = read_history(tmp_path / "state")
+    assert hist[0]["status"] == "SUBMIT_FAILED" and "ConnectionError: cluster unreachable" in hist[0]["error"]
+    assert hist[1]["status"] == "SUBMITTED"
+    sub.fail_status = 3  # the dashboard does not answer for a while: no crash, the end is recorded later
+    assert sched.wait(hist[1]["job_id"])["status"] == "FAILED"
+    assert sched.current() is None
+
+
+def test_a_restarted_scheduler_picks_up_the_job_in_flight(tmp_path):
+    clock, sub, sched = make(tmp_path, duration=25)
+    sched.run(max_ticks=1)  # 00:10 submitted, still running
+    first = sub.submitted[0][1]
+    again = Scheduler("*/10 * * * *", "x", tmp_path / "state", sub, clock=clock, sleep=clock.sleep, poll_s=60)
+    assert again.current()["job_id"] == first
+    again.run(max_ticks=3)  # 00:20 skip, 00:30 skip, 00:40 submit
+    statuses = [h["status"] for h in read_history(tmp_path / "state")]
+    assert statuses == ["SUCCEEDED", "SKIPPED", "SKIPPED", "SUBMITTED"]
+
+
+def test_missed_ticks_are_not_caught_up(tmp_path):
+    clock, sub, sched = make(tmp_path, duration=1)
+    real_sleep = clock.sleep
+    clock.sleep = lambda s: real_sleep(s + 3600)  # the machine slept through an hour of ticks
+    sched.sleep = clock.sleep
+    sched.run(max_ticks=2)
+    ticks = [t for _, _, t in sub.submitted]
+    assert len(ticks) == 2 and ticks[1] - ticks[0] >= timedelta(hours=1)
+
+
+def test_once_ticks_now(tmp_path):
+    clock, sub, sched = make(tmp_path, start="2026-11-21 00:03:30", duration=2)
+    record = sched.tick()
+    assert record["status"] == "SUBMITTED" and record["tick"].startswith("2026-11-21T00:03:30")
+    assert sched.tick()["status"] == "SKIPPED"
+    assert sched.wait(record["job_id"])["status"] == "SUCCEEDED"
+
+
+# ---------------------------------------------------------------------------- lock
+
+
+def test_two_schedulers_for_one_state_dir_refuse(tmp_path):
+    with StateLock(tmp_path):
+        with pytest.raises(SchedulerBusy, match=r"already runs .* \(pid \d+ on "):
+            StateLock(tmp_path).acquire()
+    with StateLock(tmp_path):  # released: free again
+        pass
+
+
+def test_a_dead_scheduler_does_not_hold_the_lock(tmp_path):
+    code = ("import sys, time; sys.path.insert(0, 'services'); from opsft.realign.schedule import StateLock; "
+            f"StateLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(SchedulerBusy, match=f"pid {proc.pid}"):
+            StateLock(tmp_path).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    StateLock(tmp_path).acquire().release()
+
+
+# ---------------------------------------------------------------------------- submitters
+
+
+def _wait_done(sub, job_id, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while sub.status(job_id) == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sub.status(job_id)
+
+
+def test_local_submitter_runs_detached_and_reports_exit_codes(tmp_path):
+    sub = LocalSubmitter(tmp_path / "jobs", working_dir=str(tmp_path))
+    sub.submit("echo hello; mkdir made", "ok-1")
+    sub.submit("echo oops >&2; exit 3", "bad-1")
+    assert _wait_done(sub, "ok-1") == "SUCCEEDED" and (tmp_path / "made").is_dir()
+    assert _wait_done(sub, "bad-1") == "FAILED"
+    assert sub.details("bad-1")["exit_code"] == 3
+    assert (tmp_path / "jobs" / "ok-1.log").read_text() == "hello\n"
+    assert (tmp_path / "jobs" / "bad-1.log").read_text() == "oops\n"
+
+
+def test_local_job_survives_a_scheduler_restart_and_a_killed_job_is_lost(tmp_path):
+    first = LocalSubmitter(tmp_path / "jobs")
+    first.submit("sleep 30", "long-1")
+    later = LocalSubmitter(tmp_path / "jobs")  # a new scheduler process: knows the job only from its files
+    assert later.status("long-1") == "RUNNING"
+    first.procs["long-1"].kill()
+    first.procs["long-1"].wait()
+    assert later.status("long-1") == "LOST"
+    assert later.status("never-submitted") == "LOST"
+
+
+class FakeJobClient:
+    def __init__(self):
+        self.calls = []
+
+    def submit_job(self, **kwargs):
+        self.calls.append(kwargs)
+        return kwargs["submission_id"]
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        if job_id == "gone":
+            raise RuntimeError("Request failed with status code 404: Job gone does not exist.")
+        return JobStatus.RUNNING
+
+
+def test_ray_submitter_builds_the_job_request():
+    client = FakeJobClient()
+    sub = RayJobSubmitter("head:8265", working_dir=".", pip=["x==1"], client=client,
+                          environ={"HF_HUB_OFFLINE": "1", "SECRET": "no"})
+    assert sub.address == "http://head:8265"
+    assert sub.submit("python -m opsft.cli realign --config r.yaml", "opsft-realign-1") == "opsft-realign-1"
+    call = client.calls[0]
+    assert call["entrypoint"] == "python -m opsft.cli realign --config r.yaml"
+    assert call["submission_id"] == "opsft-realign-1"
+    env = call["runtime_env"]
+    assert env["working_dir"] == "." and ".venv" in env["excludes"] and env["pip"] == ["x==1"]
+    assert env["env_vars"] == {"HF_HUB_OFFLINE": "1", "PYTHONPATH": "services"}
+    assert sub.status("opsft-realign-1") == "RUNNING" and sub.status("gone") == "LOST"
+    bare = RayJobSubmitter("http://h:8265", working_dir=None, client=FakeJobClient(), environ={})
+    bare.submit("opsft realign --config /data/r.yaml", "j")
+    assert bare.client.calls[0]["runtime_env"] == {"env_vars": {}}  # nothing uploaded: the image has opsft
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _realign_yaml(tmp_path, output_dir=True) -> Path:
+    cfg = tmp_path / ("realign.yaml" if output_dir else "no_output.yaml")
+    cfg.write_text(f"output_dir: {tmp_path / 'out'}\n" if output_dir else "input: c.jsonl\n")
+    return cfg
+
+
+def test_cli_resolves_modes_and_state_dir(tmp_path):
+    from opsft.cli import build_parser
+    from opsft.cli.schedule import build_scheduler, resolve
+
+    cfg = _realign_yaml(tmp_path)
+    args = build_parser().parse_args(["schedule", "--config", str(cfg)])
+    _, state, outputs, address, entry = resolve(args, environ={})
+    assert (state, outputs, address) == (str(tmp_path / "out" / ".schedule"), str(tmp_path / "out"), None)
+    assert entry == f"{sys.executable} -m opsft.cli realign --config {cfg}"
+    sched = build_scheduler(args, environ={"RAY_ADDRESS": "http://head:8265"})
+    assert isinstance(sched.submitter, RayJobSubmitter) and sched.submitter.address == "http://head:8265"
+    assert sched.entrypoint == f"python -m opsft.cli realign --config {cfg}"
+    assert sched.cron.text == "0 3 * * *"
+    with pytest.raises(ValueError, match="no local output_dir: give --state-dir"):
+        resolve(build_parser().parse_args(["schedule", "--config", str(_realign_yaml(tmp_path, False))]), {})
+    with pytest.raises(ValueError, match="unknown time zone"):
+        build_scheduler(build_parser().parse_args(["schedule", "--config", str(cfg), "--timezone", "Mars/Olympus"]))
+
+
+def test_cli_once_runs_the_tick_and_history_shows_it(tmp_path, capsys):
+    from opsft.cli import main
+
+    cfg = _realign_yaml(tmp_path)
+    out = tmp_path / "out"
+    flags = ["schedule", "--config", str(cfg), "--poll-s", "0.05"]
+    assert main([*flags, "--once", "--entrypoint", f"mkdir -p {out}/cycle-1"]) == 0
+    assert main([*flags, "--once", "--entrypoint", "exit 4"]) == 1
+    capsys.readouterr()
+    assert main([*flags, "--history"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert "SUCCEEDED" in lines[0] and str(out / "cycle-1") in lines[0]
+    assert "FAILED" in lines[1]
+    with StateLock(out / ".schedule"):
+        assert main([*flags, "--once", "--entrypoint", "true"]) == 3  # another scheduler holds it
