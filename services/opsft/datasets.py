@@ -1,0 +1,77 @@
+"""Deterministic corpora generated locally from reasoning-gym (no hub): the off-policy data the
+recipe rewrites, and held-out questions for evaluation.
+
+    rows = gsm_symbolic_corpus(200, seed=0)             # {id, prompt, response, answer, task}
+    train, held_out = train_eval_split(200, 100, seed=0)  # disjoint questions
+    rows = task_corpus("basic_arithmetic", 50, seed=0)   # any reasoning-gym task (response = answer)
+
+reasoning-gym builds item i from Random(seed + i) and picks its template from a prefix-stable
+list, so item i is the same whatever the dataset size: `offset` selects items offset..offset+n-1.
+For gsm_symbolic the response is the template-written worked solution `metadata["answer_cot"]`,
+which ends with "#### <answer>" (a final answer opsft.verify extracts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def _rows_from(task: str, n: int, seed: int, offset: int, response_of) -> list[dict]:
+    import reasoning_gym
+
+    if n < 0 or offset < 0:
+        raise ValueError("n and offset must be >= 0")
+    if n == 0:
+        return []
+    ds = reasoning_gym.create_dataset(task, size=offset + n, seed=seed)
+    rows = []
+    for idx in range(offset, offset + n):
+        entry = ds[idx]
+        rows.append({
+            "id": f"{task}-s{seed}-{idx}",
+            "prompt": entry["question"],
+            "response": response_of(entry),
+            "answer": str(entry["answer"]),
+            "task": task,
+        })
+    return rows
+
+
+def _answer_cot(entry: dict) -> str:
+    cot = entry["metadata"]["answer_cot"].rstrip()
+    if "####" not in cot:  # every template seen ends with "#### <answer>"; make sure of it
+        cot += f"\n#### {entry['answer']}"
+    return cot
+
+
+def gsm_symbolic_corpus(n: int, seed: int = 0, offset: int = 0) -> list[dict]:
+    """n grade-school math rows: question, template-written solution (off-policy), answer."""
+    return _rows_from("gsm_symbolic", n, seed, offset, _answer_cot)
+
+
+def task_corpus(task: str, n: int, seed: int = 0, offset: int = 0) -> list[dict]:
+    """n rows of any reasoning-gym task; the response is the bare answer (no worked solution)."""
+    return _rows_from(task, n, seed, offset, lambda entry: str(entry["answer"]))
+
+
+def question_key(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).lower().encode()).hexdigest()
+
+
+def train_eval_split(n_train: int, n_eval: int, seed: int = 0, task: str = "gsm_symbolic") -> tuple[list, list]:
+    """Training rows (items 0..n_train-1) and held-out rows (items after them) whose questions
+    never occur in the training rows (templates can repeat a question by chance; such items are
+    skipped and replaced by later ones, deterministically)."""
+    make = gsm_symbolic_corpus if task == "gsm_symbolic" else (lambda n, s, o: task_corpus(task, n, s, o))
+    train = make(n_train, seed, 0)
+    seen = {question_key(r["prompt"]) for r in train}
+    held_out, offset = [], n_train
+    while len(held_out) < n_eval:
+        batch = make(max(n_eval - len(held_out), 8), seed, offset)
+        offset += len(batch)
+        for row in batch:
+            key = question_key(row["prompt"])
+            if key not in seen and len(held_out) < n_eval:
+                seen.add(key)
+                held_out.append(row)
+    return train, held_out

@@ -1,0 +1,308 @@
+"""Hinted Decoding (method.md section 3): the batched, key/value-cached decoder.
+
+Two streams of ONE model: the hinted stream p (system prompt + question + reference
+answer + the model's own analysis prefix) and the student stream q (the question alone).
+Per step, for each item still decoding:
+
+    first token:  sampled from p alone
+    then:         H_norm = H(p) / log V;  lambda = f(H_norm)   (linear, sigmoid, piecewise)
+                  mixed  = (1 - lambda) * log p + lambda * log q
+                  token  ~ top-p(mixed at temperature 1), then temperature   (greedy at T = 0)
+    after the generated text contains the splitter: token ~ the same sampler on log q alone
+
+Stop reasons: `eos`, `max_length` (max_new_tokens or the model's position limit),
+`repeating` (every `repeat_every` tokens: some `repeat_window`-token window seen at least
+`repeat_times` times). The official code runs one item at a time with no cache; here every
+stream keeps a DynamicCache over a left-padded batch (attention mask + explicit position ids),
+items leave the batch as they finish (their cache rows are index-selected away), and an item
+that switched to the student stream leaves the hinted batch.
+
+Pure torch over token ids: the caller tokenizes (see `build_hint_prompt`, `hinted_prompt_ids`
+and opsft.recipe). The only text the decoder sees is through `decode_token(id) -> str`, used
+to spot the splitter exactly as the official code does (concatenated per-token decodes).
+
+    results = hinted_decode(model, [HDItem(hinted_ids, student_ids)], HDParams(beta=3.0), eos_ids={2},
+                            decode_token=TokenText(tokenizer))
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
+FINISH_REASONS = ("eos", "max_length", "repeating", "no_hint")
+
+# The hint prompt: the official HintedDecoding/Run_HD_example.py system prompt, as the text its
+# Python literal evaluates to (there "\\boxed" is the text "\boxed" and "\frac" holds a form feed).
+HINT_SYSTEM_PROMPT = (Path(__file__).parent / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
+HINT_USER_TEMPLATE = "\n# Question:\n{question}\n\n# Answer:\n{answer}\n\n# CoT:\n"
+COT_MARKER = "# CoT"
+
+
+@dataclass(frozen=True)
+class HDParams:
+    beta: float = 3.0
+    lambda_mode: str = "linear"
+    sigmoid_center: float = 0.5
+    piecewise_bounds: tuple[float, float] = (0.3, 0.7)
+    temperature: float = 0.3  # 0 = greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    seed: int = 0
+    splitter: str | None = "\\boxed{"
+    repeat_window: int = 30
+    repeat_times: int = 5
+    repeat_every: int = 100
+
+    def __post_init__(self):
+        if self.lambda_mode not in LAMBDA_MODES:
+            raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {self.lambda_mode!r}")
+        if self.beta < 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError("need beta >= 0, temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+        lo, hi = self.piecewise_bounds
+        if not lo < hi:
+            raise ValueError(f"piecewise_bounds must be (h1, h2) with h1 < h2, got {self.piecewise_bounds}")
+
+
+@dataclass(frozen=True)
+class HDItem:
+    hinted_prompt: list[int]   # chat(system + question + reference) + generation prompt + analysis prefix
+    student_prompt: list[int]  # chat(question) + generation prompt
+
+
+@dataclass
+class HDResult:
+    tokens: list[int]
+    finish_reason: str
+    switched_at: int | None = None  # index of the first token decoded from the student stream alone
+
+
+# ------------------------------------------------------------------------------ per-step math
+
+
+def lambda_weight(h_norm: torch.Tensor, params: HDParams) -> torch.Tensor:
+    """The student's weight from the hinted stream's normalised entropy (official modes)."""
+    if params.lambda_mode == "linear":
+        return torch.clamp(params.beta * h_norm, 0.0, 1.0)
+    if params.lambda_mode == "sigmoid":
+        return torch.sigmoid(params.beta * (h_norm - params.sigmoid_center))
+    lo, hi = params.piecewise_bounds
+    return torch.clamp((h_norm - lo) / (hi - lo), 0.0, 1.0)
+
+
+def mixed_logprobs(logits_p: torch.Tensor, logits_q: torch.Tensor, params: HDParams) -> torch.Tensor:
+    """(1 - lambda) log p + lambda log q per row (unnormalised: the sampler normalises)."""
+    log_p = F.log_softmax(logits_p.float(), dim=-1)
+    log_q = F.log_softmax(logits_q.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    lam = lambda_weight(entropy / math.log(logits_p.shape[-1]), params).unsqueeze(-1)
+    return (1.0 - lam) * log_p + lam * log_q
+
+
+def top_p_then_temperature(scores: torch.Tensor, top_p: float, temperature: float) -> torch.Tensor:
+    """Probabilities of the official NucleusProcessor: the nucleus is chosen on softmax(scores)
+    (temperature 1; the most likely token always kept), then softmax(kept / temperature)."""
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_scores, dim=-1), dim=-1)
+    drop = torch.zeros_like(cumulative, dtype=torch.bool)
+    drop[..., 1:] = cumulative[..., :-1] > top_p
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+    probs_sorted = F.softmax(sorted_scores / temperature, dim=-1)
+    return torch.zeros_like(probs_sorted).scatter(-1, order, probs_sorted)
+
+
+def pick_tokens(scores: torch.Tensor, params: HDParams, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of scores [B, V]: argmax at temperature 0, else top-p + temperature
+    sampling with each row's own generator (so an item's draw never depends on its batch)."""
+    if params.temperature == 0:
+        return scores.argmax(-1).tolist()
+    probs = top_p_then_temperature(scores.float(), params.top_p, params.temperature)
+    return [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(probs.shape[0])]
+
+
+def is_repeating(tokens: Sequence[int], window: int, times: int) -> bool:
+    """True when some `window`-token window occurs at least `times` times in tokens."""
+    counts = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
+    return bool(counts) and max(counts.values()) >= times
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+class TokenText:
+    """decode_token for the splitter check: the text of one token id, memoised (edge helper)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self.cache:
+            self.cache[token] = self.tokenizer.decode([token])
+        return self.cache[token]
+
+
+# ------------------------------------------------------------------------------ batched streams
+
+
+class Stream:
+    """One left-padded batch of sequences with its DynamicCache; rows carry item indices."""
+
+    def __init__(self, model, prompts: list[list[int]], items: list[int], pad_id: int, prefill_rows: int):
+        self.model, self.items = model, list(items)
+        device = model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        self.attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.attn[r, width - len(p):] = 1
+        self.attn = self.attn.to(device)
+        self.next_pos = self.attn.sum(-1)
+        positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
+        # Prefill in row chunks (bounded activation memory), then join the caches along the batch.
+        chunks, logits = [], []
+        for s in range(0, len(prompts), prefill_rows):
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=ids[s:s + prefill_rows].to(device), attention_mask=self.attn[s:s + prefill_rows],
+                        position_ids=positions[s:s + prefill_rows], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            chunks.append(out.past_key_values)
+            logits.append(out.logits[:, -1].float())
+        self.cache = chunks[0] if len(chunks) == 1 else _concat_caches(chunks, model.config)
+        self.last_logits = torch.cat(logits)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Append one token per row; the next-token logits [rows, V]."""
+        device = self.attn.device
+        self.attn = torch.cat([self.attn, torch.ones((len(tokens), 1), dtype=torch.long, device=device)], dim=1)
+        out = self.model(input_ids=torch.tensor(tokens, dtype=torch.long, device=device)[:, None],
+                         attention_mask=self.attn, position_ids=self.next_pos[:, None], past_key_values=self.cache,
+                         use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + 1
+        self.last_logits = out.logits[:, -1].float()
+        return self.last_logits
+
+    def keep(self, items: set[int]) -> None:
+        """Drop every row whose item is not in `items`, and left padding no row needs any more."""
+        rows = [r for r, i in enumerate(self.items) if i in items]
+        if len(rows) == len(self.items):
+            return
+        self.items = [self.items[r] for r in rows]
+        if not rows:
+            return
+        index = torch.tensor(rows, device=self.attn.device)
+        self.cache.batch_select_indices(index)
+        self.attn, self.next_pos, self.last_logits = self.attn[index], self.next_pos[index], self.last_logits[index]
+        first_used = int((self.attn.sum(0) > 0).nonzero()[0])
+        if first_used > 0:
+            self.attn = self.attn[:, first_used:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first_used:, :], layer.values[..., first_used:, :]
+
+
+def _concat_caches(caches: list[DynamicCache], config) -> DynamicCache:
+    merged = DynamicCache(config=config)
+    for layer_idx in range(len(caches[0].layers)):
+        keys = torch.cat([c.layers[layer_idx].keys for c in caches])
+        values = torch.cat([c.layers[layer_idx].values for c in caches])
+        merged.update(keys, values, layer_idx)
+    return merged
+
+
+@torch.inference_mode()
+def hinted_decode(model, items: list[HDItem], params: HDParams, eos_ids: set[int] | Sequence[int],
+                  decode_token: Callable[[int], str] | None = None, pad_id: int = 0, prefill_rows: int = 4,
+                  max_positions: int | None = None, on_token: Callable[[int], None] | None = None) -> list[HDResult]:
+    """Hinted decoding of all items in one shrinking batch; results in input order.
+
+    decode_token maps one id to its text (needed only when params.splitter is set);
+    max_positions bounds prompt + generated tokens (default: the model's position limit);
+    on_token(n) is called with the number of tokens produced at each step (progress)."""
+    if params.splitter and decode_token is None:
+        raise ValueError("a splitter needs decode_token (id -> text) to find it in the generated text")
+    limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 10**9
+    for k, item in enumerate(items):
+        longest = max(len(item.hinted_prompt), len(item.student_prompt))
+        if not item.hinted_prompt or not item.student_prompt:
+            raise ValueError(f"item {k}: empty prompt")
+        if longest >= limit:
+            raise ValueError(f"item {k}: prompt of {longest} tokens leaves no room (model limit {limit})")
+    if not items:
+        return []
+    eos = set(eos_ids)
+    splitter = params.splitter or ""
+    results = [HDResult(tokens=[], finish_reason="") for _ in items]
+    tails = [""] * len(items)
+    generators = [item_generator(params.seed, k) if params.temperature > 0 else None for k in range(len(items))]
+    room = [min(params.max_new_tokens, limit - max(len(it.hinted_prompt), len(it.student_prompt))) for it in items]
+
+    everyone = list(range(len(items)))
+    hinted = Stream(model, [it.hinted_prompt for it in items], everyone, pad_id, prefill_rows)
+    student = Stream(model, [it.student_prompt for it in items], everyone, pad_id, prefill_rows)
+    # First token from the hinted stream alone.
+    scores = F.log_softmax(hinted.last_logits, dim=-1)
+    rows = everyone
+    while True:
+        picked = pick_tokens(scores, params, [generators[i] for i in rows])
+        active = set()
+        for i, token in zip(rows, picked, strict=True):
+            res = results[i]
+            res.tokens.append(token)
+            n = len(res.tokens)
+            if splitter and res.switched_at is None:
+                tails[i] = tails[i] + decode_token(token)
+                found = splitter in tails[i]
+                tails[i] = tails[i][-(len(splitter) - 1):] if len(splitter) > 1 else ""
+            else:
+                found = False
+            if token in eos:
+                res.finish_reason = "eos"
+            elif n >= room[i]:
+                res.finish_reason = "max_length"
+            elif n % params.repeat_every == 0 and is_repeating(res.tokens, params.repeat_window, params.repeat_times):
+                res.finish_reason = "repeating"
+            else:
+                active.add(i)
+                if found:
+                    res.switched_at = n  # the next token comes from the student stream alone
+        if on_token:
+            on_token(len(rows))
+        if not active:
+            return results
+        mixing = {i for i in active if results[i].switched_at is None}
+        hinted.keep(mixing)
+        student.keep(active)
+        if hinted.items:
+            logits_p = hinted.step([results[i].tokens[-1] for i in hinted.items])
+        logits_q = student.step([results[i].tokens[-1] for i in student.items])
+        scores = F.log_softmax(logits_q, dim=-1)  # student-only rows
+        if hinted.items:
+            where = {i: r for r, i in enumerate(student.items)}
+            mix_rows = torch.tensor([where[i] for i in hinted.items], device=scores.device)
+            scores[mix_rows] = mixed_logprobs(logits_p, logits_q[mix_rows], params)
+        rows = student.items
+
+
+# ------------------------------------------------------------------------------ prompts (edge helpers)
+
+
+def hint_messages(question: str, reference: str) -> list[dict]:
+    """The chat that asks the model for "# Analyze ... # CoT" given the question and the reference."""
+    return [{"role": "system", "content": HINT_SYSTEM_PROMPT},
+            {"role": "user", "content": HINT_USER_TEMPLATE.format(question=question, answer=reference)}]
+
+
+def analysis_prefix(hint_output: str) -> str | None:
+    """The hint output cut right after its last "# CoT" marker; None when there is none."""
+    cut = hint_output.rfind(COT_MARKER)
+    return None if cut < 0 else hint_output[:cut + len(COT_MARKER)]

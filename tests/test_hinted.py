@@ -1,0 +1,254 @@
+"""Hinted decoding: the batched, cached decoder against a plain reference loop written as the
+official code describes it (one item, no cache, the whole sequence through the model each step).
+
+    .venv/bin/python -m pytest -q tests/test_hinted.py
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opsft.hinted import (
+    HDItem,
+    HDParams,
+    TokenText,
+    analysis_prefix,
+    hinted_decode,
+    is_repeating,
+    item_generator,
+    lambda_weight,
+    top_p_then_temperature,
+)
+
+# ------------------------------------------------------------------ the reference (official style)
+
+
+def ref_nucleus_probs(logits, temperature, top_p):
+    """The official NucleusProcessor, literally: top-p on softmax(logits), -1e20, softmax(x / T)."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative_probs > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    sorted_logits[remove] = -1e20
+    logits = torch.gather(sorted_logits, -1, sorted_indices.argsort(-1))
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def ref_lambda(h_norm, params):
+    if params.lambda_mode == "linear":
+        return torch.clamp(params.beta * h_norm, 0.0, 1.0)
+    if params.lambda_mode == "sigmoid":
+        return torch.sigmoid(params.beta * (h_norm - params.sigmoid_center))
+    h1, h2 = params.piecewise_bounds
+    val = torch.clamp((h_norm - h1) / (h2 - h1), 0.0, 1.0)
+    return torch.where(h_norm <= h1, torch.zeros_like(h_norm), torch.where(h_norm >= h2, torch.ones_like(h_norm), val))
+
+
+def ref_repeated(tokens, k, m):
+    counts = defaultdict(int)
+    for i in range(len(tokens) - k + 1):
+        counts[tuple(tokens[i:i + k])] += 1
+        if counts[tuple(tokens[i:i + k])] >= m:
+            return True
+    return False
+
+
+@torch.no_grad()
+def reference_hinted(model, hinted, student, params, eos, decode_token, generator=None):
+    """One item, no key/value cache: the official hinted_generate loop."""
+    target, drafter = list(hinted), list(student)
+    log_vocab = math.log(model.config.vocab_size)
+
+    def last_logits(ids):  # the whole sequence every step; only the last position's head output is needed
+        return model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+
+    def pick(scores):
+        if params.temperature == 0:
+            return int(torch.argmax(scores))
+        return int(torch.multinomial(ref_nucleus_probs(scores, params.temperature, params.top_p), 1,
+                                     generator=generator))
+
+    out, text, student_only, switched_at = [], "", False, None
+    tok = pick(last_logits(target))
+    out.append(tok)
+    target.append(tok)
+    drafter.append(tok)
+    text += decode_token(tok)
+    if tok in eos:
+        return out, "eos", switched_at
+    printed = 0
+    while len(out) < params.max_new_tokens:
+        if len(out) // params.repeat_every > printed:
+            printed = len(out) // params.repeat_every
+            if ref_repeated(out, params.repeat_window, params.repeat_times):
+                return out, "repeating", switched_at
+        if not student_only and params.splitter and params.splitter in text:
+            student_only, switched_at = True, len(out)
+        if student_only:
+            tok = pick(F.log_softmax(last_logits(drafter), dim=-1))
+        else:
+            log_p = F.log_softmax(last_logits(target), dim=-1)
+            log_q = F.log_softmax(last_logits(drafter), dim=-1)
+            p = torch.exp(log_p)
+            h = -(p * torch.log(p + 1e-20)).sum(-1)
+            lam = ref_lambda(h / log_vocab, params)
+            tok = pick((1.0 - lam) * log_p + lam * log_q)
+        out.append(tok)
+        target.append(tok)
+        drafter.append(tok)
+        text += decode_token(tok)
+        if tok in eos:
+            return out, "eos", switched_at
+    return out, "max_length", switched_at
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer):
+    """A 2-layer random Llama whose greedy outputs vary with the context (the shared tiny_model, with
+    default init, answers "\n" to everything, which would leave the mixture untested)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model steps are too small for two threads (and a busy machine makes spinning threads crawl)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chat_items(tokenizer, questions, hint):
+    items = []
+    for k, q in enumerate(questions):
+        student = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        hinted = tokenizer.apply_chat_template(
+            [{"role": "system", "content": hint * (k + 1)}, {"role": "user", "content": q}],
+            add_generation_prompt=True)
+        student = list(student["input_ids"] if hasattr(student, "keys") else student)
+        hinted = list(hinted["input_ids"] if hasattr(hinted, "keys") else hinted)
+        items.append(HDItem(hinted_prompt=hinted, student_prompt=student))
+    return items
+
+
+QUESTIONS = ["What is 12 + 30?", "Name a colour.",
+             "Tom has 3 apples and buys 4 more. How many apples does he have now?"]
+
+
+def check_equal(model, tokenizer, items, params, eos):
+    text = TokenText(tokenizer)
+    got = hinted_decode(model, items, params, eos, decode_token=text, pad_id=tokenizer.pad_token_id or 0)
+    reasons = []
+    for k, item in enumerate(items):
+        tokens, reason, switched = reference_hinted(model, item.hinted_prompt, item.student_prompt, params, eos, text)
+        assert got[k].tokens == tokens, f"item {k}: batched {got[k].tokens} != reference {tokens}"
+        assert got[k].finish_reason == reason
+        assert got[k].switched_at == switched
+        reasons.append((reason, switched))
+    return got, reasons
+
+
+# ------------------------------------------------------------------ tests: small pieces
+
+
+def test_lambda_modes_match_official_formulas():
+    h = torch.linspace(0, 1, 101)
+    for params in (HDParams(beta=3.0), HDParams(beta=7.0, lambda_mode="sigmoid", sigmoid_center=0.4),
+                   HDParams(lambda_mode="piecewise", piecewise_bounds=(0.2, 0.6))):
+        torch.testing.assert_close(lambda_weight(h, params), ref_lambda(h, params))
+    assert lambda_weight(torch.tensor([0.1]), HDParams(beta=3.0)).item() == pytest.approx(0.3)
+
+
+def test_nucleus_matches_official_processor():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 300) * 3
+    for top_p, temperature in ((0.95, 0.3), (0.5, 1.0), (1.0, 0.7)):
+        torch.testing.assert_close(top_p_then_temperature(scores, top_p, temperature),
+                                   ref_nucleus_probs(scores.clone(), temperature, top_p))
+    # brute force on one row: kept = smallest prefix of the sorted tokens whose mass reaches top_p
+    p = F.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0]), -1)  # 0.57, 0.21, 0.13, 0.08
+    probs = top_p_then_temperature(p.log(), 0.7, 1.0)
+    assert probs[2:].sum() == 0 and probs[:2].sum() == pytest.approx(1.0)
+
+
+def test_repetition_rule():
+    cycle = list(range(7))
+    assert is_repeating(cycle * 10, 30, 5)        # period 7: each window recurs every 7 tokens
+    assert not is_repeating(cycle * 6, 30, 5)     # 42 tokens: a 30-window fits only twice
+    assert not is_repeating(list(range(200)), 30, 5)
+
+
+def test_analysis_prefix():
+    assert analysis_prefix("# Analyze\nx\n# CoT\nsome\n# CoT\nmore") == "# Analyze\nx\n# CoT\nsome\n# CoT"
+    assert analysis_prefix("no marker here") is None
+
+
+# ------------------------------------------------------------------ tests: equivalence
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7, 3.0])
+def test_greedy_equals_reference_tiny(tiny_lm, tokenizer, beta, one_thread):
+    items = chat_items(tokenizer, QUESTIONS, "You know the answer is 42. ")
+    plain = HDParams(beta=beta, temperature=0, max_new_tokens=40, splitter=None)
+    first, _ = check_equal(tiny_lm, tokenizer, items, plain, {tokenizer.eos_token_id})
+    # Now exercise the splitter (text of item 0's 6th token) and eos (item 1's 9th token).
+    splitter = tokenizer.decode([first[0].tokens[5]])
+    eos = {tokenizer.eos_token_id, first[1].tokens[8]}
+    params = HDParams(beta=beta, temperature=0, max_new_tokens=40, splitter=splitter)
+    got, reasons = check_equal(tiny_lm, tokenizer, items, params, eos)
+    assert got[0].switched_at is not None and got[0].switched_at <= 6
+    assert any(r == "eos" for r, _ in reasons) and any(r == "max_length" for r, _ in reasons)
+
+
+def test_repeating_stop_equals_reference_tiny(tiny_lm, tokenizer, one_thread):
+    items = chat_items(tokenizer, QUESTIONS, "Hint. ")
+    params = HDParams(beta=0.7, temperature=0, max_new_tokens=250, splitter=None)
+    _, reasons = check_equal(tiny_lm, tokenizer, items, params, {tokenizer.eos_token_id})
+    assert any(r == "repeating" for r, _ in reasons), reasons
+
+
+def test_sampling_seeded_and_equal_to_reference(tiny_lm, tokenizer, one_thread):
+    items = chat_items(tokenizer, QUESTIONS, "Hint. ")
+    params = HDParams(beta=3.0, temperature=0.8, top_p=0.9, max_new_tokens=20, splitter=None, seed=5)
+    text = TokenText(tokenizer)
+    a = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
+    b = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
+    c = hinted_decode(tiny_lm, items, HDParams(**{**params.__dict__, "seed": 6}), {tokenizer.eos_token_id},
+                      decode_token=text)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+    # Each item's draw is its own: the reference loop with that item's generator gives the same tokens.
+    for k, item in enumerate(items):
+        tokens, _, _ = reference_hinted(tiny_lm, item.hinted_prompt, item.student_prompt, params,
+                                        {tokenizer.eos_token_id}, text, generator=item_generator(5, k))
+        assert a[k].tokens == tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 3.0])
+def test_greedy_equals_reference_real_model(real_engine, beta):
+    model, tokenizer = real_engine.model, real_engine.tokenizer
+    items = chat_items(tokenizer, QUESTIONS, "The teacher says: answer briefly and precisely. ")
+    plain = HDParams(beta=beta, temperature=0, max_new_tokens=14, splitter=None)
+    first, _ = check_equal(model, tokenizer, items, plain, {tokenizer.eos_token_id})
+    splitter = tokenizer.decode([first[2].tokens[3]])
+    eos = {tokenizer.eos_token_id, first[0].tokens[6]}
+    params = HDParams(beta=beta, temperature=0, max_new_tokens=14, splitter=splitter)
+    got, reasons = check_equal(model, tokenizer, items, params, eos)
+    assert got[2].switched_at is not None
+    assert {r for r, _ in reasons} >= {"eos", "max_length"}
