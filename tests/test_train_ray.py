@@ -1,6 +1,7 @@
 """opsft train as a Ray Train job: two CPU workers (gloo, DDP) reproduce the one-process
 run with the same global batch, through a worker crash and Ray's restart from the last
-checkpoint; the result is a HF folder. One TorchTrainer fit (it costs ~1 minute here)."""
+checkpoint, and a short last batch (13 rows, batch 4: worker 1 has no row in step 4); the
+result is a HF folder. One TorchTrainer fit with one restart."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_two_ray_workers_with_a_crash_equal_one_uninterrupted_process(tmp_path, 
     from opsft.train.ray_job import run_ray
 
     model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
-    corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(14) + [{"prompt": "no response"}])
+    corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(15) + [{"prompt": "no response"}])
     common = dict(input=corpus, model=model_dir, loss={"name": "idft"}, max_steps=4, global_batch_size=4, lr=3e-3,
                   warmup_ratio=0.25, eval_rows=2, checkpoint_every=2, seed=3)
     ref = run_local(TrainConfig(**common, micro_batch_size=4, output_dir=str(tmp_path / "one")))

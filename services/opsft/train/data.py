@@ -137,8 +137,9 @@ class BatchPlan:
 def worker_micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int, rank: int,
                          world_size: int) -> list[list[int]]:
     """This worker's micro-batches of a global batch: sorted by length (longest first, ties
-    by index), cut into runs of `micro_batch_size`, dealt round-robin to the workers. May be
-    empty on a short last batch (the caller then runs a no-token micro-batch to stay in step)."""
+    by index), cut into runs of `micro_batch_size`, dealt round-robin to the workers. On a
+    short last batch a worker may get fewer (or none): the loop pads with no-token
+    micro-batches (collate([])) so that every worker runs the same number of passes."""
     ordered = sorted(indices, key=lambda i: (-lengths[i], i))
     chunks = [ordered[s:s + micro_batch_size] for s in range(0, len(ordered), micro_batch_size)]
     return chunks[rank::world_size]

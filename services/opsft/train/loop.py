@@ -133,7 +133,12 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     try:
         for step in range(start, total):
             torch.manual_seed(step_seed(cfg.seed, step, rank))
-            parts = worker_micro_batches(plan.step_indices(step), lengths, cfg.micro_batch_size, rank, W) or [[]]
+            indices = plan.step_indices(step)
+            parts = worker_micro_batches(indices, lengths, cfg.micro_batch_size, rank, W)
+            # every worker runs the same number of forward passes (DDP syncs buffers in each one):
+            # on a short last batch the ones without rows run a no-token micro-batch
+            rounds = -(-len(indices) // (cfg.micro_batch_size * W))
+            parts += [[]] * (rounds - len(parts))
             batches = [collate([train[i] for i in part], pad_id, runtime.device) for part in parts]
             progress = step / total
             metrics = train_step(wrapped, optimizer, scheduler, batches, spec, progress, world_size=W,

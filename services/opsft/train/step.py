@@ -164,11 +164,14 @@ def evaluate(model, examples: list[TrainExample], spec: LossSpec, progress: floa
     (token mean of -log p), eval_cll (row mean of the per-row mean phi over the response
     without its end-of-turn token, the `cll` of opsft score), eval_rows, eval_tokens."""
     autocast = autocast or contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # a plain replica: no collective in its forward
     mine = sorted(examples[rank::world_size], key=len, reverse=True)
+    rounds = -(-len(examples) // world_size)  # the same number of forward passes on every worker (FSDP)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, nll sum, tokens, cll sum, cll rows
     was_training = model.training
     model.eval()
-    for s in range(0, len(mine), micro_batch_size):
+    for s in range(0, max(rounds, 1), micro_batch_size):
         group = mine[s:s + micro_batch_size]
         batch = collate(group, pad_id, device)
         logits, first = response_logits(model, batch, autocast)
