@@ -30,7 +30,7 @@ from opsft.config import EngineConfig, ServeConfig
 from opsft.serve.core import Job, check_job, score_jobs
 from opsft.serve.http import Limits, build_http_app
 
-log = logging.getLogger("opsft.serve")
+log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
 
 
 def utc_now() -> str:

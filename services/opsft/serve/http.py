@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from opsft.serve.core import Job
 from opsft.serve.schemas import ErrorResponse, ModelsResponse, ReloadRequest, ScoreRequest, ScoreResponse
 
-log = logging.getLogger("opsft.serve")
+log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
 

@@ -1,0 +1,226 @@
+"""The scoring API end to end: Ray Serve on 127.0.0.1, real HTTP (httpx), the real model.
+
+Two applications on one Serve instance: `/open` (the real model, no auth) and `/auth`
+(a tiny random checkpoint, API key from a file). Checked: answers equal `opsft score` for
+the same items (1e-4: concurrent requests share batched forward passes, whose float noise
+differs from single-row scoring), 32 concurrent clients, every malformed input -> its 4xx,
+auth on and off, a bounded schemathesis fuzz (no 5xx), and a reload while requests are in
+flight (none fails; later answers come from the new checkpoint).
+
+    .venv/bin/python -m pytest -q tests/test_serve_http.py
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from opsft.config import ServeConfig
+from opsft.scoring import SCORE_FIELDS
+
+pytestmark = pytest.mark.slow
+
+TOPICS = ["the moon", "rivers", "prime numbers", "bread", "owls", "glaciers", "chess", "tea"]
+ITEMS = [{"prompt": f"Write one sentence about {t}.", "response": f"Here is a fact about {t}: it is {k} times "
+          f"more interesting than it looks."} for k, t in enumerate(TOPICS * 4)]  # 32 distinct items
+ITEMS[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
+                         {"role": "user", "content": "What is the capital of France?"}],
+            "response": "The capital of France is Paris."}
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir):
+    """What `opsft score --tokens` writes for ITEMS (the real CLI, in-process)."""
+    from opsft.cli import main
+
+    d = tmp_path_factory.mktemp("ref")
+    (d / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    assert main(["score", "--input", str(d / "in.jsonl"), "--output", str(d / "out.jsonl"), "--model", model_dir,
+                 "--tokens"]) == 0
+    return [json.loads(line) for line in (d / "out.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base(ray_local, model_dir, tiny_dir, tmp_path_factory):
+    from opsft.serve.app import build_app
+    from ray import serve
+
+    key_file = tmp_path_factory.mktemp("key") / "api_key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    open_cfg = ServeConfig(engine={"model": model_dir}, num_cpus=1, torch_threads=2, max_items=40,
+                           max_body_bytes=64 * 1024)
+    auth_cfg = ServeConfig(engine={"model": tiny_dir}, num_cpus=0.5, torch_threads=1, max_items=8,
+                           api_key_file=str(key_file))
+    serve.run(build_app(open_cfg), name="open", route_prefix="/open")
+    serve.run(build_app(auth_cfg), name="auth", route_prefix="/auth")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def assert_same_scores(got: dict, want: dict, tol: float) -> None:
+    for name in SCORE_FIELDS:
+        assert got[name] == pytest.approx(want[name], abs=tol), name
+
+
+def test_answers_equal_opsft_score(base, reference, model_dir):
+    with httpx.Client(base_url=base + "/open", timeout=120) as client:
+        r = client.post("/v1/score", json={"items": ITEMS[:6], "return_tokens": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == model_dir
+        for got, want in zip(body["results"], reference[:6], strict=True):
+            assert got["id"] == want["id"]
+            assert_same_scores(got, want, 1e-4)
+            assert [t["phi"] for t in got["tokens"]] == pytest.approx(want["token_phi"], abs=1e-4)
+            assert len(got["tokens"]) == got["n_tokens"]
+        assert "".join(t["token"] for t in body["results"][1]["tokens"]) == ITEMS[1]["response"]
+        # include_eos scores one more token: the end of turn
+        eos = client.post("/v1/score", json={"items": ITEMS[:1], "include_eos": True, "return_tokens": True}).json()
+        assert eos["results"][0]["n_tokens"] == reference[0]["n_tokens"] + 1
+        assert eos["results"][0]["tokens"][-1]["token"] == "<|im_end|>"
+
+
+def test_32_concurrent_clients_all_get_their_own_correct_answer(base, reference):
+    def one(k: int) -> dict:
+        with httpx.Client(base_url=base + "/open", timeout=300) as client:
+            r = client.post("/v1/score", json={"items": [ITEMS[k]]})
+            assert r.status_code == 200, r.text
+            return r.json()["results"][0]
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(32)))
+    for got, want in zip(answers, reference, strict=True):
+        assert got["id"] == want["id"]
+        assert_same_scores(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 400, "malformed JSON"),
+    (b'{"items": []}', 422, "at least 1 item"),
+    (b'{"items": [{"prompt": ["x"], "response": "y"}]}', 422, "items.0.prompt"),
+    (b'{"items": [{"prompt": "a", "messages": [{"role": "user", "content": "b"}], "response": "c"}]}', 422,
+     "exactly one of 'prompt' or 'messages'"),
+    (json.dumps({"items": ITEMS + ITEMS[:9]}).encode(), 413, "too many items: 41 > 40"),
+    (json.dumps({"items": [{"prompt": "a", "response": "lorem ipsum " * 6000}]}).encode(), 413, "limit is 65536"),
+])
+def test_malformed_input_gets_its_4xx(base, body, status, says):
+    r = httpx.post(base + "/open/v1/score", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+def test_response_too_long_for_the_model_is_422(base):
+    # the tiny checkpoint takes 512 positions; the body stays under the size limit
+    r = httpx.post(base + "/auth/v1/score", json={"items": [{"prompt": "a", "response": "go " * 700}]},
+                   headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"].startswith("items[0]: too long for the model")
+
+
+def test_auth_on_and_off(base):
+    item = {"items": [{"prompt": "hi", "response": "hello"}]}
+    assert httpx.get(base + "/open/docs").status_code == 200  # auth off: everything open
+    assert httpx.get(base + "/open/openapi.json").json()["paths"].keys() >= {"/v1/score", "/v1/models/reload"}
+    assert httpx.get(base + "/auth/healthz").status_code == 200
+    for path in ("/docs", "/v1/models"):
+        assert httpx.get(base + "/auth" + path).status_code == 401
+    r = httpx.post(base + "/auth/v1/score", json=item, headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "wrong API key" in r.json()["detail"]
+    r = httpx.post(base + "/auth/v1/score", json=item, headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["results"][0]["n_tokens"] >= 1
+
+
+def test_fuzzed_requests_never_get_a_5xx(base):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    headers = {"authorization": f"Bearer {KEY}"}
+    schema = schemathesis.openapi.from_url(base + "/auth/openapi.json", headers=headers)
+    seen = []
+
+    @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=schema.as_strategy())
+    def fuzz(case):
+        response = case.call(base_url=base + "/auth", headers=headers, timeout=60)
+        seen.append((case.method, case.path, response.status_code))
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+
+    fuzz()
+    assert {path for _, path, _ in seen} >= {"/v1/score", "/v1/models/reload", "/v1/models"}
+
+
+def test_models_route_says_what_is_served(base, model_dir):
+    data = httpx.get(base + "/open/v1/models").json()["data"][0]
+    assert data["model"] == model_dir and data["name"] == "SmolLM2-135M-Instruct"
+    assert data["source"] == "config" and data["replicas"] and data["loaded_at"].endswith("+00:00")
+
+
+def test_reload_while_requests_are_in_flight(base, model_dir, tiny_dir, reference):
+    from opsft.engines.hf import HFEngine
+    from opsft.scoring import score_rows
+
+    tiny_expected = score_rows(ITEMS[:1], HFEngine(tiny_dir, device="cpu"))[0]
+    version0 = httpx.get(base + "/open/v1/models").json()["data"][0]["version"]
+    answers, stop = [], threading.Event()
+
+    def client_loop():
+        with httpx.Client(base_url=base + "/open", timeout=300) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = client.post("/v1/score", json={"items": ITEMS[:1]})
+                answers.append((sent, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    flowing = time.monotonic() + 120
+    while len(answers) < 4 and time.monotonic() < flowing:  # requests are in flight
+        time.sleep(0.1)
+    r = httpx.post(base + "/open/v1/models/reload", json={"model": tiny_dir}, timeout=300)
+    switched = time.monotonic()
+    deadline = switched + 120
+    while sum(sent > switched for sent, _, _ in answers) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert r.status_code == 200, r.text
+    info = r.json()["data"][0]
+    assert info["model"] == tiny_dir and info["version"] == version0 + 1 and info["source"] == "reload"
+    assert all(rep["version"] == version0 + 1 for rep in info["replicas"])
+    assert all(status == 200 for _, status, _ in answers), [a for a in answers if a[1] != 200][:3]
+    old = [a for _, _, a in answers if a["model"] == model_dir]
+    assert old and all(a["results"][0]["cll"] == pytest.approx(reference[0]["cll"], abs=1e-4) for a in old)
+    later = [a for sent, _, a in answers if sent > switched]  # sent after the reload answered
+    assert later and all(a["model"] == tiny_dir and a["model_version"] == version0 + 1 for a in later)
+    assert all(a["results"][0]["cll"] == pytest.approx(tiny_expected["cll"], abs=1e-4) for a in later)
+    # a checkpoint that cannot be loaded: 422, and the served model stays
+    bad = httpx.post(base + "/open/v1/models/reload", json={"model": "/no/such/checkpoint"}, timeout=300)
+    assert bad.status_code == 422 and "cannot load model" in bad.json()["detail"]
+    assert httpx.get(base + "/open/v1/models").json()["data"][0]["model"] == tiny_dir
+    # and back to the real model
+    back = httpx.post(base + "/open/v1/models/reload", json={"model": model_dir}, timeout=300)
+    assert back.status_code == 200 and back.json()["data"][0]["model"] == model_dir
+    again = httpx.post(base + "/open/v1/score", json={"items": ITEMS[:1]}, timeout=60).json()
+    assert again["results"][0]["cll"] == pytest.approx(reference[0]["cll"], abs=1e-4)
