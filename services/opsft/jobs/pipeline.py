@@ -36,7 +36,7 @@ class JobSpec:
 
     input: str
     output: str
-    fn: str  # 'package.module:function' with signature fn(rows, engine, **fn_kwargs) -> rows
+    fn: Any  # 'package.module:function' (or a picklable callable): fn(rows, engine, **fn_kwargs) -> rows
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     fn_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -55,8 +55,10 @@ def parse_table(batch: pa.Table, skip_ids: frozenset = frozenset()) -> pa.Table:
     return _carrier(batch.to_pylist(), skip_ids)
 
 
-def load_function(ref: str):
-    """'package.module:function' -> the function."""
+def load_function(ref):
+    """'package.module:function' -> the function (a callable is returned as it is)."""
+    if callable(ref):
+        return ref
     module, _, name = ref.partition(":")
     if not name:
         raise ValueError(f"row function {ref!r} must look like 'package.module:function'")

@@ -1,0 +1,158 @@
+"""End to end on local Ray with the real model: `opsft score --ray` over JSONL and Parquet,
+rows and columns preserved, error rows, distributed scores equal to the in-process ones,
+a dead engine actor retried, a killed job resumed, and a generation row function (the
+hook `opsft rewrite` uses) through the same actor pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from opsft.config import PoolConfig
+from opsft.engines import GenerationParams
+from opsft.jobs import files
+from opsft.scoring import score_rows
+from ray import cloudpickle
+
+pytestmark = pytest.mark.slow
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the row functions below run in actors
+
+QUESTIONS = ["What is 2+3?", "Name a primary colour.", "What is the capital of France?", "Say hello.",
+             "What is 10 minus 4?", "Is water wet?", "Count to three.", "What colour is the sky?"]
+
+
+def corpus_rows() -> list[dict]:
+    rows = [{"prompt": q, "response": f"Here is my answer to: {q.lower()} It is simple.", "k": i, "meta": {"i": i}}
+            for i, q in enumerate(QUESTIONS)]
+    rows[0]["id"] = "first"
+    rows.insert(3, {"prompt": "", "response": "no prompt"})
+    rows.insert(6, {"messages": [{"role": "user", "content": "Hi"}], "response": ""})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict], bad_line: bool = True) -> None:
+    lines = [json.dumps(r) for r in rows]
+    if bad_line:
+        lines.insert(5, "{this is not json")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def spec(tmp_path, fn="opsft.scoring:score_rows", name="out.parquet", inp="in.jsonl", **pool):
+    from opsft.jobs.pipeline import JobSpec
+
+    return JobSpec(input=str(tmp_path / inp), output=str(tmp_path / name), fn=fn, column_types=files.SCORE_TYPES,
+                   pool=PoolConfig(**{"batch_size": 3, **pool}), name="score")
+
+
+def test_score_job_preserves_rows_and_matches_in_process(ray_local, tmp_path, real_engine):
+    from opsft.jobs.pipeline import run_job
+
+    rows = corpus_rows()
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    summary = run_job(spec(tmp_path))
+    out = {r["id"]: r for r in files.read_output(str(tmp_path / "out.parquet"))}
+    assert summary["rows_in"] == summary["rows_written"] == summary["rows_out_total"] == len(rows) + 1 == len(out)
+    assert summary["error_rows"] == 3 and summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    errors = sorted(r["error"] for r in out.values() if r["error"])
+    assert errors == ["'prompt' is empty", "'response' is empty", "line 6: invalid JSON (Expecting property name "
+                      "enclosed in double quotes)"]
+    reference = score_rows(rows, real_engine)  # the in-process path on the same rows
+    for ref in reference:
+        got = out[ref["id"]]
+        assert got["k"] == ref.get("k") and got.get("meta") == ref.get("meta")  # columns carried through
+        if ref["error"]:
+            assert got["error"] == ref["error"] and got["cll"] is None
+            continue
+        assert got["n_tokens"] == ref["n_tokens"]
+        assert got["cll"] == pytest.approx(ref["cll"], abs=1e-5)
+        assert got["logprob_mean"] == pytest.approx(ref["logprob_mean"], abs=1e-5)
+    # one unified schema across parts (a part may hold only error rows)
+    table = pq.read_table(str(tmp_path / "out.parquet"))
+    assert table.schema.field("cll").type == pa.float64() and table.num_rows == len(rows) + 1
+
+
+def _die_once(rows, engine, marker):
+    if not os.path.exists(marker):
+        Path(marker).write_text("died")
+        os._exit(1)  # the engine's process dies mid-job
+    return score_rows(rows, engine)
+
+
+def test_dead_engine_actor_is_restarted_and_batch_retried(ray_local, tmp_path):
+    from opsft.jobs.pipeline import run_job
+
+    write_jsonl(tmp_path / "small.jsonl", corpus_rows()[:4], bad_line=False)
+    job = spec(tmp_path, fn=_die_once, inp="small.jsonl", max_restarts=2, max_task_retries=2)
+    job.fn_kwargs = {"marker": str(tmp_path / "died")}
+    summary = run_job(job)
+    assert (tmp_path / "died").exists()
+    assert summary["rows_out_total"] == 4 and summary["error_rows"] == 1  # only the empty prompt
+
+
+def _crash_after_first_part(rows, engine, output):
+    deadline = time.monotonic() + 60
+    if files.part_files(output) or os.environ.get("OPSFT_TEST_FIRST_BATCH_DONE"):
+        while not files.part_files(output) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(1)  # killed midway, after something was written
+    os.environ["OPSFT_TEST_FIRST_BATCH_DONE"] = "1"
+    return score_rows(rows, engine)
+
+
+def test_killed_job_resumes_without_duplicates(ray_local, tmp_path):
+    from opsft.jobs.pipeline import run_job
+
+    rows = [{"prompt": r.get("prompt", "?"), "response": r["response"], "k": r.get("k")} for r in corpus_rows()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    out = str(tmp_path / "out.jsonl")
+    crashing = spec(tmp_path, fn=_crash_after_first_part, name="out.jsonl", inp="in.parquet", batch_size=2,
+                    max_restarts=0, max_task_retries=0)
+    crashing.fn_kwargs = {"output": out}
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the actor death in its own error types
+        run_job(crashing)
+    before = files.output_ids(out)
+    assert 0 < len(before) < len(rows)
+    summary = run_job(spec(tmp_path, name="out.jsonl", inp="in.parquet", batch_size=2))
+    after = files.output_ids(out)
+    assert sorted(after) == sorted(set(after)) and len(after) == len(rows)  # every row exactly once
+    assert summary["rows_skipped_already_done"] == len(before)
+    assert summary["rows_written"] == len(rows) - len(before) and summary["rows_in"] == len(rows)
+
+
+def _own_answers(rows, engine, max_new_tokens):
+    """A generation row function (like the rewrite recipe's): the model's own greedy answer."""
+    from opsft.chat import prompt_ids
+    from opsft.corpus import parse_row
+
+    prompts = [prompt_ids(engine.tokenizer, parse_row(r, need_response=False).messages) for r in rows]
+    outs = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))
+    texts = engine.tokenizer.batch_decode(outs, skip_special_tokens=True)
+    return [{**r, "reference": r.get("response"), "response": t.strip()} for r, t in zip(rows, texts, strict=True)]
+
+
+def test_generation_row_function_runs_in_the_pool_and_cli_scores_it(ray_local, tmp_path, real_engine):
+    from opsft.cli import main
+    from opsft.jobs.pipeline import run_job
+
+    rows = [{"id": "fr", "prompt": "What is the capital of France?", "response": "x"},
+            {"id": "bad", "prompt": 7, "response": "x"}]
+    write_jsonl(tmp_path / "in.jsonl", rows, bad_line=False)
+    job = spec(tmp_path, fn=_own_answers, name="own.jsonl")
+    job.fn_kwargs, job.column_types = {"max_new_tokens": 12}, None
+    assert run_job(job)["rows_out_total"] == 2
+    own = {r["id"]: r for r in files.read_output(str(tmp_path / "own.jsonl"))}
+    assert "Paris" in own["fr"]["response"] and own["fr"]["reference"] == "x"
+    assert own["bad"]["error"].startswith("RowError: 'prompt' must be a string")
+    # the own answers, scored through the CLI's Ray path, are on-policy (CLL near 0 or above)
+    own_file = tmp_path / "own_answers.jsonl"
+    write_jsonl(own_file, [own["fr"]], bad_line=False)
+    assert main(["score", "--input", str(own_file), "--output", str(tmp_path / "own_scored.parquet"), "--ray",
+                 "--actors", "1", "--rows-per-batch", "4"]) == 0
+    [scored] = files.read_output(str(tmp_path / "own_scored.parquet"))
+    assert scored["cll"] > -0.1
