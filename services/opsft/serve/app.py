@@ -35,19 +35,20 @@ def scorer_options(cfg: ServeConfig) -> dict:
     return opts
 
 
-def ingress_options(cfg: ServeConfig) -> dict:
-    """The ingress reads the API key from its environment: pass the builder's along, if set."""
+def ingress_options(cfg: ServeConfig, forward_key: bool) -> dict:
+    """The ingress reads the API key from its environment. A local run passes the caller's
+    along; on a cluster the containers carry it (e.g. from a Kubernetes secret)."""
     key = os.environ.get(cfg.api_key_env)
-    if key and not cfg.api_key_file:
+    if forward_key and key and not cfg.api_key_file:
         return {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {cfg.api_key_env: key}}}}
     return {}
 
 
-def build_app(cfg: ServeConfig, engine_factory=None) -> serve.Application:
+def build_app(cfg: ServeConfig, engine_factory=None, forward_key: bool = False) -> serve.Application:
     config = cfg.model_dump()
     registry = ModelRegistry.bind(cfg.engine.model)
     scorer = Scorer.options(**scorer_options(cfg)).bind(config, registry, engine_factory)
-    return ScoreAPI.options(**ingress_options(cfg)).bind(config, scorer, registry)
+    return ScoreAPI.options(**ingress_options(cfg, forward_key)).bind(config, scorer, registry)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -58,6 +59,6 @@ def app_builder(args: dict) -> serve.Application:
 def run_local(cfg: ServeConfig, engine_factory=None, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its base URL."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, engine_factory), name=cfg.app_name, route_prefix=cfg.route_prefix,
+    serve.run(build_app(cfg, engine_factory, forward_key=True), name=cfg.app_name, route_prefix=cfg.route_prefix,
               blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
