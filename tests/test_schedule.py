@@ -359,13 +359,69 @@ def test_cli_once_runs_the_tick_and_history_shows_it(tmp_path, capsys):
     cfg = _realign_yaml(tmp_path)
     out = tmp_path / "out"
     flags = ["schedule", "--config", str(cfg), "--poll-s", "0.05"]
-    assert main([*flags, "--once", "--entrypoint", f"mkdir -p {out}/cycle-1"]) == 0
-    assert main([*flags, "--once", "--entrypoint", "exit 4"]) == 1
+    assert main([*flags, "--once", "--entrypoint", f"mkdir -p {out}/cycles/v0001"]) == 0
+    assert main([*flags, "--once", "--entrypoint", f"mkdir -p {out}/cycles/v0002; exit 4"]) == 1
     capsys.readouterr()
     assert main([*flags, "--history"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert "SUCCEEDED" in lines[0] and str(out / "cycle-1") in lines[0]
-    assert "FAILED" in lines[1]
+    assert "SUCCEEDED" in lines[0] and lines[0].endswith(str(out / "cycles" / "v0001"))  # the new cycle only
+    assert "FAILED" in lines[1] and str(out / "cycles" / "v0002") in lines[1]
     with StateLock(out / ".schedule"):
         assert main([*flags, "--once", "--entrypoint", "true"]) == 3  # another scheduler holds it
+
+
+# ---------------------------------------------------------------------------- a real Ray head (slow)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` with its dashboard (the job API), own temp dir and free ports, so it
+    neither joins nor disturbs another Ray on this machine; stopping the --block process stops it all."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    dash = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dash, "--dashboard-agent-listen-port": _free_port(),
+             "--dashboard-agent-grpc-port": _free_port(), "--metrics-export-port": _free_port(),
+             "--runtime-env-agent-port": _free_port(), "--ray-client-server-port": _free_port()}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
+           *(f"{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(cmd, stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_real_ray_job_submission_through_the_scheduler(ray_head, tmp_path):
+    sub = RayJobSubmitter(ray_head, working_dir=None, environ={})
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent comes up some seconds after the dashboard
+        try:
+            sub.submit("true", f"warmup-{time.monotonic_ns()}")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    sched = Scheduler("* * * * *", "python -c 'print(6 * 7)'", tmp_path / "state", sub, poll_s=0.5)
+    record = sched.tick()
+    assert record["status"] == "SUBMITTED"
+    final = sched.wait(record["job_id"])
+    assert final["status"] == "SUCCEEDED"
+    assert sub.client.get_job_logs(record["job_id"]).splitlines()[-1] == "42"
+    assert sub.status("never-submitted") == "LOST"

@@ -280,7 +280,12 @@ class Scheduler:
         folder = Path(self.outputs) if self.outputs and "://" not in self.outputs else None
         if folder is None or not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = []  # two levels: the cycle writes <output_dir>/cycles/vNNNN
+        for p in folder.iterdir():
+            if p.is_dir() and not p.name.startswith("."):
+                found.append(p.name)
+                found += [f"{p.name}/{q.name}" for q in p.iterdir() if q.is_dir() and not q.name.startswith(".")]
+        return sorted(found)
 
     # -- one step each
     def poll(self) -> dict | None:
@@ -296,8 +301,10 @@ class Scheduler:
         if status in ACTIVE:
             return None
         before = set(job.get("outputs_before", []))
+        new = [n for n in self._listing() if n not in before]
+        new = [n for n in new if not any(m.startswith(n + "/") for m in new)]  # cycles/v0001, not cycles
         record = {"job_id": job["job_id"], "status": status, "ended": _iso(self.clock()),
-                  "new_outputs": [str(Path(self.outputs) / n) for n in self._listing() if n not in before]}
+                  "new_outputs": [str(Path(self.outputs) / n) for n in new]}
         details = getattr(self.submitter, "details", None)
         if details is not None:
             record.update(details(job["job_id"]))
