@@ -91,7 +91,7 @@ def test_next_fire_time_matches_a_brute_force_scan():
     exprs = ["*/7 * * * *", "13 */5 * * *", "0 9-17/4 * * 1-5", "45 23 * * sun", "0 12 1,15 * *",
              "10 6 10 * 3", "*/30 2 * jan-mar,nov,dec *", "59 23 28-31 * *", "0 0 * * 6,0", "7 7 7 * *"]
     for expr in exprs:
-        for _ in range(3):
+        for _ in range(2):
             after = datetime(2026, 1, 1) + timedelta(minutes=rng.randrange(0, 366 * 24 * 60))
             assert next_fire_time(expr, after) == _brute_next(expr, after), (expr, after)
 
