@@ -99,7 +99,7 @@ def train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     train = _from_shard(ray.train.get_dataset_shard("train"))
-    eval_ex = _from_shard(ray.train.get_dataset_shard("eval"))
+    eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
     resume_state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restart after a failure, or a rerun of the same output_dir
@@ -150,7 +150,7 @@ def run_ray(cfg) -> dict:
     cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model)},
+        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model), "has_eval": bool(eval_ex)},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
