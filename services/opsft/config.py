@@ -220,3 +220,66 @@ class ScheduleConfig(Strict):
     entrypoint: str | None = Field(None, description="None = python -m opsft.cli realign --config <config>")
     pip: list[str] = Field(default_factory=list, description="Ray mode: extra pip requirements of the job")
     poll_s: float = Field(30.0, gt=0, description="seconds between status checks of the running job")
+
+
+# ---------------------------------------------------------------------------- rewriting (opsft rewrite)
+
+
+class RewriteConfig(Strict):
+    """The on-policy data recipe (opsft.recipe) and its hinted decoder (opsft.hinted)."""
+
+    input: str | None = None
+    output: str | None = None
+    engine: EngineConfig = EngineConfig()
+    pool: PoolConfig = PoolConfig()
+    address: str | None = Field(None, description="Ray cluster address (jobs that run the recipe on Ray)")
+    policy: Literal["self-first", "hd-all"] = Field("self-first", description="self-first: keep verified "
+                                                    "self-answers, hinted decoding for the rest; hd-all: HD every row")
+    verifier: str = Field("auto", description="numeric | exact | auto | rg:<reasoning-gym task>")
+    drop_unverified: bool = Field(False, description="rows whose rewrite fails verification go to a side file "
+                                                     "instead of keeping their original response")
+    beta: float = Field(3.0, ge=0, description="lambda = clamp(beta * H_norm) (linear), the sigmoid slope")
+    lambda_mode: Literal["linear", "sigmoid", "piecewise"] = "linear"
+    sigmoid_center: float = 0.5
+    piecewise_bounds: tuple[float, float] = (0.3, 0.7)
+    temperature: float = Field(0.3, ge=0, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1, description="per self-answer and per hinted-decoding output")
+    hint_max_new_tokens: int = Field(512, ge=1, description="per '# Analyze ... # CoT' hint")
+    splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")
+
+
+# ---------------------------------------------------------------------------- realignment (opsft realign)
+
+
+class SelectConfig(Strict):
+    """Which rows drifted off-policy: cll < threshold, or the lowest `quantile` fraction by cll."""
+
+    mode: Literal["threshold", "quantile"] = "quantile"
+    threshold: float = Field(-0.1, description="mode threshold: rewrite rows with mean phi below this "
+                             "(the official guide: a corpus below about -0.1 is off-policy on a 7B instruct model)")
+    quantile: float = Field(0.25, ge=0, le=1, description="mode quantile: rewrite this fraction, lowest CLL first")
+
+
+class RealignConfig(Strict):
+    """`opsft realign`: one cycle (opsft.realign.cycle). `engine`/`pool` run the scoring and
+    rewriting jobs; `rewrite` and `train` are the same models as `opsft rewrite` / `opsft train`
+    (their input, output and model fields are filled in by the cycle)."""
+
+    corpus: str = Field(..., description="the training corpus to keep on-policy (JSONL or Parquet)")
+    output_dir: str = Field(..., description="versioned outputs: <output_dir>/cycles/vNNNN/, LATEST")
+    model: str | None = Field(None, description="starting model, used until a cycle completes; None = default")
+    start_from: Literal["latest", "model"] = Field(
+        "latest", description="latest: each cycle fine-tunes the newest completed cycle's checkpoint (a re-run "
+        "right after a cycle is the next cycle); model: always start from `model` (a re-run does nothing)")
+    engine: EngineConfig = EngineConfig()
+    pool: PoolConfig = PoolConfig()
+    select: SelectConfig = SelectConfig()
+    rewrite: RewriteConfig = RewriteConfig()
+    train: TrainConfig = TrainConfig(lr=8e-6, epochs=1)
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
+    promote_url: str | None = Field(None, description="scoring service base URL to POST /v1/models/reload to")
+    promote_api_key_env: str | None = Field("OPSFT_API_KEY", description="env var holding its bearer token")
+    promote_timeout_s: float = Field(600.0, gt=0)

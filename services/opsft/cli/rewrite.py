@@ -1,0 +1,90 @@
+"""`opsft rewrite`: the on-policy data recipe (self-answers, Hinted Decoding, verification, CLL).
+
+    opsft rewrite --input corpus.jsonl --output rewritten.jsonl [--policy self-first|hd-all] [--beta 3]
+                  [--lambda-mode linear] [--temperature 0.3] [--top-p 0.95] [--max-new-tokens N]
+                  [--splitter '\\boxed{'] [--seed S] [--verifier auto] [--drop-unverified]
+
+Every input row is written with `response` replaced and `original_response`, `source`,
+`verified`, `finish_reason`, `cll`, `cll_original` added. With --drop-unverified the rows whose
+rewrite failed verification go to <output stem>.dropped.<ext> instead (nothing is lost).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from opsft.cli.common import Progress, add_model_flags, print_summary
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("rewrite", help="rewrite a corpus on-policy (self-first answers + hinted decoding)")
+    parser.add_argument("--input", help="JSONL or Parquet corpus (prompt|messages, response, answer)")
+    parser.add_argument("--output", help="JSONL or Parquet file to write (by extension)")
+    add_model_flags(parser)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    parser.add_argument("--policy", choices=["self-first", "hd-all"], help="default self-first")
+    parser.add_argument("--verifier", help="numeric | exact | auto | rg:<task> (default auto)")
+    parser.add_argument("--drop-unverified", action="store_true", default=None,
+                        help="write rows whose rewrite fails verification to a side file instead")
+    parser.add_argument("--beta", type=float, help="student weight slope (default 3)")
+    parser.add_argument("--lambda-mode", choices=["linear", "sigmoid", "piecewise"], help="default linear")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.3)")
+    parser.add_argument("--top-p", type=float, help="nucleus at temperature 1 (default 0.95)")
+    parser.add_argument("--max-new-tokens", type=int, help="per answer (default 1024)")
+    parser.add_argument("--hint-max-new-tokens", type=int, help="per '# Analyze ... # CoT' hint (default 512)")
+    parser.add_argument("--splitter", help="switch to the student stream after this text (default '\\boxed{'; "
+                                           "'' = never)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int, help="items per hinted-decoding batch (default 16)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from opsft.config import RewriteConfig, load_config
+
+    cfg = load_config(RewriteConfig, args.config, {
+        "input": args.input, "output": args.output, "engine.model": args.model, "engine.dtype": args.dtype,
+        "policy": args.policy, "verifier": args.verifier, "drop_unverified": args.drop_unverified,
+        "beta": args.beta, "lambda_mode": args.lambda_mode, "temperature": args.temperature, "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
+        "splitter": args.splitter, "seed": args.seed, "batch_size": args.batch_size})
+    if not cfg.input or not cfg.output:
+        raise ValueError("--input and --output are required (on the command line or in --config)")
+    if cfg.engine.kind != "hf":
+        raise ValueError("opsft rewrite runs hinted decoding on a transformers model: engine.kind must be 'hf'")
+    print_summary("rewrite", rewrite_in_process(cfg))
+    return 0
+
+
+def dropped_path(output: str) -> Path:
+    path = Path(output)
+    return path.with_name(f"{path.stem}.dropped{path.suffix}")
+
+
+def rewrite_in_process(cfg) -> dict:
+    from opsft.corpus import read_rows, write_rows
+    from opsft.engines import make_engine
+    from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
+
+    rows = read_rows(cfg.input)
+    params = RewriteParams.from_config(cfg.model_dump(mode="json", exclude={"input", "output", "engine", "pool",
+                                                                            "address"}))
+    engine = make_engine("hf", cfg.engine.model, **cfg.engine.options())
+    bars: dict[str, Progress] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, Progress(total, f"rewrite {stage}", unit="", every=5.0))
+        bar.update(done - bar.done)
+
+    start = time.monotonic()
+    out = rewrite_rows(rows, engine, params, report=report)
+    kept, dropped = split_dropped(out)
+    write_rows(kept, cfg.output)
+    if dropped:
+        write_rows(dropped, dropped_path(cfg.output))
+    result = recipe_summary(out)
+    result.update(model=engine.model_id, output=cfg.output, seconds=round(time.monotonic() - start, 1))
+    if dropped:
+        result["dropped_output"] = str(dropped_path(cfg.output))
+    return result

@@ -1,0 +1,173 @@
+"""The on-policy data recipe (opsft.recipe) and `opsft rewrite`: routing of rows between the
+model's own answers, hinted decoding and the original response; fields; bad rows; CLL.
+
+    .venv/bin/python -m pytest -q tests/test_recipe.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opsft.chat import prompt_ids
+from opsft.datasets import gsm_symbolic_corpus, train_eval_split
+from opsft.engines.base import GenerationParams
+from opsft.engines.hf import HFEngine
+from opsft.hinted import HINT_SYSTEM_PROMPT, HDParams
+from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
+from opsft.scoring import score_rows
+
+
+class ScriptedHints:
+    """An HFEngine on the tiny model whose *hint* generations are scripted (a random model never
+    writes "# CoT"); self-answers, hinted decoding and CLL scoring are real."""
+
+    def __init__(self, engine: HFEngine, hint_text: str | None):
+        self.engine, self.hint_text = engine, hint_text
+        self.tokenizer, self.model, self.model_id = engine.tokenizer, engine.model, "tiny"
+        self.max_length = engine.max_length
+        self.hint_calls = self.self_calls = 0
+        self.marker = self.tokenizer(HINT_SYSTEM_PROMPT[:60], add_special_tokens=False)["input_ids"][3:8]
+
+    def _is_hint(self, prompt: list[int]) -> bool:
+        m = self.marker
+        return any(prompt[i:i + len(m)] == m for i in range(len(prompt) - len(m) + 1))
+
+    def generate(self, prompts, params):
+        hint = [self._is_hint(p) for p in prompts]
+        self.hint_calls += sum(hint)
+        self.self_calls += len(prompts) - sum(hint)
+        real = self.engine.generate(prompts, params)
+        scripted = self.tokenizer(self.hint_text or "no marker", add_special_tokens=False)["input_ids"]
+        return [scripted if h else r for h, r in zip(hint, real, strict=True)]
+
+    def score_tokens(self, *args, **kwargs):
+        return self.engine.score_tokens(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer):
+    """A 2-layer random Llama with the real vocabulary and room for the ~800-token hint prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         initializer_range=0.1, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_lm, tokenizer):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: one thread is faster, and the machine is shared
+    yield HFEngine(model_and_tokenizer=(tiny_lm, tokenizer), device="cpu")
+    torch.set_num_threads(before)
+
+
+ROWS = [
+    {"id": "a", "prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is \\boxed{5}.", "answer": "5"},
+    {"id": "b", "prompt": "What is 4 + 4?", "response": "4 + 4 = 8.\n#### 8", "answer": "8"},
+    {"id": "c", "prompt": "What is 9 - 2?", "response": "9 - 2 = 7.\n#### 7"},  # answer from the response
+    {"id": "bad", "response": "orphan"},                                          # no prompt
+]
+FAST = HDParams(temperature=0, max_new_tokens=6, splitter=None)
+
+
+def routing_verifier(calls):
+    """Accepts the self-answer of row a and the HD output of row b only; records what it saw."""
+    def verify(text, reference, row):
+        calls.append((row["id"], reference))
+        return (row["id"] == "a" and row.get("source") is None) or (row["id"] == "b" and row.get("source") is None
+                                                                      and calls.count((row["id"], reference)) == 2)
+    return verify
+
+
+def test_self_first_routes_rows_and_keeps_every_row(tiny_engine, tokenizer):
+    engine = ScriptedHints(tiny_engine, "# Analyze\nfine\n# CoT")
+    calls = []
+    out = rewrite_rows(ROWS, engine, RewriteParams(hd=FAST, hint_max_new_tokens=4), routing_verifier(calls))
+    assert [r["id"] for r in out] == ["a", "b", "c", "bad"]
+    a, b, c, bad = out
+    # a: the model's own greedy answer, verified, kept as it is
+    own = tiny_engine.generate([prompt_ids(tokenizer, [{"role": "user", "content": ROWS[0]["prompt"]}])],
+                               GenerationParams(max_new_tokens=6, temperature=0.0))[0]
+    assert a["source"] == "self" and a["verified"] is True
+    assert a["response"] == tokenizer.decode(own, skip_special_tokens=True).strip()
+    assert a["original_response"] == ROWS[0]["response"] and a["hd_response"] is None
+    # b: hinted decoding accepted
+    assert b["source"] == "hd" and b["verified"] is True and b["response"] == b["hd_response"]
+    assert 1 <= b["hd_tokens"] <= 6 and b["finish_reason"] in {"eos", "max_length", "repeating"}
+    # c: HD rejected -> original response kept, verified false; its reference came from "#### 7"
+    assert c["source"] == "original" and c["verified"] is False and c["response"] == ROWS[2]["response"]
+    assert ("c", "7") in calls
+    # bad row: reported on the row, nothing else touched
+    assert bad["error"] and bad["source"] is None and bad["response"] == "orphan"
+    # three self-answers, then hints only for the two rejected rows
+    assert engine.self_calls == 3 and engine.hint_calls == 2
+    # CLL of the new and of the original response, as opsft.scoring computes them
+    expect = score_rows([{"prompt": r["prompt"], "response": r["response"]} for r in (a, b, c)], tiny_engine)
+    orig = score_rows([{"prompt": ROWS[i]["prompt"], "response": ROWS[i]["response"]} for i in range(3)], tiny_engine)
+    for row, e, o in zip((a, b, c), expect, orig, strict=True):
+        assert row["cll"] == pytest.approx(e["cll"], abs=1e-9)
+        assert row["cll_original"] == pytest.approx(o["cll"], abs=1e-9)
+    summary = recipe_summary(out)
+    assert summary["sources"] == {"self": 1, "hd": 1, "original": 1} and summary["error_rows"] == 1
+
+
+def test_hd_all_and_no_hint(tiny_engine):
+    engine = ScriptedHints(tiny_engine, "an analysis that never gives the marker")
+    out = rewrite_rows(ROWS[:2], engine, RewriteParams(policy="hd-all", hd=FAST, hint_max_new_tokens=4),
+                       lambda *a: True)
+    assert engine.self_calls == 0 and engine.hint_calls == 2
+    assert all(r["finish_reason"] == "no_hint" and r["source"] == "original" and r["verified"] is False for r in out)
+    assert [r["response"] for r in out] == [r["response"] for r in ROWS[:2]]
+
+
+def test_drop_unverified_marks_and_splits(tiny_engine):
+    engine = ScriptedHints(tiny_engine, "# Analyze\n# CoT")
+    out = rewrite_rows(ROWS, engine, {"policy": "hd-all", "temperature": 0, "max_new_tokens": 5, "splitter": None,
+                                      "hint_max_new_tokens": 4, "drop_unverified": True}, lambda *a: False)
+    kept, dropped = split_dropped(out)
+    assert [r["id"] for r in dropped] == ["a", "b", "c"] and [r["id"] for r in kept] == ["bad"]
+    with pytest.raises(ValueError, match="policy"):
+        RewriteParams(policy="sometimes")
+
+
+def test_corpus_generators_are_deterministic_and_disjoint():
+    rows = gsm_symbolic_corpus(3, seed=1, offset=2)
+    assert rows == gsm_symbolic_corpus(5, seed=1)[2:]
+    assert all(r["response"].rstrip().endswith(f"#### {r['answer']}") for r in rows)
+    train, held = train_eval_split(20, 10, seed=1)
+    assert len(train) == 20 and len(held) == 10
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+
+
+def test_cli_rewrite_end_to_end(tiny_lm, tokenizer, tmp_path):
+    from opsft.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_lm.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in ROWS) + "\nnot json\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["rewrite", "--input", str(src), "--output", str(out), "--model", str(model_dir), "--temperature",
+                 "0", "--max-new-tokens", "4", "--hint-max-new-tokens", "4", "--splitter", ""])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and rows[4]["error"].startswith("line 5")
+    for row in rows[:3]:
+        assert set(row) >= {"original_response", "source", "verified", "finish_reason", "cll", "cll_original"}
+        assert row["cll"] is not None and row["cll_original"] is not None
+
+
+@pytest.mark.slow
+def test_real_model_answers_an_easy_question_itself(real_engine):
+    rows = [{"id": "easy", "prompt": "What is 2 + 3? Reply with just the number.", "response": "#### 5",
+             "answer": "5"}]
+    out = rewrite_rows(rows, real_engine, RewriteParams(hd=HDParams(max_new_tokens=16)))
+    assert out[0]["source"] == "self" and out[0]["verified"] is True and "5" in out[0]["response"]
+    assert out[0]["cll"] > out[0]["cll_original"]  # its own answer is more on-policy than "#### 5"
