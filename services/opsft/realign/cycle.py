@@ -4,22 +4,23 @@
 
 Stages, each writing into the cycle's folder `<output_dir>/cycles/vNNNN/`:
 
-    score     the corpus under the current model               -> scored/      (Ray Data job)
+    score     the corpus under the current model               -> scored.parquet/  (Ray Data job: a folder of parts)
     select    rows that drifted off-policy (CLL threshold or bottom quantile)
                                                                -> selected.parquet, kept.parquet
-    rewrite   the selected rows (self-first hinted decoding)   -> rewritten/   (Ray Data job)
+    rewrite   the selected rows (self-first hinted decoding)   -> rewritten.parquet/
     merge     kept + rewritten, in the corpus's order          -> corpus.parquet (the new corpus)
     train     fine-tune the current model on it (IDFT)         -> train/       (Ray Train)
-    rescore   the new corpus under the new model               -> rescored/    (Ray Data job)
+    rescore   the new corpus under the new model               -> rescored.parquet/
     report    before/after CLL, counts by source, training     -> report/summary.json + PNGs
     promote   POST /v1/models/reload to a scoring service (optional)
 
 The current model is the checkpoint of the newest completed cycle, else `model` from the
-config. `state.json` records the completed stages: a cycle that crashed continues from its
-last completed stage when run again (a stage cut off midway is redone, or resumes by row id
-for the Ray Data jobs). The cycle's fingerprint (corpus content, current model, config) names
-what it was made from: a run whose inputs did not change finds the finished cycle and does
-nothing. A lock on the output folder keeps two cycles from running at once.
+config (with `start_from: model`, always `model`). `state.json` records the completed
+stages: a cycle that crashed continues from its last completed stage when run again (a
+stage cut off midway is redone, or resumes by row id for the Ray Data jobs). The cycle's
+fingerprint (corpus content, current model, config) names what it was made from: a run
+whose inputs did not change finds the finished cycle and does nothing. A lock on the output
+folder keeps two cycles from running at once.
 """
 
 from __future__ import annotations
@@ -143,13 +144,14 @@ class Cycle:
     def current_model(self) -> str:
         from opsft.models import resolve_model
 
-        last = self.latest_completed()
+        last = self.latest_completed() if self.cfg.start_from == "latest" else None
         if last is not None:
             return _load_state(last)["outputs"]["train"]["checkpoint"]
         return resolve_model(self.cfg.model)
 
     def fingerprint(self, model: str) -> str:
-        config = self.cfg.model_dump(mode="json", exclude={"output_dir", "promote"})
+        config = self.cfg.model_dump(mode="json", exclude={"output_dir", "start_from", "promote_url",
+                                                                "promote_api_key_env", "promote_timeout_s"})
         blob = json.dumps({"corpus": corpus_fingerprint(self.cfg.corpus), "model": model_fingerprint(model),
                            "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -231,7 +233,7 @@ def _engine_for(cycle: Cycle, model: str):
 
 
 def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,
-              out_name: str = "scored") -> dict:
+              out_name: str = "scored.parquet") -> dict:
     from opsft.jobs import files
     from opsft.jobs.pipeline import JobSpec, connect, run_job
 
@@ -239,14 +241,14 @@ def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = N
     spec = JobSpec(input=corpus or str(cycle.cfg.corpus), output=str(folder / out_name),
                    fn="opsft.scoring:score_rows", engine=_engine_for(cycle, model or state["model"]),
                    pool=cycle.cfg.pool, column_types=files.SCORE_TYPES, name=out_name)
-    maybe_crash("score" if out_name == "scored" else "rescore")
+    maybe_crash("score" if out_name == "scored.parquet" else "rescore")
     return run_job(spec)  # resumes by id from the part files already written
 
 
 def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
     from opsft.jobs.files import read_output
 
-    rows = read_output(str(folder / "scored"))
+    rows = read_output(str(folder / "scored.parquet"))
     sel = cycle.cfg.select
     chosen = select_drifted(rows, sel.mode, sel.threshold if sel.mode == "threshold" else sel.quantile)
     maybe_crash("select")
@@ -259,11 +261,11 @@ def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
     from opsft.jobs.pipeline import JobSpec, connect, run_job
 
     if not read_rows(folder / "selected.parquet"):
-        fresh(folder / "rewritten").mkdir()
+        fresh(folder / "rewritten.parquet").mkdir()
         return {"rows_in": 0, "rows_written": 0}
     connect(cycle.cfg.address)
     params = cycle.cfg.rewrite.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address"})
-    spec = JobSpec(input=str(folder / "selected.parquet"), output=str(folder / "rewritten"),
+    spec = JobSpec(input=str(folder / "selected.parquet"), output=str(folder / "rewritten.parquet"),
                    fn="opsft.recipe:rewrite_rows", engine=_engine_for(cycle, state["model"]), pool=cycle.cfg.pool,
                    fn_kwargs={"params": params}, name="rewrite")
     maybe_crash("rewrite")
@@ -273,8 +275,8 @@ def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
 def run_merge(cycle: Cycle, folder: Path, state: dict) -> dict:
     from opsft.jobs.files import read_output
 
-    scored = read_output(str(folder / "scored"))
-    rewritten = read_output(str(folder / "rewritten"))
+    scored = read_output(str(folder / "scored.parquet"))
+    rewritten = read_output(str(folder / "rewritten.parquet"))
     corpus = merge_corpus(scored, rewritten)
     maybe_crash("merge")
     write_rows(corpus, folder / "corpus.parquet")
@@ -300,20 +302,22 @@ def run_train(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 def run_rescore(cycle: Cycle, folder: Path, state: dict) -> dict:
     return run_score(cycle, folder, state, corpus=str(folder / "corpus.parquet"),
-                     model=state["outputs"]["train"]["checkpoint"], out_name="rescored")
+                     model=state["outputs"]["train"]["checkpoint"], out_name="rescored.parquet")
 
 
 def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
     from opsft.jobs.files import read_output
     from opsft.report import build_report
 
-    before = read_output(str(folder / "scored"))
-    after = read_output(str(folder / "rescored"))
+    before = read_output(str(folder / "scored.parquet"))
+    after = read_output(str(folder / "rescored.parquet"))
+    selected = _ids(folder / "selected.parquet")
     maybe_crash("report")
     summary = build_report([("before", before), ("after", after)], fresh(folder / "report"))
     compact = {
         "cll_before": _mean_cll(before), "cll_after": _mean_cll(after),
-        "rewritten_cll_before": _mean_cll([r for r in before if str(r["id"]) in _ids(folder / "selected.parquet")]),
+        "rewritten_cll_before": _mean_cll([r for r in before if str(r["id"]) in selected]),
+        "rewritten_cll_after": _mean_cll([r for r in after if str(r["id"]) in selected]),
         "sources": state["outputs"]["merge"]["sources"],
         "training": state["outputs"]["train"].get("final_metrics"),
     }
@@ -331,6 +335,7 @@ def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    maybe_crash("promote")
     with urllib.request.urlopen(request, timeout=cycle.cfg.promote_timeout_s) as response:
         return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}")}
 
