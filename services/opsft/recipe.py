@@ -12,7 +12,8 @@ Policy `self-first` (default):
 Policy `hd-all`: step 2 and 3 for every row.
 
 Each output row: `response` (the new one), `original_response`, `source`, `verified`,
-`finish_reason`, `hd_response` (the HD text, kept or not), `hd_tokens`, `cll` and `cll_original`
+`finish_reason`, `hint` (the model's hint output), `hd_response` (the HD text, kept or not),
+`hd_tokens`, `cll` and `cll_original`
 (mean phi of the new / original response under the plain model). The reference answer is the
 row's `answer`, else the final answer extracted from its original response. Invalid rows get
 `error` (corpus rules) and null fields.
@@ -36,7 +37,7 @@ from opsft.scoring import score_rows
 from opsft.verify import extract_final_answer, make_verifier
 
 POLICIES = ("self-first", "hd-all")
-NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hd_response", "hd_tokens", "cll",
+NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
               "cll_original")
 
 
@@ -139,7 +140,8 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
         hints = engine.generate(hint_prompts, GenerationParams(max_new_tokens=params.hint_max_new_tokens,
                                                                temperature=0.0, stop_token_ids=(eos,)))
         for k, hp, hint in zip(need_hd, hint_prompts, hints, strict=True):
-            prefix = analysis_prefix(tok.decode(hint, skip_special_tokens=True))
+            out[k]["hint"] = tok.decode(hint, skip_special_tokens=True)
+            prefix = analysis_prefix(out[k]["hint"])
             if prefix is None:
                 out[k].update(source="original", verified=False, finish_reason="no_hint")
                 continue
