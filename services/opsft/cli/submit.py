@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 
-EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", ".pytest_cache", ".ruff_cache",
+EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
             "*.parquet", "*.jsonl", "runs", "outputs"]
 PASSED_ENV = ("HF_HUB_OFFLINE", "OPSFT_HOME", "RAY_AUTH_MODE")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -70,12 +70,24 @@ def follow(client, job_id: str, poll: float = 1.0) -> str:
         time.sleep(poll)
 
 
+def submit_with_retry(client, submission: dict, attempts: int = 10, wait: float = 3.0) -> str:
+    """submit_job, retried while a freshly started cluster's job agent is not up yet."""
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**submission)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def run(args) -> int:
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(args.cmd, args.working_dir, args.pip)
     client = JobSubmissionClient(_address(args.address))
-    job_id = client.submit_job(**submission)
+    job_id = submit_with_retry(client, submission)
     print(job_id, flush=True)
     if not args.wait:
         return 0
