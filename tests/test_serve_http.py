@@ -68,10 +68,12 @@ def base(ray_local, model_dir, tiny_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("key") / "api_key"
     key_file.write_text(KEY + "\n")
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier module would keep its own port (http_options not applied)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    open_cfg = ServeConfig(engine={"model": model_dir}, num_cpus=1, torch_threads=2, max_items=40,
+    # small CPU reservations: the session cluster has 2 CPUs that other modules' actors may hold
+    open_cfg = ServeConfig(engine={"model": model_dir}, num_cpus=0.5, torch_threads=2, max_items=40,
                            max_body_bytes=64 * 1024)
-    auth_cfg = ServeConfig(engine={"model": tiny_dir}, num_cpus=0.5, torch_threads=1, max_items=8,
+    auth_cfg = ServeConfig(engine={"model": tiny_dir}, num_cpus=0.25, torch_threads=1, max_items=8,
                            api_key_file=str(key_file))
     serve.run(build_app(open_cfg), name="open", route_prefix="/open")
     serve.run(build_app(auth_cfg), name="auth", route_prefix="/auth")
