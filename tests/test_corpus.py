@@ -70,3 +70,11 @@ def test_parquet_with_mixed_column_types_keeps_every_row(tmp_path):
     write_rows(rows, tmp_path / "m.parquet")
     back = read_rows(tmp_path / "m.parquet")
     assert [r["response"] for r in back] == ["text", "42", None]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_a_column_only_later_rows_have_is_not_lost(tmp_path, ext):
+    rows = [{"id": "1", "response": "a"}, {"id": "2", "response": "b", "error": "bad row"}]
+    write_rows(rows, tmp_path / f"k.{ext}")
+    back = read_rows(tmp_path / f"k.{ext}")
+    assert back[1]["error"] == "bad row" and back[0].get("error") is None

@@ -162,15 +162,17 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
 
 
 def arrow_table(rows: list[dict]):
-    """A pyarrow Table of rows whose columns may mix types (a bad row's `response: 42` among
-    strings): such a column is written as strings (JSON for non-strings) instead of failing."""
+    """A pyarrow Table of rows that may have different keys, and columns that mix types (a bad
+    row's `response: 42` among strings): such a column is written as strings (JSON for
+    non-strings) instead of failing."""
     import pyarrow as pa
 
+    # Every column of every row (from_pylist alone would take the columns of the first row only).
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
         pass
-    columns = list(dict.fromkeys(k for row in rows for k in row))
     data = {}
     for col in columns:
         values = [row.get(col) for row in rows]
