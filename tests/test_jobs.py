@@ -10,7 +10,6 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from opsft.jobs import files
 from opsft.jobs.stages import EngineActor, apply_rows, parse_jsonl_files, parse_table
 
@@ -118,8 +117,8 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
                         "pool: {min_size: 2, max_size: 8, num_gpus: 1, num_cpus: 4, batch_size: 256}\n")
     cfg = load_config(ScoreConfig, cfg_file, {"input": str(corpus), "output": str(tmp_path / "o.parquet")})
     plan = build_plan(spec_from_config(cfg, "opsft.scoring:score_rows", name="score"))
-    assert [s.kind for s in plan.stages] == ["read", "task", "actors", "write"]
-    actors = plan.stages[2]
+    assert [s.kind for s in plan.stages] == ["read", "task", "task", "actors", "write"]
+    actors = plan.stages[3]
     assert (actors.min_actors, actors.max_actors, actors.batch_size) == (2, 8, 256)
     assert actors.resources["num_gpus"] == 1 and actors.resources["num_cpus"] == 4
     # the Ray Data logical plan itself (nothing executed; there is no GPU here)
@@ -131,4 +130,6 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
     assert op.ray_remote_args_fn() == {"max_restarts": 3, "max_task_retries": 3}
     assert op.fn_constructor_kwargs["engine"]["kind"] == "vllm"
     assert op.fn_constructor_kwargs["engine"]["options"]["tensor_parallel_size"] == 1
-    assert op.input_dependencies[0].name == "MapBatches(parse_jsonl_files)"
+    reblock = op.input_dependencies[0]
+    assert type(reblock).__name__ == "StreamingRepartition"
+    assert reblock.input_dependencies[0].name == "MapBatches(parse_jsonl_files)"

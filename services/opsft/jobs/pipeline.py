@@ -42,6 +42,7 @@ class JobSpec:
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     column_types: dict | None = None  # Arrow types of the columns fn adds (see files.SCORE_TYPES)
     name: str = "job"
+    rows_per_file: int | None = None  # rows per output part (resume granularity); None = one per actor batch
 
 
 @dataclass
@@ -103,7 +104,9 @@ def build_plan(spec: JobSpec) -> Plan:
         raise ValueError(f"pool.min_size {pool.min_size} > pool.max_size {pool.max_size}")
     skip = frozenset(files.done_ids(spec.output))
     resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-    ds = _read(spec, skip).map_batches(
+    # Streaming re-blocking: a JSONL file is one block after parsing; blocks of batch_size rows spread
+    # the work over the pool and let results be written (and resumed) as they come.
+    ds = _read(spec, skip).repartition(target_num_rows_per_block=pool.batch_size).map_batches(
         EngineActor,
         fn_constructor_kwargs={"engine": _engine_payload(spec.engine), "fn": spec.fn, "fn_kwargs": spec.fn_kwargs},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
@@ -114,11 +117,12 @@ def build_plan(spec: JobSpec) -> Plan:
     stages = [
         Stage("read", "read"),
         Stage("parse", "task", resources={"num_cpus": 1.0}),
+        Stage("reblock", "task", batch_size=pool.batch_size),
         Stage(f"{spec.name}:{spec.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
               {**resources, "max_restarts": pool.max_restarts, "max_task_retries": pool.max_task_retries}),
         Stage(f"write:{file_format(spec.output)}", "write"),
     ]
-    return Plan(spec, stages, ds, PartsDatasink(spec.output, spec.column_types), len(skip))
+    return Plan(spec, stages, ds, PartsDatasink(spec.output, spec.column_types, spec.rows_per_file), len(skip))
 
 
 def run_job(spec: JobSpec) -> dict:

@@ -109,9 +109,13 @@ class EngineActor:
 class PartsDatasink(Datasink):
     """Writes each write task's rows as one part file; counts rows, errors and tokens."""
 
-    def __init__(self, output: str, column_types: dict | None = None):
-        self.output, self.column_types = output, column_types
+    def __init__(self, output: str, column_types: dict | None = None, rows_per_file: int | None = None):
+        self.output, self.column_types, self.rows_per_file = output, column_types, rows_per_file
         self.result: dict | None = None
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> dict:
         rows, skipped = [], 0
