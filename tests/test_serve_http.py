@@ -114,7 +114,7 @@ def test_32_concurrent_clients_all_get_their_own_correct_answer(base, reference)
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(one, range(32)))
     for got, want in zip(answers, reference, strict=True):
-        assert got["id"] == want["id"]
+        assert got["id"] == want["id"] and "tokens" not in got
         assert_same_scores(got, want, 1e-4)
 
 

@@ -12,6 +12,7 @@ For a cluster use `serve deploy deploy/serve_config.yaml` instead (see docs/serv
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from opsft.cli.common import add_engine_flags, add_model_flags, engine_overrides
@@ -47,6 +48,7 @@ def run(args) -> int:
 
     ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+    signal.signal(signal.SIGTERM, stop_on_signal)  # `kill` stops Serve as cleanly as Ctrl-C
     try:
         url = run_local(cfg)
         print(f"opsft serve: scoring API on {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
@@ -58,3 +60,7 @@ def run(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def stop_on_signal(_signum, _frame):
+    raise KeyboardInterrupt

@@ -172,7 +172,7 @@ def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
     async def models():
         return await service.models()
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS)
     async def score(req: ScoreRequest):
         if len(req.items) > limits.max_items:
             raise HTTPException(413, f"too many items: {len(req.items)} > {limits.max_items}; split the request")
