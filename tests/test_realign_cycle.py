@@ -1,6 +1,6 @@
-"""A realignment cycle end to end on local Ray: crash in every stage and resume, the result
-equals an uninterrupted cycle; unchanged inputs do no work twice; promotion reaches a
-service. The tiny random model keeps it fast; test_real_model_cycle uses the real one."""
+"""A realignment cycle end to end on local Ray with the real embedded model (tiny corpus,
+tiny budgets): crash in every stage and resume, the result equals an uninterrupted cycle;
+unchanged inputs do no work twice; promotion reaches a service."""
 
 import json
 import threading
@@ -10,7 +10,7 @@ import pytest
 from opsft.config import EngineConfig, PoolConfig, RealignConfig, RewriteConfig, SelectConfig, TrainConfig
 from opsft.corpus import read_rows, write_rows
 from opsft.realign.cycle import FAIL_ENV, STAGES, Cycle, InjectedCrash
-from train_helpers import max_weight_diff, save_tiny, weights
+from train_helpers import max_weight_diff, weights
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,14 @@ def make_cfg(tmp_path, name, model, corpus, promote_url=None, **overrides):
         engine=EngineConfig(max_batch_size=8), pool=PoolConfig(batch_size=8),
         select=SelectConfig(mode="quantile", quantile=0.6),
         rewrite=RewriteConfig(max_new_tokens=10, hint_max_new_tokens=10, temperature=0.0, batch_size=4),
-        train=TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3, max_length=128,
+        train=TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-4, max_length=128,
                           overlong="truncate", warmup_ratio=0.0),
         **overrides)
 
 
-def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, tokenizer, ray_local,
-                                                                  service, monkeypatch):
-    model = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, model_dir, ray_local, service,
+                                                                  monkeypatch):
+    model = model_dir
     corpus = str(tmp_path / "corpus.jsonl")
     write_rows(corpus_rows(), corpus)
     monkeypatch.setenv("OPSFT_API_KEY", "secret")
@@ -90,6 +90,8 @@ def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, tiny
     for key in ("cll_before", "cll_after"):
         assert resumed["outputs"]["report"][key] == pytest.approx(reference["outputs"]["report"][key], abs=1e-4)
     assert (new_dir / "report" / "cll_hist.png").exists()
+    # The real model trained on its own corpus: the re-scored corpus is a valid CLL table.
+    assert -5 < resumed["outputs"]["report"]["cll_after"] < 1
 
     # Promotion: the service was asked to load the new checkpoint, with the bearer token.
     path, body, auth = Recorder.calls[-1]
