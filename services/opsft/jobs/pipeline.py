@@ -28,6 +28,9 @@ from opsft.jobs import files
 from opsft.jobs.stages import EngineActor, PartsDatasink, parse_jsonl_files, parse_table
 
 log = logging.getLogger(__name__)
+# CPU share of the light stages (parse, write): actors that take every CPU of a node must not
+# starve them (2 engine actors x 1 CPU on a 2-CPU machine would otherwise never write a row).
+LIGHT_CPUS = 0.25
 
 
 @dataclass
@@ -89,11 +92,12 @@ def _remote_args(max_restarts: int, max_task_retries: int) -> dict:
 
 def _read(spec: JobSpec, skip: frozenset):
     if file_format(spec.input) == "jsonl":
-        ds = ray.data.read_binary_files(spec.input, file_extensions=["jsonl", "json"])
-        return ds.map_batches(parse_jsonl_files, fn_kwargs={"skip_ids": skip}, batch_size=1, batch_format="numpy")
-    ds = ray.data.read_parquet(spec.input)
+        ds = ray.data.read_binary_files(spec.input, file_extensions=["jsonl", "json"], num_cpus=LIGHT_CPUS)
+        return ds.map_batches(parse_jsonl_files, fn_kwargs={"skip_ids": skip}, batch_size=1, batch_format="numpy",
+                              num_cpus=LIGHT_CPUS)
+    ds = ray.data.read_parquet(spec.input, num_cpus=LIGHT_CPUS)
     return ds.map_batches(parse_table, fn_kwargs={"skip_ids": skip}, batch_format="pyarrow",
-                          batch_size=spec.pool.batch_size)
+                          batch_size=spec.pool.batch_size, num_cpus=LIGHT_CPUS)
 
 
 def build_plan(spec: JobSpec) -> Plan:
@@ -116,11 +120,11 @@ def build_plan(spec: JobSpec) -> Plan:
     )
     stages = [
         Stage("read", "read"),
-        Stage("parse", "task", resources={"num_cpus": 1.0}),
+        Stage("parse", "task", resources={"num_cpus": LIGHT_CPUS}),
         Stage("reblock", "task", batch_size=pool.batch_size),
         Stage(f"{spec.name}:{spec.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
               {**resources, "max_restarts": pool.max_restarts, "max_task_retries": pool.max_task_retries}),
-        Stage(f"write:{file_format(spec.output)}", "write"),
+        Stage(f"write:{file_format(spec.output)}", "write", resources={"num_cpus": LIGHT_CPUS}),
     ]
     return Plan(spec, stages, ds, PartsDatasink(spec.output, spec.column_types, spec.rows_per_file), len(skip))
 
@@ -134,7 +138,7 @@ def run_job(spec: JobSpec) -> dict:
     if plan.skipped_ids:
         log.info("resuming: %d rows already in %s are skipped", plan.skipped_ids, spec.output)
     start = time.monotonic()
-    plan.dataset.write_datasink(plan.datasink)
+    plan.dataset.write_datasink(plan.datasink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     elapsed = time.monotonic() - start
     res = plan.datasink.result or {"rows": 0, "skipped": 0, "error_rows": 0, "tokens": 0}
     return {
