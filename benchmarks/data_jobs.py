@@ -59,7 +59,7 @@ def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
     write_rows(rows, folder / "in.jsonl")
     spec = JobSpec(input=str(folder / "in.jsonl"), output=str(folder / f"out{actors}.parquet"),
                    fn="opsft.scoring:score_rows", column_types=SCORE_TYPES, name="score",
-                   pool=PoolConfig(min_size=actors, max_size=actors, num_cpus=1 / actors, batch_size=8))  # +1 CPU: re-blocking
+                   pool=PoolConfig(min_size=actors, max_size=actors, num_cpus=1 / actors, batch_size=8))
     start = time.monotonic()
     res = run_job(spec)  # includes actor start (model load) and Ray Data scheduling
     res["wall_s"] = time.monotonic() - start
