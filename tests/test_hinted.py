@@ -6,6 +6,7 @@ official code describes it (one item, no cache, the whole sequence through the m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -245,6 +246,20 @@ def test_sampling_seeded_and_equal_to_reference(tiny_lm, tokenizer, one_thread):
         tokens, _, _ = reference_hinted(tiny_lm, item.hinted_prompt, item.student_prompt, params,
                                         {tokenizer.eos_token_id}, text, generator=item_generator(5, k))
         assert a[k].tokens == tokens
+
+
+
+def test_an_item_with_its_own_seed_samples_the_same_tokens_in_any_batch(tiny_lm, tokenizer, one_thread):
+    """The recipe seeds each item from its row id, so a resumed job (other batch, other position)
+    samples what an uninterrupted one would."""
+    items = [dataclasses.replace(it, seed=100 + k) for k, it in enumerate(chat_items(tokenizer, QUESTIONS, "Hint. "))]
+    params = HDParams(beta=3.0, temperature=0.8, top_p=0.9, max_new_tokens=12, splitter=None, seed=5)
+    text = TokenText(tokenizer)
+    together = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
+    alone = hinted_decode(tiny_lm, items[-1:], params, {tokenizer.eos_token_id}, decode_token=text)
+    reordered = hinted_decode(tiny_lm, items[::-1], params, {tokenizer.eos_token_id}, decode_token=text)
+    assert alone[0].tokens == together[-1].tokens == reordered[0].tokens
+    assert [r.tokens for r in reordered[::-1]] == [r.tokens for r in together]
 
 
 @pytest.mark.slow

@@ -40,8 +40,9 @@ from transformers import DynamicCache
 LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
 FINISH_REASONS = ("eos", "max_length", "repeating", "no_hint")
 
-# The hint prompt: the official HintedDecoding/Run_HD_example.py system prompt, as the text its
-# Python literal evaluates to (there "\\boxed" is the text "\boxed" and "\frac" holds a form feed).
+# The hint prompt: our own wording of what the method asks (method.md section 3): analyse the
+# reference line by line under "# Analyze", then write one's own chain of thought under "# CoT"
+# without mentioning the reference. Short, so a small model's hinted stream stays cheap.
 HINT_SYSTEM_PROMPT = (Path(__file__).parent / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
 HINT_USER_TEMPLATE = "\n# Question:\n{question}\n\n# Answer:\n{answer}\n\n# CoT:\n"
 COT_MARKER = "# CoT"
@@ -76,6 +77,8 @@ class HDParams:
 class HDItem:
     hinted_prompt: list[int]   # chat(system + question + reference) + generation prompt + analysis prefix
     student_prompt: list[int]  # chat(question) + generation prompt
+    seed: int | None = None    # sampling seed of this item (None: its index in the call); the recipe derives it
+                               # from the row id, so a row samples the same tokens in any batch (resume-safe)
 
 
 @dataclass
@@ -243,7 +246,8 @@ def hinted_decode(model, items: list[HDItem], params: HDParams, eos_ids: set[int
     splitter = params.splitter or ""
     results = [HDResult(tokens=[], finish_reason="") for _ in items]
     tails = [""] * len(items)
-    generators = [item_generator(params.seed, k) if params.temperature > 0 else None for k in range(len(items))]
+    generators = [item_generator(params.seed, k if it.seed is None else it.seed) if params.temperature > 0 else None
+                  for k, it in enumerate(items)]
     room = [min(params.max_new_tokens, limit - max(len(it.hinted_prompt), len(it.student_prompt))) for it in items]
 
     everyone = list(range(len(items)))

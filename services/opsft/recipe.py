@@ -25,6 +25,7 @@ row's `answer`, else the final answer extracted from its original response. Inva
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ class RewriteParams:
 
 
 Report = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def row_seed(row_id) -> int:
+    """A sampling seed from a row's id: the same row samples the same tokens in any batch."""
+    return int(hashlib.sha256(str(row_id).encode()).hexdigest()[:8], 16)
 
 
 def _finish(tokens: list[int], eos: int, limit: int) -> str:
@@ -146,7 +152,7 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
                 out[k].update(source="original", verified=False, finish_reason="no_hint")
                 continue
             item = HDItem(hinted_prompt=hp + response_ids(tok, prefix),
-                          student_prompt=prompt_ids(tok, todo[k][0].messages))
+                          student_prompt=prompt_ids(tok, todo[k][0].messages), seed=row_seed(out[k]["id"]))
             if max(len(item.hinted_prompt), len(item.student_prompt)) >= engine.max_length:
                 out[k].update(source="original", verified=False, finish_reason="max_length", hd_tokens=0)
                 continue
