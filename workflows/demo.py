@@ -1,6 +1,6 @@
 """`make demo`: one realignment cycle end to end on the embedded model, local Ray, CPU.
 
-    .venv/bin/python workflows/demo.py [--rows 200] [--held-out 24] [--output runs/demo]
+    .venv/bin/python workflows/demo.py [--rows 160] [--held-out 16] [--output runs/demo]
 
 1. makes a corpus deterministically: reasoning-gym gsm_symbolic questions with their
    template-written worked solutions as the (off-policy) responses, plus held-out questions
@@ -48,8 +48,8 @@ def held_out_accuracy(model: str, rows: list[dict], max_new_tokens: int) -> floa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--held-out", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=160)
+    parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--output", default="runs/demo")
     parser.add_argument("--config", default=str(HERE / "realign_demo.yaml"))
     args = parser.parse_args()
