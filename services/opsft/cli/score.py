@@ -2,7 +2,8 @@
 
 In-process by default (one engine, one output file: the reference path, fine on a laptop).
 `--ray` runs it as a Ray Data job (actor pool of engines, output folder of part files,
-resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster):
+resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster; either of them
+alone also selects the Ray path):
 
     opsft score --input corpus.jsonl --output scored.parquet
     opsft score --input s3://bucket/corpus.parquet --output s3://bucket/scored.parquet --ray --actors 2-8 --gpus 1
@@ -10,6 +11,7 @@ resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster):
 
 from __future__ import annotations
 
+import os
 import time
 
 from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
@@ -37,7 +39,7 @@ def run(args) -> int:
         "include_eos": args.include_eos, "temperature": args.temperature, **job_overrides(args)})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
-    if cfg.distributed or cfg.address:
+    if cfg.distributed or cfg.address or os.environ.get("RAY_ADDRESS"):
         print_summary("score (Ray Data)", score_distributed(cfg))
     else:
         print_summary("score", score_in_process(cfg))
