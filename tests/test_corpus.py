@@ -60,7 +60,8 @@ def test_bad_jsonl_lines_become_error_rows(tmp_path):
 
 def test_unknown_extension_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus format"):
-        read_rows(tmp_path / "x.csv") if (tmp_path / "x.csv").touch() is None else None
+        (tmp_path / "x.csv").touch()
+        read_rows(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
 

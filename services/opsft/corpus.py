@@ -90,7 +90,7 @@ def question_text(messages: list[dict]) -> str:
 
 def stable_id(row: dict) -> str:
     """A hash of the row's content (every field): the same input row always gets the same id."""
-    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=_json_default, separators=(",", ":"))
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=json_default, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -157,7 +157,7 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
     else:
         with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+                handle.write(json.dumps(row, ensure_ascii=False, default=json_default) + "\n")
     tmp.replace(path)
 
 
@@ -179,12 +179,12 @@ def arrow_table(rows: list[dict]):
         try:
             data[col] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-            data[col] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=_json_default)
+            data[col] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=json_default)
                                   for v in values], type=pa.string())
     return pa.table(data)
 
 
-def _json_default(value):
+def json_default(value):
     if hasattr(value, "tolist"):  # numpy arrays and scalars from Parquet / Ray Data
         return value.tolist()
     return str(value)

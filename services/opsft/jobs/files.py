@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from opsft.corpus import file_format, parse_jsonl_line
+from opsft.corpus import file_format, json_default, parse_jsonl_line
 
 PART_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"
@@ -31,10 +31,6 @@ SCORE_TYPES = {name: pa.float64() for name in ("cll", "cll_sum", "cll_frac_pos",
                                                "cll_frac_gt_m3", "cll_frac_gt_m5", "logprob_mean",
                                                "entropy_mean")}
 SCORE_TYPES.update(n_tokens=pa.int64(), error=pa.string(), id=pa.string(), token_phi=pa.list_(pa.float64()))
-
-
-def _json_default(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)  # numpy values, bytes, dates
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -111,7 +107,7 @@ def rows_table(rows: list[dict], column_types: dict[str, pa.DataType] | None = N
         try:
             array = pa.array(values, type=column_types.get(name))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            array = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+            array = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=json_default)
                               for v in values], type=pa.string())
         arrays.append(array)
         fields.append(pa.field(name, array.type))
@@ -130,7 +126,7 @@ def write_part(path: str, rows: list[dict], column_types: dict[str, pa.DataType]
             pq.write_table(rows_table(rows, column_types), handle)
         else:
             for row in rows:
-                line = json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+                line = json.dumps(row, ensure_ascii=False, default=json_default) + "\n"
                 handle.write(line.encode("utf-8", "surrogatepass"))
     fs.move(tmp, final)
     return final
