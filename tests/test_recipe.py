@@ -97,6 +97,9 @@ def test_self_first_routes_rows_and_keeps_every_row(tiny_engine, tokenizer):
     assert a["source"] == "self" and a["verified"] is True
     assert a["response"] == tokenizer.decode(own, skip_special_tokens=True).strip()
     assert a["original_response"] == ROWS[0]["response"] and a["hd_response"] is None
+    assert a["self_response"] == a["response"] and a["self_verified"] is True
+    # the rejected self-answers are kept (the rejected side of a preference pair)
+    assert b["self_verified"] is False and c["self_verified"] is False and c["self_response"] != c["response"]
     # b: hinted decoding accepted
     assert b["source"] == "hd" and b["verified"] is True and b["response"] == b["hd_response"]
     assert 1 <= b["hd_tokens"] <= 6 and b["finish_reason"] in {"eos", "max_length", "repeating"}
@@ -122,6 +125,7 @@ def test_hd_all_and_no_hint(tiny_engine):
     out = rewrite_rows(ROWS[:2], engine, RewriteParams(policy="hd-all", hd=FAST, hint_max_new_tokens=4),
                        lambda *a: True)
     assert engine.self_calls == 0 and engine.hint_calls == 2
+    assert all(r["self_response"] is None and r["self_verified"] is None for r in out)
     assert all(r["finish_reason"] == "no_hint" and r["source"] == "original" and r["verified"] is False for r in out)
     assert [r["response"] for r in out] == [r["response"] for r in ROWS[:2]]
 

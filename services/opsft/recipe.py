@@ -14,7 +14,9 @@ Policy `hd-all`: step 2 and 3 for every row.
 Each output row: `response` (the new one), `original_response`, `source`, `verified`,
 `finish_reason`, `hint` (the model's hint output), `hd_response` (the HD text, kept or not),
 `hd_tokens`, `cll` and `cll_original`
-(mean phi of the new / original response under the plain model). The reference answer is the
+(mean phi of the new / original response under the plain model), and with self-first
+`self_response` / `self_verified` (the model's own greedy answer and its verdict: the rejected
+side of a preference pair when it is wrong). The reference answer is the
 row's `answer`, else the final answer extracted from its original response. Invalid rows get
 `error` (corpus rules) and null fields.
 
@@ -39,7 +41,7 @@ from opsft.verify import extract_final_answer, make_verifier
 
 POLICIES = ("self-first", "hd-all")
 NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
-              "cll_original")
+              "cll_original", "self_response", "self_verified")
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
         still = []
         for k, tokens in zip(need_hd, answers, strict=True):
             text = _text(tok, tokens)
-            if accept(text, k):
+            verdict = accept(text, k)
+            out[k].update(self_response=text, self_verified=verdict)
+            if verdict:
                 out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, eos, 0))
             else:
                 still.append(k)
