@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -135,9 +135,10 @@ class ServeConfig(Strict):
 
 
 class LossConfig(Strict):
-    """The loss of `opsft train` and its parameters (method.md section 2)."""
+    """The loss of `opsft train` and its parameters: the token losses (method.md section 2) or the
+    preference baselines dpo / simpo (opsft.preference), which train on pair rows."""
 
-    name: Literal["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy"] = "idft"
+    name: Literal["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy", "dpo", "simpo"] = "idft"
     beta: float = Field(1.0, gt=0, description="idft: gamma_raw = clamp(exp(-phi / beta), gamma_min, gamma_max)")
     gamma_min: float = Field(0.1, ge=0)
     gamma_max: float = Field(2.0, ge=0)
@@ -145,12 +146,36 @@ class LossConfig(Strict):
                                 "0 = the released run scripts; the official config file says 0.2")
     transition_ratio: float = Field(0.0, ge=0, le=1, description="idft lambda: linear rise length (config file: 0.1)")
     bound: float = Field(5.0, gt=0, description="idft_hardmask: keep tokens with -bound < phi < bound")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of p in the loss")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of p in the loss (token losses; "
+                               "dpo / simpo use the model's plain distribution and require 1)")
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: scale of the implicit reward beta * (log pi - log ref); "
+                            "0.1 = the DPO paper's usual setting")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: conservative DPO, the probability that "
+                                   "a pair's label is flipped; 0 = plain DPO")
+    simpo_beta: float = Field(2.0, gt=0, description="simpo: reward = beta * mean token log-prob (SimPO paper: "
+                              "2.0-2.5)")
+    simpo_gamma: float = Field(1.0, ge=0, description="simpo: target reward margin (gamma / beta = 0.5, the SimPO "
+                               "paper's Llama-3-Base setting and recommended start)")
+
+    @model_validator(mode="after")
+    def _pair_losses_use_temperature_one(self):
+        if self.name in ("dpo", "simpo") and self.temperature != 1.0:
+            raise ValueError(f"loss {self.name} uses the model's own log-probs: temperature must be 1")
+        return self
+
+    @property
+    def pairs(self) -> bool:
+        """True for the preference losses, which train on pair rows (prompt, chosen, rejected)."""
+        return self.name in ("dpo", "simpo")
 
     def params(self) -> dict[str, float]:
-        """Keyword arguments for opsft.losses.compute for this loss."""
+        """Keyword arguments for opsft.losses.compute (token losses) or opsft.preference.pair_loss."""
         if self.name in ("sft", "dft", "eaft"):
             return {}
+        if self.name == "dpo":
+            return {"beta": self.dpo_beta, "label_smoothing": self.label_smoothing}
+        if self.name == "simpo":
+            return {"beta": self.simpo_beta, "gamma": self.simpo_gamma}
         out = {"beta": self.beta, "gamma_min": self.gamma_min, "gamma_max": self.gamma_max,
                "warmup_ratio": self.warmup_ratio, "transition_ratio": self.transition_ratio}
         if self.name == "idft_hardmask":
@@ -173,7 +198,8 @@ class TrainConfig(Strict):
     0.01, 10% warm-up then cosine, gradient clip 1.0, bf16 autocast on GPU, lr 6e-5, batch 256, 1 epoch (the
     base-model runs; runs on hinted-decoding data used lr 8e-6 for IDFT, 1e-6 for SFT, 3 epochs)."""
 
-    input: str | None = Field(None, description="corpus, or the output of score / rewrite")
+    input: str | None = Field(None, description="corpus, or the output of score / rewrite; for dpo / simpo: "
+                              "pair rows, or a rewrite output (made into pairs)")
     output_dir: str | None = Field(None, description="checkpoints, metrics.jsonl, tensorboard/")
     model: str | None = Field(None, description="local HF folder; None = the embedded default")
     eval_input: str | None = Field(None, description="held-out corpus; else eval_rows are held out of input")
@@ -187,8 +213,9 @@ class TrainConfig(Strict):
     adam_eps: float = Field(1e-8, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="lr warm-up, fraction of all optimiser steps")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
-    global_batch_size: int = Field(256, ge=1, description="rows per optimiser step, over all workers")
-    micro_batch_size: int = Field(4, ge=1, description="rows per forward pass on one worker")
+    global_batch_size: int = Field(256, ge=1, description="rows (pairs for dpo / simpo) per optimiser step, over "
+                                   "all workers")
+    micro_batch_size: int = Field(4, ge=1, description="rows (pairs) per forward pass on one worker")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (wins over epochs)")
     seed: int = 0

@@ -1,7 +1,10 @@
-"""`opsft train`: fine-tune a model on a corpus with SFT / DFT / EAFT / IDFT as a Ray Train job.
+"""`opsft train`: fine-tune a model on a corpus with SFT / DFT / EAFT / IDFT, or on preference
+pairs with DPO / SimPO, as a Ray Train job.
 
     opsft train --input corpus.jsonl --output-dir runs/idft --loss idft --max-steps 100 \\
         --global-batch-size 16 --micro-batch-size 4 --workers 2
+    opsft pairs --input rewritten.jsonl --output pairs.jsonl     # pairs from an `opsft rewrite` output
+    opsft train --input pairs.jsonl --output-dir runs/dpo --loss dpo --lr 5e-7 --dpo-beta 0.1
     opsft train --config train.yaml --lr 8e-6          # flags override the YAML (TrainConfig)
     opsft train ... --local                            # one process, no Ray (debugging)
 
@@ -17,7 +20,9 @@ FLAGS = {
     "input": "input", "output_dir": "output_dir", "model": "model", "eval_input": "eval_input",
     "eval_rows": "eval_rows", "loss": "loss.name", "beta": "loss.beta", "gamma_min": "loss.gamma_min",
     "gamma_max": "loss.gamma_max", "lambda_warmup_ratio": "loss.warmup_ratio",
-    "lambda_transition_ratio": "loss.transition_ratio", "bound": "loss.bound", "lr": "lr",
+    "lambda_transition_ratio": "loss.transition_ratio", "bound": "loss.bound", "dpo_beta": "loss.dpo_beta",
+    "label_smoothing": "loss.label_smoothing", "simpo_beta": "loss.simpo_beta", "simpo_gamma": "loss.simpo_gamma",
+    "lr": "lr",
     "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
     "global_batch_size": "global_batch_size", "micro_batch_size": "micro_batch_size", "epochs": "epochs",
     "max_steps": "max_steps", "seed": "seed", "autocast": "autocast", "max_length": "max_length",
@@ -29,16 +34,17 @@ FLAGS = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with SFT/DFT/EAFT/IDFT (Ray Train)")
+    p = sub.add_parser("train", help="fine-tune with SFT/DFT/EAFT/IDFT, or DPO/SimPO on pairs (Ray Train)")
     p.add_argument("--config", help="YAML TrainConfig; flags given on the command line override it")
-    p.add_argument("--input", help="corpus (JSONL/Parquet), or the output of score / rewrite")
+    p.add_argument("--input", help="corpus (JSONL/Parquet), or the output of score / rewrite; dpo/simpo: pair "
+                                   "rows (prompt|messages, chosen, rejected) or a rewrite output")
     p.add_argument("--output-dir", help="checkpoints, metrics.jsonl, tensorboard/")
     p.add_argument("--model", help="local HF folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--eval-input", help="held-out corpus for eval loss / CLL")
     p.add_argument("--eval-rows", type=int, help="rows held out of --input when --eval-input is not given")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy"],
-                   help="default idft")
+    g.add_argument("--loss", choices=["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy", "dpo", "simpo"],
+                   help="default idft; dpo / simpo train on pairs")
     g.add_argument("--beta", type=float, help="idft temperature of gamma (default 1)")
     g.add_argument("--gamma-min", type=float, help="default 0.1")
     g.add_argument("--gamma-max", type=float, help="default 2.0")
@@ -47,6 +53,10 @@ def add_parser(sub) -> None:
                         "the official config file uses 0.2)")
     g.add_argument("--lambda-transition-ratio", type=float, help="idft lambda rise length (default 0; config: 0.1)")
     g.add_argument("--bound", type=float, help="idft_hardmask: keep |phi| < bound (default 5)")
+    g.add_argument("--dpo-beta", type=float, help="dpo reward scale (default 0.1)")
+    g.add_argument("--label-smoothing", type=float, help="dpo: conservative DPO label noise (default 0)")
+    g.add_argument("--simpo-beta", type=float, help="simpo reward scale (default 2.0)")
+    g.add_argument("--simpo-gamma", type=float, help="simpo target margin (default 1.0)")
     g = p.add_argument_group("optimisation (defaults: the official settings, docs/training.md)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 6e-5)")
     g.add_argument("--warmup-ratio", type=float, help="lr warm-up fraction (default 0.1), then cosine")

@@ -37,14 +37,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: str | Path, model, tokenizer, optimizer_state: dict, scheduler_state: dict,
-                    trainer: dict, model_state: dict | None = None) -> Path:
+                    trainer: dict, model_state: dict | None = None, extra: dict | None = None) -> Path:
     """Write the HF folder and the trainer state. `model` is the unwrapped HF model (its
-    config and save logic); `model_state` overrides its weights (e.g. gathered from FSDP)."""
+    config and save logic); `model_state` overrides its weights (e.g. gathered from FSDP);
+    `extra` adds entries to trainer_state.pt only (e.g. dpo's reference log-probs)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(folder)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state(),
+    torch.save({**(extra or {}), "optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state(),
                 "trainer": trainer}, folder / STATE_FILE)
     (folder / STATE_JSON).write_text(json.dumps(trainer, indent=2, default=str))
     return folder

@@ -5,7 +5,9 @@ What differs between the two is a `Runtime`: rank, world size, the sum-over-work
 reduction, how the model is wrapped (DDP / FSDP / not at all) and where a checkpoint
 goes (a folder under output_dir, or ray.train.report). The loop itself: for every
 optimiser step, take this worker's micro-batches of the deterministic global batch,
-call train_step, log, evaluate and checkpoint on schedule.
+call train_step, log, evaluate and checkpoint on schedule. With a pair loss (dpo, simpo) the
+examples are pairs (opsft.train.pairs); for dpo the initial model's reference log-probs are
+computed before the first step and kept in every checkpoint (a resume reuses them).
 
     from opsft.config import TrainConfig
     run_local(TrainConfig(input="corpus.jsonl", output_dir="out", max_steps=20, global_batch_size=8))
@@ -33,6 +35,7 @@ from opsft.train.data import (
     worker_micro_batches,
 )
 from opsft.train.metrics import MetricsWriter
+from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
 from opsft.train.step import (
     LossSpec,
     Reduce,
@@ -72,15 +75,18 @@ class Runtime:
 def prepare_data(cfg, tokenizer, max_length: int) -> tuple[list[TrainExample], list[TrainExample], dict]:
     """Train and eval examples from cfg.input / cfg.eval_input, with counted skips; raises a
     clear error when nothing is left to train on."""
+    prepare = prepare_pairs if cfg.loss.pairs else prepare_examples
     rows = read_rows(cfg.input)
     if not rows:
         raise ValueError(f"{cfg.input}: the corpus has no rows")
-    examples, stats = prepare_examples(rows, tokenizer, max_length, cfg.overlong)
+    examples, stats = prepare(rows, tokenizer, max_length, cfg.overlong)
     if not examples:
+        built = getattr(stats, "from_rewrite", None)
+        made = f"; pairs made from a rewrite output: {built}" if built else ""
         raise ValueError(f"{cfg.input}: no usable training rows out of {stats.rows} ({stats.error_rows} invalid "
-                         f"{stats.errors}, {stats.too_long_skipped} longer than {max_length} tokens)")
+                         f"{stats.errors}, {stats.too_long_skipped} longer than {max_length} tokens){made}")
     if cfg.eval_input:
-        eval_ex, eval_stats = prepare_examples(read_rows(cfg.eval_input), tokenizer, max_length, cfg.overlong)
+        eval_ex, eval_stats = prepare(read_rows(cfg.eval_input), tokenizer, max_length, cfg.overlong)
         train = examples
         summary = {"train": stats.as_dict(), "eval": eval_stats.as_dict()}
     else:
@@ -104,10 +110,31 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + rank) % (2**63)
 
 
+def dpo_reference(cfg, train: list, eval_ex: list, model, pad_id: int, runtime: Runtime, autocast,
+                  resume_state: dict | None) -> dict[str, torch.Tensor]:
+    """{"train": [n, 2], "eval": [m, 2]} reference log-prob sums for dpo: those saved in the
+    checkpoint when resuming (never recomputed from resumed weights), else computed now from
+    `model`, the initial model, before any step (split over the workers, then summed)."""
+    if resume_state is not None:
+        saved = resume_state.get("reference_logps")
+        if saved is None:
+            raise ValueError("this checkpoint has no dpo reference log-probs (it was not written by a dpo run): "
+                             "start a new dpo run from it with --model instead of --resume-from")
+        if saved["train"].shape[0] != len(train) or saved["eval"].shape[0] != len(eval_ex):
+            raise ValueError("the checkpoint's dpo reference log-probs do not match this run's pairs; use the same "
+                             "corpus, eval split and max_length")
+        return {k: v.to(runtime.device) for k, v in saved.items()}
+    kw = dict(micro_batch_size=cfg.micro_batch_size, rank=runtime.rank, world_size=runtime.world_size,
+              reduce=runtime.reduce, autocast=autocast)
+    return {"train": reference_logps(model, train, pad_id, runtime.device, **kw),
+            "eval": reference_logps(model, eval_ex, pad_id, runtime.device, **kw)}
+
+
 def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
                resume_state: dict | None = None) -> dict:
     """Train `model` (unwrapped, on runtime.device) from step 0 or from resume_state; returns
-    the last step's metrics plus `checkpoint` (the last checkpoint path, rank 0)."""
+    the last step's metrics plus `checkpoint` (the last checkpoint path, rank 0). With a pair
+    loss, train and eval_ex are PairExamples."""
     W, rank = runtime.world_size, runtime.rank
     plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -116,6 +143,12 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_position = {"n_examples": len(train), "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
                      "total_steps": total, "steps_per_epoch": plan.steps_per_epoch}
+    autocast = autocast_context(runtime.device, cfg.autocast)
+    batch_of = collate_pairs if cfg.loss.pairs else collate
+    reference = None
+    if cfg.loss.name == "dpo":  # before wrapping and before any step: the initial model
+        reference = dpo_reference(cfg, train, eval_ex, model, pad_id, runtime, autocast, resume_state)
+        train, eval_ex = with_reference(train, reference["train"]), with_reference(eval_ex, reference["eval"])
 
     model.train()
     wrapped = runtime.wrap(model)
@@ -127,7 +160,6 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
         start = restore_training(resume_state, optimizer, scheduler)
         log.info("resumed at step %d of %d", start, total)
     spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature)
-    autocast = autocast_context(runtime.device, cfg.autocast)
     writer = MetricsWriter(cfg.output_dir, start) if rank == 0 and cfg.output_dir else None
     last: dict = {"step": start}
     try:
@@ -139,16 +171,19 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
             # on a short last batch the ones without rows run a no-token micro-batch
             rounds = -(-len(indices) // (cfg.micro_batch_size * W))
             parts += [[]] * (rounds - len(parts))
-            batches = [collate([train[i] for i in part], pad_id, runtime.device) for part in parts]
+            batches = [batch_of([train[i] for i in part], pad_id, runtime.device) for part in parts]
             progress = step / total
             metrics = train_step(wrapped, optimizer, scheduler, batches, spec, progress, world_size=W,
                                  reduce=runtime.reduce, grad_clip=cfg.grad_clip, autocast=autocast)
             done = step + 1
             metrics.update(step=done, progress=progress, epoch=step // plan.steps_per_epoch)
             if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total):
-                metrics.update(evaluate(wrapped, eval_ex, spec, done / total, pad_id, runtime.device,
-                                        micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W,
-                                        reduce=runtime.reduce, autocast=autocast))
+                kw = dict(micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W, reduce=runtime.reduce,
+                          autocast=autocast)
+                if cfg.loss.pairs:
+                    metrics.update(evaluate_pairs(wrapped, eval_ex, spec, pad_id, runtime.device, **kw))
+                else:
+                    metrics.update(evaluate(wrapped, eval_ex, spec, done / total, pad_id, runtime.device, **kw))
             if writer:
                 writer.write(metrics)
             if rank == 0:
@@ -161,8 +196,10 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
                            "metrics": metrics}
 
                 def write(folder, model_state=model_state, optim_state=optim_state, trainer=trainer):
+                    extra = None if reference is None else {"reference_logps": {k: v.cpu() for k, v in
+                                                                                reference.items()}}
                     save_checkpoint(folder, model, tokenizer, optim_state, scheduler.state_dict(), trainer,
-                                    model_state=model_state)
+                                    model_state=model_state, extra=extra)
 
                 if runtime.checkpoint is not None:
                     last["checkpoint"] = runtime.checkpoint(metrics, write)

@@ -32,22 +32,34 @@ import torch
 from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
+from opsft.train.pairs import PairExample
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
 
 
-def _to_rows(examples: list[TrainExample]) -> list[dict]:
-    return [{"i": i, "input_ids": e.input_ids, "response_start": e.response_start, "has_eos": e.has_eos}
+def _flat(e: TrainExample, prefix: str = "") -> dict:
+    return {f"{prefix}input_ids": e.input_ids, f"{prefix}response_start": e.response_start,
+            f"{prefix}has_eos": e.has_eos}
+
+
+def _unflat(r: dict, prefix: str = "") -> TrainExample:
+    return TrainExample([int(t) for t in r[f"{prefix}input_ids"]], int(r[f"{prefix}response_start"]),
+                        bool(r[f"{prefix}has_eos"]))
+
+
+def _to_rows(examples: list[TrainExample | PairExample]) -> list[dict]:
+    """Dataset rows of examples or pairs (a pair: its chosen and rejected sides as c_* and r_*
+    columns; dpo reference log-probs are computed on the workers, not carried)."""
+    return [{"i": i, **(_flat(e.chosen, "c_") | _flat(e.rejected, "r_") if isinstance(e, PairExample) else _flat(e))}
             for i, e in enumerate(examples)]
 
 
-def _from_shard(shard) -> list[TrainExample]:
+def _from_shard(shard) -> list[TrainExample | PairExample]:
     if shard is None:
         return []
     rows = sorted(shard.iter_rows(), key=lambda r: r["i"])
-    return [TrainExample([int(t) for t in r["input_ids"]], int(r["response_start"]), bool(r["has_eos"]))
-            for r in rows]
+    return [PairExample(_unflat(r, "c_"), _unflat(r, "r_")) if "c_input_ids" in r else _unflat(r) for r in rows]
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

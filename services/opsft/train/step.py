@@ -8,6 +8,11 @@ the whole global batch is summed over workers; every micro-batch loss is divided
 count / W, gradients add up over micro-batches (DDP no_sync on all but the last) and DDP
 averages over the W workers, so the gradient is that of the mean token loss of the
 global batch, whatever W and the number of micro-batches.
+
+Pair losses (dpo, simpo: opsft.preference) use the same mechanism with pairs for tokens: a
+pair batch (opsft.train.pairs.collate_pairs) holds its n chosen sequences then its n rejected
+ones and `n_pairs`; the normalizer is (pairs in the global batch) / W, so the loss is the mean
+over the pairs of the global batch, exact over workers and micro-batches.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from opsft import losses
 from opsft.cll import token_phi
+from opsft.preference import is_pair_loss, pair_loss, sequence_logps
 from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -77,6 +83,8 @@ def autocast_context(device: torch.device, mode: str):
 
 STEP_KEYS = ("loss", "phi_mean", "logprob_mean", "entropy_mean", "weight_mean", "gamma_mean", "lambda_mean",
              "frac_gamma_min", "frac_gamma_max", "frac_kept")
+PAIR_STEP_KEYS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen",
+                  "logp_rejected")
 
 
 def response_logits(model, batch: dict, autocast) -> tuple[torch.Tensor, int]:
@@ -93,8 +101,33 @@ def response_logits(model, batch: dict, autocast) -> tuple[torch.Tensor, int]:
 
 def forward_loss(model, batch: dict, spec: LossSpec, progress: float, normalizer, autocast):
     logits, first = response_logits(model, batch, autocast)
+    if is_pair_loss(spec.name):
+        return batch_pair_loss(logits, batch["labels"][:, first:], batch, spec, normalizer)
     return losses.compute(spec.name, logits, batch["labels"][:, first:], None, progress, normalizer=normalizer,
                           temperature=spec.temperature, **spec.params)
+
+
+def batch_pair_loss(logits, labels, batch: dict, spec: LossSpec, normalizer):
+    """The pair loss of a collate_pairs batch: rows [0, n) are the chosen responses, [n, 2n) the
+    rejected ones, batch["ref_logps"] [n, 2] the reference sums (dpo). `n_tokens` in the metrics
+    counts the response tokens of both sides."""
+    n = int(batch["n_pairs"])
+    sums, counts = sequence_logps(logits, labels)
+    ref = batch.get("ref_logps")
+    loss, metrics = pair_loss(spec.name, sums[:n], sums[n:2 * n], counts[:n], counts[n:2 * n],
+                              None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
+                              normalizer=normalizer, **spec.params)
+    # keeps a graph through the model on a no-pair micro-batch (DDP must see every parameter)
+    loss = loss + 0.0 * sums.sum()
+    metrics["n_tokens"] = float(counts.sum())
+    return loss, metrics
+
+
+def loss_units(batch: dict) -> float:
+    """What the loss is a mean over: the pairs of a pair batch, else the loss tokens."""
+    if "n_pairs" in batch:
+        return float(batch["n_pairs"])
+    return float((batch["labels"] != IGNORE).sum())
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: LossSpec, progress: float, *,
@@ -104,43 +137,49 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: Los
 
     Returns global metrics (the same on every worker): `loss` is the mean token loss of the
     global batch, the other *_mean / frac_* are token means over it; plus lr, grad_norm,
-    tokens (loss tokens), input_tokens and tokens_per_s."""
+    tokens (loss tokens), input_tokens and tokens_per_s. For a pair loss, `loss` is the mean
+    pair loss and PAIR_STEP_KEYS are pair means, plus `pairs`."""
     start = time.perf_counter()
     autocast = autocast or contextlib.nullcontext()
     if not micro_batches:
         raise ValueError("a worker needs at least one micro-batch (use collate([]) for an empty one)")
+    pairs = is_pair_loss(spec.name)
+    keys = PAIR_STEP_KEYS if pairs else STEP_KEYS
     device = micro_batches[0]["labels"].device
-    counts = torch.tensor([sum(float((mb["labels"] != IGNORE).sum()) for mb in micro_batches),
+    counts = torch.tensor([sum(loss_units(mb) for mb in micro_batches),
+                           sum(float((mb["labels"] != IGNORE).sum()) for mb in micro_batches),
                            sum(float(mb["attention_mask"].sum()) for mb in micro_batches)],
                           dtype=torch.float64, device=device)
     counts = reduce(counts)
-    global_tokens = float(counts[0])
-    normalizer = losses.global_token_normalizer(global_tokens, world_size)
-    sums = torch.zeros(len(STEP_KEYS), dtype=torch.float64, device=device)
+    global_units = float(counts[0])  # loss tokens, or pairs
+    normalizer = losses.global_token_normalizer(global_units, world_size)
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     lr = optimizer.param_groups[0]["lr"]
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             loss, metrics = forward_loss(model, mb, spec, progress, normalizer, autocast)
             loss.backward()
-        n = metrics["n_tokens"]
-        sums[0] += metrics["loss"] * normalizer  # the token-loss sum of this micro-batch
-        for k, key in enumerate(STEP_KEYS[1:], 1):
+        n = metrics["n_pairs" if pairs else "n_tokens"]
+        sums[0] += metrics["loss"] * normalizer  # the loss sum of this micro-batch
+        for k, key in enumerate(keys[1:], 1):
             sums[k] += metrics.get(key, 0.0) * n
     grad_norm = _clip(model, grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = reduce(sums) / max(global_tokens, 1.0)
-    out = {key: float(v) for key, v in zip(STEP_KEYS, sums, strict=True)}
+    sums = reduce(sums) / max(global_units, 1.0)
+    out = {key: float(v) for key, v in zip(keys, sums, strict=True)}
     if spec.name in ("sft", "dft", "eaft"):
         for key in ("gamma_mean", "lambda_mean", "frac_gamma_min", "frac_gamma_max"):
             out.pop(key)
-    if spec.name != "idft_hardmask":
+    if not pairs and spec.name != "idft_hardmask":
         out.pop("frac_kept")
+    if pairs:
+        out["pairs"] = global_units
     seconds = time.perf_counter() - start
-    out.update(lr=lr, grad_norm=grad_norm, tokens=global_tokens, input_tokens=float(counts[1]),
-               step_seconds=seconds, tokens_per_s=float(counts[1]) / seconds)
+    out.update(lr=lr, grad_norm=grad_norm, tokens=float(counts[1]), input_tokens=float(counts[2]),
+               step_seconds=seconds, tokens_per_s=float(counts[2]) / seconds)
     return out
 
 
