@@ -310,3 +310,23 @@ class RealignConfig(Strict):
     promote_url: str | None = Field(None, description="scoring service base URL to POST /v1/models/reload to")
     promote_api_key_env: str | None = Field("OPSFT_API_KEY", description="env var holding its bearer token")
     promote_timeout_s: float = Field(600.0, gt=0)
+
+
+# ---------------------------------------------------------------------------- evaluation (opsft eval)
+
+
+class EvalConfig(Strict):
+    """`opsft eval` (opsft.evaluation): accuracy on reasoning-gym tasks and retention on general text."""
+
+    models: list[str] = Field(default_factory=list, description="[LABEL=]PATH of each model; the first is the "
+                              "baseline of the NLL change; empty = the embedded default")
+    engine: EngineConfig = EngineConfig()
+    tasks: list[str] = Field(["gsm_symbolic:50:256", "basic_arithmetic:50:64"],
+                             description="name[:n[:max_new_tokens]] of reasoning-gym tasks")
+    family: list[str] = Field(["gsm_symbolic"], description="the training family: these tasks are in-family")
+    seed: int = Field(1234, description="reasoning-gym seed of the items (opsft's training corpora use 0)")
+    exclude: list[str] = Field(default_factory=list, description="corpora whose questions are never evaluated")
+    passages: int = Field(16, ge=0, description="general-text windows for NLL / CLL; 0 = skip retention")
+    tokens_per_passage: int = Field(256, ge=2)
+    text: str = Field("pydoc", description="general text: 'pydoc' (pydoc_data.topics) or a UTF-8 file")
+    output: str | None = Field(None, description="folder for eval.json, table.md and items.jsonl")
