@@ -143,6 +143,8 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_position = {"n_examples": len(train), "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
                      "total_steps": total, "steps_per_epoch": plan.steps_per_epoch}
+    if resume_state is not None:
+        check_compatible(resume_state["trainer"], data_position)
     autocast = autocast_context(runtime.device, cfg.autocast)
     batch_of = collate_pairs if cfg.loss.pairs else collate
     reference = None
@@ -156,7 +158,6 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
     start = 0
     if resume_state is not None:
-        check_compatible(resume_state["trainer"], data_position)
         start = restore_training(resume_state, optimizer, scheduler)
         log.info("resumed at step %d of %d", start, total)
     spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature)
