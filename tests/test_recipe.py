@@ -126,8 +126,32 @@ def test_hd_all_and_no_hint(tiny_engine):
                        lambda *a: True)
     assert engine.self_calls == 0 and engine.hint_calls == 2
     assert all(r["self_response"] is None and r["self_verified"] is None for r in out)
+    assert all(r["hint_forced"] is False for r in out)  # the default: the row is skipped (official rule)
     assert all(r["finish_reason"] == "no_hint" and r["source"] == "original" and r["verified"] is False for r in out)
     assert [r["response"] for r in out] == [r["response"] for r in ROWS[:2]]
+
+
+def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer):
+    engine = ScriptedHints(tiny_engine, "an analysis that never gives the marker")
+    params = RewriteParams(policy="hd-all", hd=HDParams(temperature=0.0, max_new_tokens=5, splitter=None),
+                           hint_max_new_tokens=4, missing_hint="cot")
+    seen = []
+    out = rewrite_rows(ROWS[:2], engine, params, lambda text, ref, row: seen.append(text) or True)
+    assert all(r["hint_forced"] is True and r["source"] == "hd" and r["finish_reason"] != "no_hint" for r in out)
+    # the hinted stream is the hint chat + "# CoT": the same tokens as decoding by hand from that prompt
+    from opsft.chat import end_of_turn_id, response_ids
+    from opsft.hinted import HDItem, hint_messages, hinted_decode
+
+    row = ROWS[0]
+    item = HDItem(hinted_prompt=prompt_ids(tokenizer, hint_messages(row["prompt"], row["response"]))
+                  + response_ids(tokenizer, "# CoT"),
+                  student_prompt=prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}]))
+    expect = hinted_decode(tiny_engine.model, [item], params.hd, {end_of_turn_id(tokenizer)},
+                           pad_id=tokenizer.pad_token_id or 0)[0]
+    assert out[0]["hd_tokens"] == len(expect.tokens)
+    assert out[0]["hd_response"] == tokenizer.decode(expect.tokens, skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="missing_hint"):
+        RewriteParams(missing_hint="sometimes")
 
 
 def test_drop_unverified_marks_and_splits(tiny_engine):

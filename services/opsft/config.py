@@ -273,6 +273,10 @@ class RewriteConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(1024, ge=1, description="per self-answer and per hinted-decoding output")
     hint_max_new_tokens: int = Field(512, ge=1, description="per '# Analyze ... # CoT' hint")
+    missing_hint: Literal["skip", "cot"] = Field("skip", description="a hint without the '# CoT' marker: skip the "
+                                                 "row (the official rule, finish_reason no_hint), or cot: decode "
+                                                 "anyway with the hinted stream opened at '# CoT' (no analysis; "
+                                                 "for small models that do not follow the hint format)")
     splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")

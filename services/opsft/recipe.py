@@ -5,7 +5,9 @@ Policy `self-first` (default):
   1. the model answers every question itself (greedy); an answer the verifier accepts is kept
      as it is (`source` = self: it is already on-policy);
   2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint, cut after
-     its last "# CoT" (no marker: finish reason `no_hint`), then opsft.hinted.hinted_decode;
+     its last "# CoT" (no marker: finish reason `no_hint`; or, with missing_hint="cot", the
+     hinted stream opened at "# CoT" without an analysis, `hint_forced` = true), then
+     opsft.hinted.hinted_decode;
   3. an HD output the verifier accepts replaces the response (`source` = hd); otherwise the row
      keeps its original response (`source` = original, `verified` = false), or, with
      drop_unverified, is marked `dropped` = true (split_dropped separates them; nothing is lost).
@@ -35,13 +37,13 @@ from dataclasses import dataclass, field
 from opsft.chat import end_of_turn_id, prompt_ids, response_ids
 from opsft.corpus import RowError, parse_row, question_text, with_id
 from opsft.engines.base import GenerationParams
-from opsft.hinted import HDItem, HDParams, TokenText, analysis_prefix, hint_messages, hinted_decode
+from opsft.hinted import COT_MARKER, HDItem, HDParams, TokenText, analysis_prefix, hint_messages, hinted_decode
 from opsft.scoring import score_rows
 from opsft.verify import extract_final_answer, make_verifier
 
 POLICIES = ("self-first", "hd-all")
 NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
-              "cll_original", "self_response", "self_verified")
+              "cll_original", "self_response", "self_verified", "hint_forced")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class RewriteParams:
     policy: str = "self-first"
     hd: HDParams = field(default_factory=HDParams)
     hint_max_new_tokens: int = 512
+    missing_hint: str = "skip"    # "skip" (official: finish_reason no_hint) or "cot" (hinted stream opens at "# CoT")
     batch_size: int = 16          # items per hinted-decoding batch
     drop_unverified: bool = False
     verifier: str = "auto"        # opsft.verify.make_verifier name
@@ -56,6 +59,8 @@ class RewriteParams:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.missing_hint not in ("skip", "cot"):
+            raise ValueError(f"missing_hint must be 'skip' or 'cot', got {self.missing_hint!r}")
 
     @classmethod
     def from_config(cls, values: dict) -> RewriteParams:
@@ -67,6 +72,7 @@ class RewriteParams:
                       piecewise_bounds=tuple(cfg.piecewise_bounds), temperature=cfg.temperature, top_p=cfg.top_p,
                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, splitter=cfg.splitter or None)
         return cls(policy=cfg.policy, hd=hd, hint_max_new_tokens=cfg.hint_max_new_tokens, batch_size=cfg.batch_size,
+                   missing_hint=cfg.missing_hint,
                    drop_unverified=cfg.drop_unverified, verifier=cfg.verifier)
 
 
@@ -152,6 +158,9 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
         for k, hp, hint in zip(need_hd, hint_prompts, hints, strict=True):
             out[k]["hint"] = tok.decode(hint, skip_special_tokens=True)
             prefix = analysis_prefix(out[k]["hint"])
+            out[k]["hint_forced"] = prefix is None and params.missing_hint == "cot"
+            if out[k]["hint_forced"]:
+                prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
             if prefix is None:
                 out[k].update(source="original", verified=False, finish_reason="no_hint")
                 continue

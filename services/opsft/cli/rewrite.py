@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus at temperature 1 (default 0.95)")
     parser.add_argument("--max-new-tokens", type=int, help="per answer (default 1024)")
     parser.add_argument("--hint-max-new-tokens", type=int, help="per '# Analyze ... # CoT' hint (default 512)")
+    parser.add_argument("--missing-hint", choices=["skip", "cot"], help="a hint without '# CoT': skip the row "
+                        "(default, the official rule) or decode with the hinted stream opened at '# CoT'")
     parser.add_argument("--splitter", help="switch to the student stream after this text (default '\\boxed{'; "
                                            "'' = never)")
     parser.add_argument("--seed", type=int)
@@ -48,6 +50,7 @@ def run(args) -> int:
         "policy": args.policy, "verifier": args.verifier, "drop_unverified": args.drop_unverified,
         "beta": args.beta, "lambda_mode": args.lambda_mode, "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
+        "missing_hint": args.missing_hint,
         "splitter": args.splitter, "seed": args.seed, "batch_size": args.batch_size})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
