@@ -66,8 +66,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Every benchmark in benchmarks/ -> benchmarks/results.json and RESULTS.md (figures, baselines, ratios,
+# goals); a failing one is recorded and fails the rule at the end. BENCH="score_throughput train_step"
+# runs some (the others' figures are kept); QUICK=1: tiny settings into results-quick.json (plumbing only).
 bench: $(STAMP)
-	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) benchmarks/_collect.py $(if $(BENCH),--only $(BENCH)) $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import Recorder
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -122,6 +124,24 @@ def main() -> None:
         r = results[f"ray_{actors}_actor"]
         print(f"score, Ray Data {actors} actor(s): {r['tokens_per_s']:.0f} tok/s (job incl. actor start, "
               f"{r['wall_s']:.1f}s) vs in-process {base:.0f} tok/s", file=sys.stderr)
+
+    rec = Recorder("data_jobs", args)
+    for actors in (1, 2):
+        r = results[f"ray_{actors}_actor"]
+        rec.figure(f"opsft score via Ray Data, {actors} actor(s)", r["tokens_per_s"], "tokens/s",
+                   baseline=("in-process scorer", base),
+                   note="the Ray Data job's tokens/s includes actor start (model load) and scheduling; "
+                   "the in-process scorer's excludes model load and a warm-up")
+    vl = results.get("vllm_vs_hf")
+    if isinstance(vl, dict):
+        rec.figure("vllm scoring throughput", vl["vllm_score_tok_s"], "tokens/s",
+                   baseline=("hf engine, fp32", vl["hf_score_tok_s"]), note="vllm runs bf16, hf fp32")
+        rec.figure("vllm generation throughput", vl["vllm_gen_tok_s"], "generated tokens/s",
+                   baseline=("hf engine, fp32", vl["hf_gen_tok_s"]))
+    else:
+        reason = "--no-vllm" if vl is None else vl
+        rec.skipped("vllm scoring throughput", "tokens/s", reason)
+        rec.skipped("vllm generation throughput", "generated tokens/s", reason)
 
 
 if __name__ == "__main__":

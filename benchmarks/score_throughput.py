@@ -9,7 +9,7 @@ measured fp32 matmul throughput, plus a bf16 mode's speed and error.
     .venv/bin/python benchmarks/score_throughput.py [--rows 16] [--tokens 256]
 
 Each measurement runs in a fresh process so peak RSS is its own. Prints a table and a
-JSON line (`RESULT {...}`) that benchmarks/run_all.py collects.
+JSON line (`RESULT {...}`); the headline figures go to benchmarks/_results.py for `make bench`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import multiprocessing as mp
 import os
 import resource
 import time
+
+from _results import Recorder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -154,6 +156,18 @@ def main() -> None:
         summary[mode] = {"response_tokens_per_s": tps, "speedup_vs_naive": speedup, "peak_rss_mb": r["peak_rss_mb"],
                          "gflops": gflops, "fraction_of_matmul": gflops / peak_gflops, "max_abs_dphi": err}
     print("RESULT " + json.dumps(summary))
+
+    rec = Recorder("score_throughput", args)
+    naive = summary["naive"]
+    for mode in ("opsft-fp32", "opsft-bf16"):
+        r = summary[mode]
+        goal = (">=", 1.0, "issue 8: not slower than the naive reference") if mode == "opsft-fp32" else None
+        rec.figure(f"{mode} scoring throughput", r["response_tokens_per_s"], "response tokens/s",
+                   baseline=("naive per-sequence full log_softmax", naive["response_tokens_per_s"]), goal=goal)
+        rec.figure(f"{mode} peak RSS", r["peak_rss_mb"], "MB", baseline=("naive", naive["peak_rss_mb"]))
+        rec.figure(f"{mode} max |dphi| vs naive fp32", r["max_abs_dphi"], "nats/token")
+    rec.figure("opsft-fp32 model FLOP rate", summary["opsft-fp32"]["gflops"], "GFLOP/s",
+               baseline=("fp32 matmul 2048^3 on this machine", peak_gflops))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import socket
 import statistics
 import time
 
+from _results import Recorder
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,6 +89,7 @@ def main() -> None:
           f"(requests of 1 item, ~40 tokens each)")
     print(f"{'batching':>9} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
     rates: dict[tuple[bool, int], float] = {}
+    p99: dict[tuple[bool, int], float] = {}
     try:
         for batching in (False, True):
             cfg = ServeConfig(engine={"model": args.model}, num_cpus=args.num_cpus, batching=batching,
@@ -96,6 +99,7 @@ def main() -> None:
                 seconds, lat, failed = asyncio.run(load(f"http://127.0.0.1:{port}/bench", clients, args.rounds))
                 rate = len(lat) / seconds
                 rates[(batching, clients)] = rate
+                p99[(batching, clients)] = percentile(lat, 0.99) * 1000
                 print(f"{'on' if batching else 'off':>9} {clients:>7} {len(lat):>8} {rate:>7.2f} "
                       f"{statistics.median(lat) * 1000:>8.0f} {percentile(lat, 0.99) * 1000:>8.0f} {failed:>6}",
                       flush=True)
@@ -106,6 +110,13 @@ def main() -> None:
     top = max(args.clients)
     ratio = rates[(True, top)] / rates[(False, top)]
     print(f"throughput with batching / without at {top} clients: {ratio:.2f}x (goal >= 2x)")
+    rec = Recorder("serve_load", args)
+    for clients in args.clients:
+        goal = (">=", 2.0, "serve_load.py docstring: batching >= 2x unbatched at 16 clients") if clients == 16 else None
+        rec.figure(f"throughput, batching on, {clients} client{'s' * (clients != 1)}", rates[(True, clients)], "req/s",
+                   baseline=("batching off", rates[(False, clients)]), goal=goal)
+    rec.figure(f"p99 latency, batching on, {top} clients", p99[(True, top)], "ms",
+               baseline=("batching off", p99[(False, top)]))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _results import Recorder  # noqa: E402
+
+GOAL = "train_step.py docstring: IDFT within 10% of SFT"
 
 RANDOM_MODELS = {  # Llama shapes for timing with random weights (no download)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -126,13 +129,23 @@ def main() -> int:
             return proc.returncode
         results[loss] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(results[loss]), flush=True)
-    if "sft" in results:
-        base = results["sft"]
-        for loss, r in results.items():
-            if loss != "sft":
-                print(f"{loss} / sft: time {r['step_s'] / base['step_s']:.3f}, "
-                      f"cpu time {r['step_cpu_s'] / base['step_cpu_s']:.3f}, "
-                      f"peak memory {r['peak_mem_mb'] / base['peak_mem_mb']:.3f}")
+    rec = Recorder("train_step", args)
+    base = results.get("sft")
+    for loss, r in results.items():
+        rec.figure(f"{loss} training throughput", r["tokens_per_s"], "tokens/s")
+        if "mfu" in r:
+            rec.figure(f"{loss} MFU", r["mfu"], "fraction of --peak-tflops")
+        if base is None or loss == "sft":
+            continue
+        print(f"{loss} / sft: time {r['step_s'] / base['step_s']:.3f}, "
+              f"cpu time {r['step_cpu_s'] / base['step_cpu_s']:.3f}, "
+              f"peak memory {r['peak_mem_mb'] / base['peak_mem_mb']:.3f}")
+        goal = ("<=", 1.10, GOAL) if loss == "idft" else None
+        rec.figure(f"{loss} step time", r["step_s"], "s", baseline=("sft", base["step_s"]), goal=goal)
+        rec.figure(f"{loss} step CPU time", r["step_cpu_s"], "CPU s", baseline=("sft", base["step_cpu_s"]),
+                   note="CPU seconds of the process per step: the fairer time on a machine shared with other jobs")
+        mem = "peak RSS" if args.device == "cpu" else "peak allocated memory"
+        rec.figure(f"{loss} {mem}", r["peak_mem_mb"], "MB", baseline=("sft", base["peak_mem_mb"]), goal=goal)
     return 0
 
 
