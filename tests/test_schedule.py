@@ -425,3 +425,33 @@ def test_real_ray_job_submission_through_the_scheduler(ray_head, tmp_path):
     assert final["status"] == "SUCCEEDED"
     assert sub.client.get_job_logs(record["job_id"]).splitlines()[-1] == "42"
     assert sub.status("never-submitted") == "LOST"
+
+
+@pytest.mark.slow
+def test_a_submitted_opsft_job_can_start_its_ray_driver(ray_head, tmp_path):
+    """`opsft submit` passes HF_HUB_OFFLINE etc. in the job's runtime env; the job's driver then
+    calls opsft.jobs.pipeline.connect (every Ray command does), which used to pass the same
+    variables again and made Ray refuse to start the driver ("Failed to merge the Job's runtime env")."""
+    from opsft.cli.submit import build_submission, submit_with_retry
+    from ray.job_submission import JobSubmissionClient
+
+    submission = build_submission(["score"], working_dir=str(Path(__file__).resolve().parents[1]),
+                                  environ={"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})
+    snippet = ("from opsft.jobs.pipeline import connect; connect(); import os, ray; "
+               "print('answer', ray.get(ray.remote(lambda: (6 * 7, os.environ['HF_HUB_OFFLINE'])).remote()))")
+    submission["entrypoint"] = f"{sys.executable} -c \"{snippet}\""
+    deadline = time.monotonic() + 180
+    while True:  # the dashboard comes up some seconds after `ray start`
+        try:
+            client = JobSubmissionClient(ray_head)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "the head's dashboard never came up"
+            time.sleep(1)
+    job_id = submit_with_retry(client, submission)
+    while str(client.get_job_status(job_id)).split(".")[-1] not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-2000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert str(client.get_job_status(job_id)).endswith("SUCCEEDED"), logs[-2000:]
+    assert "answer (42, '1')" in logs  # the worker saw the job's environment

@@ -69,16 +69,25 @@ class Plan:
     skipped_ids: int
 
 
+def driver_runtime_env() -> dict | None:
+    """The runtime env a driver gives its Ray workers: this process's RAY_AUTH_MODE,
+    HF_HUB_OFFLINE and OPSFT_HOME. None inside a job submitted with `opsft submit`: the job's
+    runtime env already carries them, and Ray refuses a driver env that sets the same keys."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
+        return None
+    return {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "OPSFT_HOME")
+                         if k in os.environ}}
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join a cluster (`address` or RAY_ADDRESS), else start a local one; no-op if connected."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "OPSFT_HOME") if k in os.environ}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=driver_runtime_env())
 
 
 def _engine_payload(engine: EngineConfig) -> dict:

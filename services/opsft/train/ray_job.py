@@ -23,12 +23,12 @@ run's last checkpoint (ray.train.get_checkpoint), like a restart after a failure
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from opsft.jobs.pipeline import driver_runtime_env
 from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
@@ -152,8 +152,7 @@ def run_ray(cfg) -> dict:
     max_length = resolve_max_length(cfg, AutoConfig.from_pretrained(model_path), tokenizer)
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, max_length)
     if not ray.is_initialized():
-        ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in (
-            "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "OPSFT_HOME") if k in os.environ}})
+        ray.init(address=cfg.address, runtime_env=driver_runtime_env())
     datasets = {"train": ray.data.from_items(_to_rows(train))}
     if eval_ex:
         datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
