@@ -172,3 +172,25 @@ def test_real_model_knows_english_better_than_shuffled_english(real_engine, toke
     real, noise = text_retention(real_engine, passages), text_retention(real_engine, shuffled)
     assert 0.5 < real["nll"] < 4.0 and noise["nll"] > real["nll"] + 2.0
     assert real["cll"] > noise["cll"]
+
+
+def test_tasks_with_generator_settings_and_labels(tiny_engine):
+    from opsft.config import EvalConfig
+
+    easy = {"min_terms": 2, "max_terms": 2, "max_digits": 1}
+    cfg = EvalConfig(tasks=["chain_sum:2:4", {"name": "chain_sum", "label": "chain_sum_easy", "n": 3,
+                                              "max_new_tokens": 4, "config": easy}])
+    tasks = [EvalTask.from_spec(t) for t in cfg.tasks]
+    assert tasks[1] == EvalTask("chain_sum", 3, 4, easy, "chain_sum_easy") and tasks[1].key == "chain_sum_easy"
+    items = task_items("chain_sum", 3, config=easy)
+    # the generator settings reach reasoning-gym: two one-digit terms, and the ids say which settings
+    for item in items:
+        expression = item["prompt"].rsplit(":", 1)[1].strip().rstrip("=").split()
+        assert len(expression) == 3 and all(len(t) == 1 for t in expression[::2])
+        assert int(item["answer"]) == eval(" ".join(expression))  # the checker's reference, independently
+    assert items[0]["id"] != task_items("chain_sum", 1)[0]["id"]
+    result, records = evaluate_model(Scripted(tiny_engine, ["#### 0"] * 5), tasks, passages=0)
+    assert set(result["tasks"]) == {"chain_sum", "chain_sum_easy"} and result["tasks"]["chain_sum_easy"]["n"] == 3
+    assert {r["task_label"] for r in records} == {"chain_sum", "chain_sum_easy"}
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate_model(Scripted(tiny_engine, ["1"] * 4), [tasks[0], tasks[0]], passages=0)

@@ -117,7 +117,7 @@ def evaluate(cfg: ReproduceConfig, model: str | None, out: Path, label: str) -> 
         return json.loads(path.read_text())
     engine = HFEngine(model, device="cpu", max_batch_size=16)
     e = cfg.eval
-    result, records = evaluate_model(engine, [EvalTask.parse(t) for t in e.tasks], family=e.family, seed=e.seed,
+    result, records = evaluate_model(engine, [EvalTask.from_spec(t) for t in e.tasks], family=e.family, seed=e.seed,
                                      exclude=read_rows(out / "corpus.jsonl"), passages=e.passages,
                                      tokens_per_passage=e.tokens_per_passage, text_source=e.text,
                                      report=lambda m: log.info("  %s %s", label, m))

@@ -319,14 +319,26 @@ class RealignConfig(Strict):
 # ---------------------------------------------------------------------------- evaluation (opsft eval)
 
 
+class EvalTaskSpec(Strict):
+    """One evaluation task given in full (opsft.evaluation.EvalTask)."""
+
+    name: str
+    n: int = Field(50, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="the task's reasoning-gym generator "
+                                   "settings, e.g. {max_terms: 2} for chain_sum")
+    label: str | None = Field(None, description="its name in results and tables (default: name)")
+
+
 class EvalConfig(Strict):
     """`opsft eval` (opsft.evaluation): accuracy on reasoning-gym tasks and retention on general text."""
 
     models: list[str] = Field(default_factory=list, description="[LABEL=]PATH of each model; the first is the "
                               "baseline of the NLL change; empty = the embedded default")
     engine: EngineConfig = EngineConfig()
-    tasks: list[str] = Field(["gsm_symbolic:50:256", "basic_arithmetic:50:64"],
-                             description="name[:n[:max_new_tokens]] of reasoning-gym tasks")
+    tasks: list[str | EvalTaskSpec] = Field(["gsm_symbolic:50:256", "basic_arithmetic:50:64"],
+                                            description="reasoning-gym tasks: 'name[:n[:max_new_tokens]]' or "
+                                            "{name, n, max_new_tokens, config, label}")
     family: list[str] = Field(["gsm_symbolic"], description="the training family: these tasks are in-family")
     seed: int = Field(1234, description="reasoning-gym seed of the items (opsft's training corpora use 0)")
     exclude: list[str] = Field(default_factory=list, description="corpora whose questions are never evaluated")

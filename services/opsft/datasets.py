@@ -4,6 +4,7 @@ recipe rewrites, and held-out questions for evaluation.
     rows = gsm_symbolic_corpus(200, seed=0)             # {id, prompt, response, answer, task}
     train, held_out = train_eval_split(200, 100, seed=0)  # disjoint questions
     rows = task_corpus("basic_arithmetic", 50, seed=0)   # any reasoning-gym task (response = answer)
+    rows = task_corpus("chain_sum", 50, config={"max_terms": 2})  # with the task's generator settings
 
 reasoning-gym builds item i from Random(seed + i) and picks its template from a prefix-stable
 list, so item i is the same whatever the dataset size: `offset` selects items offset..offset+n-1.
@@ -14,21 +15,23 @@ which ends with "#### <answer>" (a final answer opsft.verify extracts).
 from __future__ import annotations
 
 import hashlib
+import json
 
 
-def _rows_from(task: str, n: int, seed: int, offset: int, response_of) -> list[dict]:
+def _rows_from(task: str, n: int, seed: int, offset: int, response_of, config: dict | None = None) -> list[dict]:
     import reasoning_gym
 
     if n < 0 or offset < 0:
         raise ValueError("n and offset must be >= 0")
     if n == 0:
         return []
-    ds = reasoning_gym.create_dataset(task, size=offset + n, seed=seed)
+    ds = reasoning_gym.create_dataset(task, size=offset + n, seed=seed, **(config or {}))
+    tag = f"-c{config_key(config)}" if config else ""
     rows = []
     for idx in range(offset, offset + n):
         entry = ds[idx]
         rows.append({
-            "id": f"{task}-s{seed}-{idx}",
+            "id": f"{task}{tag}-s{seed}-{idx}",
             "prompt": entry["question"],
             "response": response_of(entry),
             "answer": str(entry["answer"]),
@@ -49,9 +52,15 @@ def gsm_symbolic_corpus(n: int, seed: int = 0, offset: int = 0) -> list[dict]:
     return _rows_from("gsm_symbolic", n, seed, offset, _answer_cot)
 
 
-def task_corpus(task: str, n: int, seed: int = 0, offset: int = 0) -> list[dict]:
-    """n rows of any reasoning-gym task; the response is the bare answer (no worked solution)."""
-    return _rows_from(task, n, seed, offset, lambda entry: str(entry["answer"]))
+def task_corpus(task: str, n: int, seed: int = 0, offset: int = 0, config: dict | None = None) -> list[dict]:
+    """n rows of any reasoning-gym task; the response is the bare answer (no worked solution).
+    `config`: the task's own generator settings (e.g. chain_sum max_terms=2), passed to
+    reasoning_gym.create_dataset; the rows' ids then carry a short hash of it."""
+    return _rows_from(task, n, seed, offset, lambda entry: str(entry["answer"]), config)
+
+
+def config_key(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def question_key(text: str) -> str:

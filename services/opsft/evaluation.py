@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,24 @@ class EvalTask:
     name: str
     n: int = 50
     max_new_tokens: int = 256
+    config: dict = field(default_factory=dict)  # the task's generator settings (reasoning_gym.create_dataset)
+    label: str | None = None                    # the name in results and tables (default: name)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    @classmethod
+    def from_spec(cls, spec) -> EvalTask:
+        """A 'name[:n[:max_new_tokens]]' string, a mapping of the fields, or a config model of them."""
+        if isinstance(spec, EvalTask):
+            return spec
+        if isinstance(spec, str):
+            return cls.parse(spec)
+        task = cls(**(spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)))
+        if task.n < 1 or task.max_new_tokens < 1:
+            raise ValueError(f"bad task {spec!r}: n and max_new_tokens must be >= 1")
+        return task
 
     @classmethod
     def parse(cls, spec: str, n: int = 50, max_new_tokens: int = 256) -> EvalTask:
@@ -69,14 +87,16 @@ def check_task(name: str) -> None:
         raise ValueError(f"unknown reasoning-gym task {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
 
 
-def task_items(task: str, n: int, seed: int = DEFAULT_SEED, exclude: Iterable[dict] = ()) -> list[dict]:
+def task_items(task: str, n: int, seed: int = DEFAULT_SEED, exclude: Iterable[dict] = (),
+               config: dict | None = None) -> list[dict]:
     """n items of a reasoning-gym task (rows with id, prompt, answer, task), none of whose
-    questions occurs among the `exclude` rows' prompts; deterministic for (task, seed, exclude)."""
+    questions occurs among the `exclude` rows' prompts; deterministic for (task, seed, exclude,
+    config). `config`: the task's generator settings (e.g. {"max_terms": 2} for chain_sum)."""
     check_task(task)
     seen = {question_key(str(row.get("prompt") or "")) for row in exclude}
     items, offset, skipped = [], 0, 0
     while len(items) < n:
-        batch = task_corpus(task, max(n - len(items), 8), seed, offset)
+        batch = task_corpus(task, max(n - len(items), 8), seed, offset, config)
         offset += len(batch)
         for row in batch:
             key = question_key(row["prompt"])
@@ -174,12 +194,14 @@ def evaluate_model(engine, tasks: list[EvalTask], *, family: Iterable[str] = (),
     result: dict = {"model": getattr(engine, "model_id", None), "seed": seed, "tasks": {}}
     records: list[dict] = []
     for task in tasks:
-        items = task_items(task.name, task.n, seed, exclude)
+        if task.key in result["tasks"]:
+            raise ValueError(f"task {task.key!r} given twice: give each a different label")
+        items = task_items(task.name, task.n, seed, exclude, task.config)
         summary, recs = task_accuracy(engine, items, task.max_new_tokens)
-        summary["in_family"] = task.name in family
-        result["tasks"][task.name] = summary
-        records += recs
-        report(f"{task.name}: {summary['correct']}/{summary['n']} correct ({summary['seconds']:.0f}s)")
+        summary.update(in_family=task.name in family, config=task.config)
+        result["tasks"][task.key] = summary
+        records += [{**r, "task_label": task.key} for r in recs]
+        report(f"{task.key}: {summary['correct']}/{summary['n']} correct ({summary['seconds']:.0f}s)")
     if passages:
         start = time.perf_counter()
         result["general_text"] = {**text_retention(engine, text_passages(engine.tokenizer, passages,

@@ -76,7 +76,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     from opsft.evaluation import EvalTask, evaluate_model, results_table
 
     report = report or (lambda message: None)
-    tasks = [EvalTask.parse(t) for t in cfg.tasks]
+    tasks = [EvalTask.from_spec(t) for t in cfg.tasks]
     if not tasks:
         raise ValueError("no tasks to evaluate (--tasks)")
     exclude = [row for path in cfg.exclude for row in read_rows(path)]
