@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv vllm-venv vllm-start demo test test-fast lint bench clean
+.PHONY: venv vllm-venv vllm-start demo reproduce test test-fast lint bench clean
 
 venv: $(STAMP)
 
