@@ -8,6 +8,11 @@ Each client sends `--rounds` requests of one item each (a short prompt + a ~25-t
 response), one after the other; the figures count only those timed requests (a warm-up
 request per setting is not counted). Goal: batching at least 2x the unbatched throughput
 at 16 clients. Bounded: clients x rounds requests per setting.
+
+First it measures the ceiling of batching on this machine without HTTP or Ray: in-process
+scoring seconds per row, one row per call against `max(clients)` rows per call. On the 2-core
+CPU a 40-token forward pass already keeps the matmul units busy, so this ceiling is below 2x;
+on a GPU a single short sequence uses a sliver of the device and the ceiling is far higher.
 """
 
 from __future__ import annotations
@@ -62,6 +67,28 @@ async def load(url: str, clients: int, rounds: int) -> tuple[float, list[float],
     return time.perf_counter() - start, latencies, failures
 
 
+def compute_ceiling(model: str | None, clients: int, threads: int) -> tuple[float, float]:
+    """Seconds per row of in-process scoring (no HTTP, no Ray): one row per call, and `clients`
+    rows per call. Their ratio bounds what batching can gain on this machine: merging requests
+    saves forward-pass overhead only as far as a bigger batch runs faster per row."""
+    import torch
+    from opsft.engines.hf import HFEngine
+    from opsft.scoring import score_rows
+
+    torch.set_num_threads(threads)
+    engine = HFEngine(model, device="cpu")
+    rows = [item(k) for k in range(clients)]
+    score_rows(rows, engine)  # warm-up
+    per_row = {}
+    for n in (1, clients):
+        start = time.perf_counter()
+        for k in range(0, clients, n):
+            score_rows(rows[k:k + n], engine)
+        per_row[n] = (time.perf_counter() - start) / clients
+    del engine
+    return per_row[1], per_row[clients]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -81,6 +108,10 @@ def main() -> None:
     from opsft.serve.app import build_app
     from ray import serve
 
+    top = max(args.clients)
+    single, batched = compute_ceiling(args.model, top, args.num_cpus)
+    print(f"in-process scoring, no HTTP: {single * 1000:.0f} ms per row one at a time, {batched * 1000:.0f} ms per "
+          f"row {top} at a time -> batching can gain at most {single / batched:.2f}x here")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
     port = free_port()
@@ -107,7 +138,6 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    top = max(args.clients)
     ratio = rates[(True, top)] / rates[(False, top)]
     print(f"throughput with batching / without at {top} clients: {ratio:.2f}x (goal >= 2x)")
     rec = Recorder("serve_load", args)
@@ -117,6 +147,9 @@ def main() -> None:
                    baseline=("batching off", rates[(False, clients)]), goal=goal)
     rec.figure(f"p99 latency, batching on, {top} clients", p99[(True, top)], "ms",
                baseline=("batching off", p99[(False, top)]))
+    rec.figure(f"in-process scoring rows/s, {top} rows per call (the ceiling of batching)", 1 / batched, "rows/s",
+               baseline=("1 row per call", 1 / single),
+               note="no HTTP, no Ray: the most batching can gain from the forward pass on this machine")
 
 
 if __name__ == "__main__":
