@@ -73,3 +73,19 @@ def test_summarize_hand_computed():
     assert math.isclose(s.logprob_mean, -8.6 / 4)
     with pytest.raises(ValueError):
         summarize([], [])
+
+
+def test_float32_entropy_has_no_cancellation_when_logits_share_a_large_offset():
+    """Softmax is shift-invariant; float32 logits near 300 must still give H and log p within
+    1e-5 of a float64 brute force on the same (float32) logits. H computed as
+    logsumexp - sum p z loses ~5e-3 here (the cancellation of two numbers near 300)."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 49152, (64,))
+    for offset in (0.0, 300.0):
+        logits = (torch.randn(64, 49152, dtype=torch.float64) * 3 + offset).float()
+        logp64 = torch.log_softmax(logits.double(), -1)
+        want_h = -(logp64.exp() * logp64).sum(-1)
+        want_lp = logp64.gather(-1, labels[:, None]).squeeze(-1)
+        logp, ent = token_logprob_entropy(logits, labels)
+        assert float((ent.double() - want_h).abs().max()) < 1e-5
+        assert float((logp.double() - want_lp).abs().max()) < 1e-5

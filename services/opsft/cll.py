@@ -33,12 +33,17 @@ class _LogprobEntropy(torch.autograd.Function):
         lses = torch.empty(n, dtype=torch.float32, device=flat.device)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            z = flat[sl].float() / temperature
-            lse = torch.logsumexp(z, dim=-1)
-            probs = torch.exp(z - lse.unsqueeze(-1))
-            ent[sl] = lse - (probs * z).sum(-1)
-            logp[sl] = z.gather(-1, labels[sl, None]).squeeze(-1) - lse
-            lses[sl] = lse
+            z = flat[sl].float() / temperature  # a new tensor: safe to shift in place
+            # Subtract the row max first (each difference rounded once, relative to its own size),
+            # so logsumexp and log p work on small numbers; then H = -sum p log p has terms of
+            # one sign. (H = lse - sum p z cancels two large numbers: ~1e-4 lost on real logits.)
+            top = z.amax(-1, keepdim=True)
+            logp_all = z.sub_(top)
+            lse_shifted = torch.logsumexp(logp_all, dim=-1, keepdim=True)
+            logp_all.sub_(lse_shifted)  # log p over the vocabulary
+            ent[sl] = -(torch.exp(logp_all) * logp_all).sum(-1)
+            logp[sl] = logp_all.gather(-1, labels[sl, None]).squeeze(-1)
+            lses[sl] = (top + lse_shifted).squeeze(-1)
         ctx.save_for_backward(flat, labels, lses)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(ent)
@@ -67,8 +72,8 @@ def token_logprob_entropy(
     [0, V), such as -100, give logprob 0 and must be masked by the caller). log p is
     differentiable in the logits; H is returned without gradient.
 
-    Uses H = logsumexp(z) - sum softmax(z) * z: one exp per chunk, never a full
-    log_softmax, and no vocabulary-sized tensor is kept for the backward pass.
+    Per chunk of positions: z - logsumexp(z) (log p over the vocabulary, in place), one exp,
+    H = -sum p log p; nothing vocabulary-sized is kept for the backward pass.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
