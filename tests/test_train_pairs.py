@@ -109,8 +109,10 @@ def test_train_step_with_pairs_is_the_same_for_any_micro_batch_size(tiny_model, 
     (c1, s1), (c2, s2) = results
     assert c1[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy is the reference: margin 0
     assert c1[0]["margin"] == pytest.approx(0.0, abs=1e-5) and c1[0]["pairs"] == 8
-    for a, b in zip(c1, c2, strict=True):
-        for key in ("loss", "margin", "reward_accuracy", "logp_chosen", "logp_rejected"):
+    for step, (a, b) in enumerate(zip(c1, c2, strict=True)):
+        # at step 0 every margin is 0 up to float noise, so "margin > 0" (reward_accuracy) is noise
+        keys = ("loss", "margin", "logp_chosen", "logp_rejected") + (("reward_accuracy",) if step else ())
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
         assert a["tokens"] == b["tokens"]
     assert max(float((s1[k] - tiny_model.state_dict()[k]).abs().max()) for k in s1) > 1e-3  # it moved
