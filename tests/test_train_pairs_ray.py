@@ -29,9 +29,10 @@ def test_two_ray_workers_with_a_crash_equal_one_process_for_dpo(tmp_path, tiny_m
     assert (tmp_path / "two" / ".fail_after_step_done").exists()  # the crash did happen
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [m["step"] for m in two] == [1, 2, 3, 4] and one[0]["pairs"] == two[0]["pairs"] == 4
-    for a, b in zip(one, two, strict=True):
+    for step, (a, b) in enumerate(zip(one, two, strict=True)):
         assert b["tokens"] == a["tokens"]
-        for key in ("loss", "margin", "reward_accuracy"):
+        # at step 1 every margin is 0 up to float noise, so "margin > 0" (reward_accuracy) is noise
+        for key in ("loss", "margin") + (("reward_accuracy",) if step else ()):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     for key in ("eval_loss", "eval_margin", "eval_reward_accuracy"):
         assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-4, abs=1e-5), key
