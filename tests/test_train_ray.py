@@ -6,28 +6,23 @@ result is a HF folder. One TorchTrainer fit with one restart."""
 from __future__ import annotations
 
 import pytest
-from opsft.config import TrainConfig
-from opsft.train.loop import run_local
-from opsft.train.metrics import read_metrics
-from train_helpers import arithmetic_rows, max_weight_diff, save_tiny, weights, write_corpus
+from train_helpers import (
+    arithmetic_rows,
+    max_weight_diff,
+    one_process_and_two_crashing_workers,
+    save_tiny,
+    weights,
+    write_corpus,
+)
 
 
 @pytest.mark.slow
 def test_two_ray_workers_with_a_crash_equal_one_uninterrupted_process(tmp_path, tiny_model, tokenizer, ray_local):
-    from opsft.train.ray_job import run_ray
-
     model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
     corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(15) + [{"prompt": "no response"}])
-    common = dict(input=corpus, model=model_dir, loss={"name": "idft"}, max_steps=4, global_batch_size=4, lr=3e-3,
-                  warmup_ratio=0.25, eval_rows=2, checkpoint_every=2, seed=3)
-    ref = run_local(TrainConfig(**common, micro_batch_size=4, output_dir=str(tmp_path / "one")))
-    out = run_ray(TrainConfig(**common, micro_batch_size=1, output_dir=str(tmp_path / "two"),
-                              scaling={"num_workers": 2}, fail_after_step=3, max_failures=1))
-
-    assert out["data"]["train"]["error_rows"] == 1
-    assert (tmp_path / "two" / ".fail_after_step_done").exists()  # the crash did happen
-    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
-    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    ref, out, one, two = one_process_and_two_crashing_workers(
+        tmp_path, input=corpus, model=model_dir, loss={"name": "idft"}, max_steps=4, global_batch_size=4, lr=3e-3,
+        warmup_ratio=0.25, eval_rows=2, checkpoint_every=2, seed=3)
     for a, b in zip(one, two, strict=True):
         assert b["tokens"] == a["tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)

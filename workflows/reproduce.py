@@ -175,10 +175,12 @@ def row_of(label: str, result: dict, base: dict, spec: MethodSpec | None, train_
 
 
 def table(rows: list[dict]) -> str:
+    from opsft.evaluation import markdown_table
+
     tasks = list(rows[0]["accuracy"])
     head = (["method", "data"] + [f"{t}{' (in)' if rows[0]['accuracy'][t]['in_family'] else ''}" for t in tasks]
             + ["text NLL change", "train-corpus CLL before -> after", "original-corpus CLL"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["method"], r["data"] or "-"]
         cells += [f"{a['accuracy']:.3f} ({a['correct']}/{a['n']})" for a in r["accuracy"].values()]
@@ -186,8 +188,8 @@ def table(rows: list[dict]) -> str:
         before, after = r["train_corpus_cll_before"], r["train_corpus_cll_after"]
         cells.append("-" if before is None else f"{before:.3f} -> {after:.3f}")
         cells.append(f"{r['original_corpus_cll']:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -44,6 +44,10 @@ class EvalTask:
     config: dict = field(default_factory=dict)  # the task's generator settings (reasoning_gym.create_dataset)
     label: str | None = None                    # the name in results and tables (default: name)
 
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"bad task {self.name!r}: n and max_new_tokens must be >= 1")
+
     @property
     def key(self) -> str:
         return self.label or self.name
@@ -55,10 +59,7 @@ class EvalTask:
             return spec
         if isinstance(spec, str):
             return cls.parse(spec)
-        task = cls(**(spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)))
-        if task.n < 1 or task.max_new_tokens < 1:
-            raise ValueError(f"bad task {spec!r}: n and max_new_tokens must be >= 1")
-        return task
+        return cls(**(spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)))
 
     @classmethod
     def parse(cls, spec: str, n: int = 50, max_new_tokens: int = 256) -> EvalTask:
@@ -71,17 +72,12 @@ class EvalTask:
         except ValueError:
             raise ValueError(f"bad task {spec!r}: n and max_new_tokens must be integers") from None
         values += [n, max_new_tokens][len(values):]
-        task = cls(parts[0], values[0], values[1])
-        if task.n < 1 or task.max_new_tokens < 1:
-            raise ValueError(f"bad task {spec!r}: n and max_new_tokens must be >= 1")
-        return task
+        return cls(parts[0], values[0], values[1])
 
 
 def check_task(name: str) -> None:
-    import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
-    del reasoning_gym
     if name not in DATASETS:
         close = sorted(k for k in DATASETS if name.split("_")[0] in k)[:8]
         raise ValueError(f"unknown reasoning-gym task {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
@@ -219,6 +215,11 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def results_table(results: list[dict], labels: list[str] | None = None) -> str:
     """A markdown table, one line per model: accuracy per task (correct/n), general-text NLL and
     CLL, and the NLL change against the first model (the baseline)."""
@@ -227,7 +228,7 @@ def results_table(results: list[dict], labels: list[str] | None = None) -> str:
     base_nll = (results[0].get("general_text") or {}).get("nll") if results else None
     head = ["model"] + [f"{t}{'' if not results[0]['tasks'].get(t, {}).get('in_family') else ' (in)'}"
                         for t in tasks] + ["text NLL", "text CLL", "dNLL"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for label, r in zip(labels, results, strict=True):
         cells = [label]
         for t in tasks:
@@ -237,5 +238,5 @@ def results_table(results: list[dict], labels: list[str] | None = None) -> str:
         nll = text.get("nll")
         cells += [_fmt(nll), _fmt(text.get("cll")),
                   _fmt(None if nll is None or base_nll is None else nll - base_nll, 4)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(head, body)
