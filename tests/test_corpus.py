@@ -79,3 +79,95 @@ def test_a_column_only_later_rows_have_is_not_lost(tmp_path, ext):
     write_rows(rows, tmp_path / f"k.{ext}")
     back = read_rows(tmp_path / f"k.{ext}")
     assert back[1]["error"] == "bad row" and back[0].get("error") is None
+
+
+# ---------------------------------------------------------------------------- hostile input
+
+
+def test_every_non_blank_line_is_one_row_whatever_it_holds(tmp_path):
+    lines = [
+        b'\xef\xbb\xbf{"id": "bom", "prompt": "q", "response": "a"}',        # a byte-order mark before row 1
+        b'{"id": "crlf", "prompt": "q", "response": "a"}\r',                  # CRLF line end
+        b'   \t ',                                                             # blank: not a row
+        b'{"id": "sur", "prompt": "q", "response": "x \\ud800 y"}',           # lone surrogate escape
+        b'{"id": "deep-sur", "prompt": "q", "response": "a", "m": {"k": ["\\udfff"]}}',
+        b'{"id": "key-sur", "prompt": "q", "response": "a", "m": {"\\ud83d": 1}}',
+        b'{"id": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",          # deeper than the parser's stack
+        b'{"id": "d33", "x": ' + b"[" * 33 + b"]" * 33 + b"}",               # just past MAX_DEPTH
+        b'{"id": "d31", "prompt": "q", "response": "a", "x": ' + b"[" * 31 + b"]" * 31 + b"}",
+        b'{"id": "nul", "prompt": "q", "response": "a\\u0000b"}',           # NUL is text: carried
+    ]
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"\n".join(lines[:6]) + b"\r\n" + b"\r".join(lines[6:]) + b"\n")  # CR-only ends too
+    rows = read_rows(path)
+    assert [r.get("id") for r in rows] == ["bom", "crlf", "sur", "deep-sur", "key-sur", None, "d33", "d31", "nul"]
+    assert len(rows) == 9  # 10 lines, one blank
+    by_id = {r.get("id"): r for r in rows}
+    assert by_id["bom"] == {"id": "bom", "prompt": "q", "response": "a"}
+    assert by_id["crlf"] == {"id": "crlf", "prompt": "q", "response": "a"}
+    assert "response is not valid Unicode" in by_id["sur"]["error"]
+    assert "m.k[0] is not valid Unicode" in by_id["deep-sur"]["error"]
+    assert "a key in m" in by_id["key-sur"]["error"]
+    assert by_id["nul"]["response"] == "a\x00b" and "error" not in by_id["nul"]
+    assert not by_id["d31"].get("error")
+    assert "nested deeper than 32" in rows[5]["error"] and "nested deeper than 32" in by_id["d33"]["error"]
+    for r in rows:  # error rows keep the line's text, valid UTF-8, and with_id gives them a stable id
+        if r.get("error"):
+            assert r["raw_line"].encode("utf-8") and with_id(r)["id"] == with_id(dict(r))["id"]
+    for ext in ("jsonl", "parquet"):  # every row read can be written
+        write_rows(rows, tmp_path / f"out.{ext}")
+        back = read_rows(tmp_path / f"out.{ext}")
+        assert [r.get("id") for r in back] == [r.get("id") for r in rows]
+    assert read_rows(tmp_path / "out.jsonl") == rows
+
+
+def test_text_that_is_not_valid_unicode_is_still_written(tmp_path):
+    rows = [{"id": "a", "response": "x\ud800y"}, {"id": "b", "response": "ok"}]
+    write_rows(rows, tmp_path / "s.jsonl")
+    assert (tmp_path / "s.jsonl").read_bytes().decode("utf-8")  # valid UTF-8 on disk
+    assert read_rows(tmp_path / "s.jsonl")[0]["error"].endswith("response is not valid Unicode text (a lone surrogate)")
+    assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0]) == rows[0]  # the escape is kept
+    write_rows(rows, tmp_path / "s.parquet")
+    assert [r["response"] for r in read_rows(tmp_path / "s.parquet")] == ["x\\ud800y", "ok"]
+
+
+def test_ids_are_strings(tmp_path):
+    assert with_id({"id": 7})["id"] == "7" and "error" not in with_id({"id": 7})
+    bad = with_id({"id": {"b": 1, "a": [2]}})
+    assert bad["id"] == '{"a": [2], "b": 1}' and "'id' must be a string or an integer" in bad["error"]
+    assert "error" in with_id({"id": True}) and "error" in with_id({"id": 1.5})
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from opsft import corpus
+
+    path = tmp_path / "out.jsonl"
+    write_rows([{"id": "old"}], path)
+    calls = []
+
+    def failing(row):
+        calls.append(row)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return json.dumps(row).encode() + b"\n"
+
+    monkeypatch.setattr(corpus, "jsonl_line", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_rows([{"id": "1"}, {"id": "2"}, {"id": "3"}], path)
+    assert path.read_text() == '{"id": "old"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch):
+    from opsft.corpus import refuse_overwrite, same_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "c.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "d" / "c.jsonl")
+    for spelling in ("d/c.jsonl", "./d/../d/c.jsonl", str(tmp_path / "d" / "c.jsonl"), "link.jsonl"):
+        assert same_path(spelling, "d/c.jsonl")
+        with pytest.raises(ValueError, match="never overwrites an input"):
+            refuse_overwrite(["other.jsonl", spelling], ["d/c.jsonl"])
+    assert same_path("s3://b/k/", "s3://b/k") and not same_path("s3://b/k", "s3://b/k2")
+    refuse_overwrite(["d/other.jsonl", None], ["d/c.jsonl", None])  # different paths: fine

@@ -10,6 +10,7 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from opsft.corpus import rows_table
 from opsft.jobs import files
 from opsft.jobs.stages import EngineActor, apply_rows, parse_jsonl_files, parse_table
 
@@ -17,11 +18,11 @@ from opsft.jobs.stages import EngineActor, apply_rows, parse_jsonl_files, parse_
 def test_rows_table_fixes_score_types_and_survives_mixed_columns():
     rows = [{"id": "a", "cll": None, "n_tokens": None, "error": "bad", "token_phi": None, "answer": 4},
             {"id": "b", "cll": None, "n_tokens": None, "error": "bad", "token_phi": None, "answer": "four"}]
-    table = files.rows_table(rows, files.SCORE_TYPES)
+    table = rows_table(rows, files.SCORE_TYPES)
     assert table.schema.field("cll").type == pa.float64()  # not null-typed although all values are null
     assert table.schema.field("n_tokens").type == pa.int64()
     assert table.schema.field("token_phi").type == pa.list_(pa.float64())
-    assert table.column("answer").to_pylist() == ["4", '"four"']  # int and str in one column -> JSON text
+    assert table.column("answer").to_pylist() == ["4", "four"]  # int and str in one column -> text (JSON for the int)
 
 
 def test_parts_roundtrip_done_ids_and_temporaries(tmp_path):

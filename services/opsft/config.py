@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -78,19 +78,53 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot be used, said in one line: which setting, what is wrong, where it came from."""
+
+
 def load_config(cls: type[ConfigT], path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> ConfigT:
-    """cls from a YAML file (if given) with dotted-key overrides applied; None values are ignored."""
+    """cls from a YAML file (if given) with dotted-key overrides applied; None values are ignored.
+    Raises ConfigError (one line) for an unreadable file or an invalid setting."""
     data: dict[str, Any] = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping")
+            raise ConfigError(f"{path}: a config file must hold a mapping")
         data = loaded
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_path(data, key, value)
-    return cls.model_validate(data)
+    given = {key for key, value in (overrides or {}).items() if value is not None}
+    for key in given:
+        set_path(data, key, overrides[key])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, given, path)) from None
+
+
+def describe_errors(exc: ValidationError, flags: set[str] = frozenset(), path=None) -> str:
+    """A pydantic ValidationError as one line: `key: what is wrong (got value; where it was set)`."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        source = "from a command-line flag" if key in flags else f"in {path}" if path else "in the config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown setting ({source}; check its spelling)")
+            continue
+        if err["type"] == "missing":
+            parts.append(f"{key}: required, but not set")
+            continue
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        parts.append(f"{key}: {msg} (got {got}, {source})")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------- serving (opsft serve)

@@ -5,19 +5,30 @@ A row has `prompt` (string) or `messages` (chat list ending with a user turn), a
 `answer` (reference final answer). Other columns are carried through untouched.
 
 Invalid rows are never dropped and never fatal: they get a non-null `error` string and
-are written like the others, so rows out == rows in. A JSONL line that is not valid JSON
-or not UTF-8 becomes a row with only `error` and `raw_line`.
+are written like the others, so rows out == rows in. A JSONL line that is not valid JSON,
+not UTF-8, not an object, nested deeper than MAX_DEPTH, or holding text that is not valid
+Unicode (a lone surrogate escape such as "\\ud800", anywhere in the row) becomes a row with
+`error`, `raw_line` (the line's text, always valid UTF-8) and its `id` when it had a plain one.
+So every row that leaves `read_rows` can be written to JSONL and Parquet.
+
+Line ends: LF, CRLF and CR all end a line; a UTF-8 byte-order mark at the start of a file is
+ignored; a blank (or whitespace-only) line is not a row and is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = {"system", "user", "assistant", "tool"}
+MAX_DEPTH = 32  # nesting of lists/objects in a row; deeper rows are error rows (Parquet reads at most 100
+# schema levels, two per list)
+BOM = b"\xef\xbb\xbf"
 
 
 class RowError(ValueError):
@@ -52,7 +63,7 @@ def row_messages(row: dict) -> list[dict]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RowError(f"messages[{i}] must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
                 raise RowError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m['role']!r}")
             out.append({"role": m["role"], "content": _check_text(m["content"], f"messages[{i}].content")})
         if out[-1]["role"] != "user":
@@ -95,12 +106,75 @@ def stable_id(row: dict) -> str:
 
 
 def with_id(row: dict) -> dict:
-    if row.get("id") in (None, ""):
-        row = {**row, "id": stable_id(row)}
-    return row
+    """The row with a string `id`: its own (an integer becomes its decimal text), else a stable hash
+    of its content (of the raw line for an unparseable one). Any other id type is an error: the row
+    keeps the id as JSON text and gets `error`. An `error` the row brings must be a string or null:
+    any other value (a number, a list) becomes an error saying so, with the value as JSON text."""
+    bad = row.get("error")
+    if bad is not None and not isinstance(bad, str):
+        shown = json.dumps(bad, ensure_ascii=True, default=json_default)[:200]
+        row = {**row, "error": f"'error' must be a string or null, got {type(bad).__name__} {shown}"}
+    rid = row.get("id")
+    if isinstance(rid, str) and rid:
+        return row
+    if rid is None or rid == "":
+        if "raw_line" in row:  # an unparseable line: the id comes from its text
+            blob = f"{row.get('error')}\n{row['raw_line']}".encode("utf-8", "surrogatepass")
+            return {**row, "id": "line-" + hashlib.sha256(blob).hexdigest()[:16]}
+        return {**row, "id": stable_id(row)}
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return {**row, "id": str(rid)}
+    problem = f"'id' must be a string or an integer, got {type(rid).__name__}"
+    text = json.dumps(rid, sort_keys=True, ensure_ascii=True, default=json_default)
+    return {**row, "id": text, "error": row.get("error") or problem}
+
+
+def apply_rows(fn, rows: list[dict], engine, kwargs: dict) -> list[dict]:
+    """fn over a batch; if the batch raises, row by row, so one bad row cannot fail the job:
+    a row that raises alone keeps its columns and gets `error`."""
+    try:
+        out = fn(rows, engine, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - isolate the row(s) responsible
+        logging.getLogger(__name__).warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc)
+        out = []
+        for row in rows:
+            try:
+                out += fn([row], engine, **kwargs)
+            except Exception as row_exc:  # noqa: BLE001
+                out.append({**with_id(row), "error": f"{type(row_exc).__name__}: {row_exc}"})
+    if len(out) != len(rows):
+        raise RuntimeError(f"row function returned {len(out)} rows for {len(rows)}: it must keep rows 1:1")
+    return out
 
 
 # ---------------------------------------------------------------------------- files
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths (or URIs such as s3://b/k) name the same file or folder."""
+    a, b = str(a), str(b)
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
+    """Raise ValueError when an output path is one of the input paths: an input is never overwritten."""
+    inputs = [i for i in inputs if i]
+    for out in outputs:
+        for inp in inputs:
+            if out and same_path(out, inp):
+                raise ValueError(f"the output {out} is the input {inp}: opsft never overwrites an input; "
+                                 "choose another output path")
+
+
+def check_corpus_paths(input: str, outputs: list[str | Path]) -> None:
+    """Before any work: the input and output corpora have known formats, and no output is the input."""
+    for path in (input, *outputs):
+        file_format(path)
+    refuse_overwrite(outputs, [input])
 
 
 def file_format(path: str | Path) -> str:
@@ -117,31 +191,69 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such corpus file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a corpus file (read a job's output folder with opsft.jobs.files)")
     if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    rows = []
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            rows.append(parse_jsonl_line(raw, lineno))
-    return rows
+    return jsonl_rows(path.read_bytes())
+
+
+def jsonl_rows(data: bytes) -> list[dict]:
+    """The rows of a JSONL file's bytes: one per non-blank line (LF, CRLF or CR ends a line)."""
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    return [parse_jsonl_line(raw, n) for n, raw in enumerate(data.splitlines(), 1) if raw.strip()]
 
 
 def parse_jsonl_line(raw: bytes, lineno: int) -> dict:
+    """One JSONL line as a row; a line that cannot be a row becomes an error row (module doc)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return {"error": f"line {lineno}: not UTF-8 ({exc.reason})", "raw_line": raw.decode("utf-8", "replace")}
+    text = text.rstrip("\r\n")
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
-        return {"error": f"line {lineno}: invalid JSON ({exc.msg})", "raw_line": text.rstrip("\n")}
+        return {"error": f"line {lineno}: invalid JSON ({exc.msg})", "raw_line": text}
+    except RecursionError:
+        return {"error": f"line {lineno}: nested deeper than {MAX_DEPTH} levels", "raw_line": text}
     if not isinstance(row, dict):
-        return {"error": f"line {lineno}: a row must be a JSON object", "raw_line": text.rstrip("\n")}
+        return {"error": f"line {lineno}: a row must be a JSON object", "raw_line": text}
+    problem = unrepresentable(row)
+    if problem:
+        bad = {"error": f"line {lineno}: {problem}", "raw_line": text}
+        if isinstance(row.get("id"), str) and not unrepresentable(row["id"]):
+            bad = {"id": row["id"], **bad}
+        return bad
     return row
+
+
+def unrepresentable(value, depth: int = 0, where: str = "row") -> str | None:
+    """Why a parsed JSON value cannot be carried as it is (nesting deeper than MAX_DEPTH, or text
+    that is not valid Unicode: a lone surrogate), or None."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{where} is not valid Unicode text (a lone surrogate)"
+        return None
+    if isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            inner = f"{where}[{key!r}]" if isinstance(value, list) or not isinstance(key, str) else (
+                key if where == "row" else f"{where}.{key}")
+            if isinstance(key, str) and unrepresentable(key, depth, where):
+                return f"a key in {where} is not valid Unicode text (a lone surrogate)"
+            problem = unrepresentable(item, depth + 1, inner)
+            if problem:
+                return problem
+    return None
 
 
 def write_rows(rows: Iterable[dict], path: str | Path) -> None:
@@ -150,38 +262,73 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     rows = list(rows)
-    if file_format(path) == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if file_format(path) == "parquet":
+            import pyarrow.parquet as pq
 
-        pq.write_table(arrow_table(rows), tmp)
-    else:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, default=json_default) + "\n")
-    tmp.replace(path)
+            pq.write_table(rows_table(rows), tmp)
+        else:
+            with open(tmp, "wb") as handle:
+                handle.writelines(jsonl_line(row) for row in rows)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def arrow_table(rows: list[dict]):
-    """A pyarrow Table of rows that may have different keys, and columns that mix types (a bad
-    row's `response: 42` among strings): such a column is written as strings (JSON for
-    non-strings) instead of failing."""
+def jsonl_line(row: dict) -> bytes:
+    """One row as a JSONL line (UTF-8, newline-terminated). Text that is not valid Unicode (a lone
+    surrogate) is written as its JSON escape, so the line is valid UTF-8 and reads back the same."""
+    try:
+        return (json.dumps(row, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row, ensure_ascii=True, default=json_default) + "\n").encode("ascii")
+
+
+def rows_table(rows: list[dict], column_types: dict | None = None):
+    """A pyarrow Table of rows that may have different keys (every column of every row), with
+    the given Arrow types for known columns. A column that Arrow cannot hold in one type (a bad
+    row's `response: 42` among strings) is written as strings: text as it is, any other value as
+    its JSON text. Text that is not valid Unicode gets backslash escapes (Arrow needs UTF-8)."""
     import pyarrow as pa
 
-    # Every column of every row (from_pylist alone would take the columns of the first row only).
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    try:
-        return pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-        pass
-    data = {}
-    for col in columns:
-        values = [row.get(col) for row in rows]
+    column_types = column_types or {}
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    arrays = []
+    for name in names:
+        values = [row.get(name) for row in rows]
         try:
-            data[col] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-            data[col] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=json_default)
-                                  for v in values], type=pa.string())
-    return pa.table(data)
+            array = pa.array(values, type=column_types.get(name))
+            if _parquet_writable(array.type):
+                arrays.append(array)
+                continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError,
+                OverflowError):
+            pass
+        arrays.append(pa.array([_as_text(v) for v in values], type=pa.string()))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _parquet_writable(arrow_type) -> bool:
+    """False for a type that Parquet refuses: a struct with no field (from `{}` values), at any depth."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        return arrow_type.num_fields > 0 and all(_parquet_writable(f.type) for f in arrow_type)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return _parquet_writable(arrow_type.value_type)
+    return True
+
+
+def _as_text(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, default=json_default)
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def json_default(value):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opsft.chat import end_of_turn_id, prompt_ids
+from opsft.corpus import RowError, question_text, row_messages
 from opsft.datasets import question_key, task_corpus
 from opsft.engines.base import GenerationParams
 from opsft.verify import ReasoningGymVerifier, extract_final_answer
@@ -83,13 +84,22 @@ def check_task(name: str) -> None:
         raise ValueError(f"unknown reasoning-gym task {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
 
 
+def row_question(row: dict) -> str | None:
+    """The question of a corpus row (its prompt, or the last user turn of its messages); None for
+    a row that has none (an invalid row cannot exclude anything)."""
+    try:
+        return question_text(row_messages(row))
+    except RowError:
+        return None
+
+
 def task_items(task: str, n: int, seed: int = DEFAULT_SEED, exclude: Iterable[dict] = (),
                config: dict | None = None) -> list[dict]:
     """n items of a reasoning-gym task (rows with id, prompt, answer, task), none of whose
     questions occurs among the `exclude` rows' prompts; deterministic for (task, seed, exclude,
     config). `config`: the task's generator settings (e.g. {"max_terms": 2} for chain_sum)."""
     check_task(task)
-    seen = {question_key(str(row.get("prompt") or "")) for row in exclude}
+    seen = {question_key(q) for q in map(row_question, exclude) if q is not None}
     items, offset, skipped = [], 0, 0
     while len(items) < n:
         batch = task_corpus(task, max(n - len(items), 8), seed, offset, config)

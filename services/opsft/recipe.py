@@ -109,19 +109,23 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     if model is None:
         raise ValueError("hinted decoding needs a transformers model: pass hd_model or use the hf engine")
     out = [with_id(dict(row)) for row in rows]
-    todo: dict[int, tuple] = {}  # row index -> (example, reference answer)
+    todo: dict[int, tuple] = {}  # row index -> (example, reference answer, the question's prompt ids)
     for k, row in enumerate(out):
         row.update({name: None for name in NEW_FIELDS})
         row["original_response"] = row.get("response")
         try:
             ex = parse_row(row)
+            question = prompt_ids(tok, ex.messages)
+            if len(question) >= engine.max_length:
+                raise RowError(f"too long for the model: the prompt has {len(question)} tokens >= max length "
+                               f"{engine.max_length}")
         except RowError as exc:
             row["error"] = str(exc)
             continue
         reference = row.get("answer")
         if reference in (None, ""):
             reference = extract_final_answer(ex.response)
-        todo[k] = (ex, reference)
+        todo[k] = (ex, reference, question)
 
     def accept(text: str, k: int) -> bool | None:
         reference = todo[k][1]
@@ -131,7 +135,7 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     need_hd = list(todo)
     if params.policy == "self-first" and need_hd:
         report("self-answer", 0, len(need_hd))
-        prompts = [prompt_ids(tok, todo[k][0].messages) for k in need_hd]
+        prompts = [todo[k][2] for k in need_hd]
         gen = GenerationParams(max_new_tokens=params.hd.max_new_tokens, temperature=0.0,
                                stop_token_ids=(eos,), seed=params.hd.seed)
         answers = engine.generate(prompts, gen)
@@ -151,11 +155,14 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     items, hd_rows = [], []
     if need_hd:
         report("hint", 0, len(need_hd))
-        hint_prompts = [prompt_ids(tok, hint_messages(question_text(todo[k][0].messages), todo[k][0].response))
-                        for k in need_hd]
-        hints = engine.generate(hint_prompts, GenerationParams(max_new_tokens=params.hint_max_new_tokens,
-                                                               temperature=0.0, stop_token_ids=(eos,)))
-        for k, hp, hint in zip(need_hd, hint_prompts, hints, strict=True):
+        hint_prompts = {k: prompt_ids(tok, hint_messages(question_text(todo[k][0].messages), todo[k][0].response))
+                        for k in need_hd}
+        for k in [k for k, hp in hint_prompts.items() if len(hp) >= engine.max_length]:  # no room for a hint
+            out[k].update(source="original", verified=False, finish_reason="max_length", hd_tokens=0)
+            del hint_prompts[k]
+        hints = engine.generate(list(hint_prompts.values()), GenerationParams(
+            max_new_tokens=params.hint_max_new_tokens, temperature=0.0, stop_token_ids=(eos,))) if hint_prompts else []
+        for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
             out[k]["hint"] = tok.decode(hint, skip_special_tokens=True)
             prefix = analysis_prefix(out[k]["hint"])
             out[k]["hint_forced"] = prefix is None and params.missing_hint == "cot"
@@ -165,7 +172,7 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
                 out[k].update(source="original", verified=False, finish_reason="no_hint")
                 continue
             item = HDItem(hinted_prompt=hp + response_ids(tok, prefix),
-                          student_prompt=prompt_ids(tok, todo[k][0].messages), seed=row_seed(out[k]["id"]))
+                          student_prompt=todo[k][2], seed=row_seed(out[k]["id"]))
             if max(len(item.hinted_prompt), len(item.student_prompt)) >= engine.max_length:
                 out[k].update(source="original", verified=False, finish_reason="max_length", hd_tokens=0)
                 continue

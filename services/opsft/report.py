@@ -16,6 +16,7 @@ Ray-free; matplotlib with the Agg backend.
 from __future__ import annotations
 
 import json
+import math
 import re
 from itertools import combinations
 from pathlib import Path
@@ -74,7 +75,7 @@ def _stats(values: np.ndarray) -> dict:
 
 
 def source_summary(rows: list[dict]) -> dict:
-    ok = [r for r in rows if not r.get("error") and r.get("cll") is not None]
+    ok = _ok(rows)
     out = {"rows": len(rows), "error_rows": len(rows) - len(ok),
            "tokens": int(sum(r.get("n_tokens") or 0 for r in ok)),
            "cll": _stats(np.array([r["cll"] for r in ok], dtype=float)),
@@ -88,14 +89,30 @@ def source_summary(rows: list[dict]) -> dict:
 
 
 def token_phis(rows: list[dict]) -> np.ndarray | None:
-    lists = [r.get("token_phi") for r in rows if r.get("token_phi") is not None]
+    lists = [r["token_phi"] for r in rows if _numbers(r.get("token_phi"))]
     if not lists:
         return None
     return np.concatenate([np.asarray(x, dtype=float) for x in lists])
 
 
+def _number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list | tuple | np.ndarray) and len(values) > 0 and all(_number(v) for v in values)
+
+
 def _ok(rows):
-    return [r for r in rows if not r.get("error") and r.get("cll") is not None]
+    """The scored rows: no error, and finite numbers where the report reads them (anything else in
+    a hostile input counts as an error row)."""
+    return [r for r in rows if not r.get("error") and all(_number(r.get(k)) for k in ("cll", "logprob_mean",
+                                                                                      "cll_frac_pos"))]
 
 
 def separation(rows_a: list[dict], rows_b: list[dict]) -> dict:

@@ -31,9 +31,22 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.run(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"opsft {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # bad input, flags, config, paths, an unreachable cluster
+        if args.verbose:
+            raise
+        print(f"opsft {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: Exception) -> str:
+    """An error for the terminal: a pydantic validation error as `key: what is wrong`, and never
+    more than one line."""
+    from pydantic import ValidationError
+
+    from opsft.config import describe_errors
+
+    text = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

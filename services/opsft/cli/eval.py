@@ -16,6 +16,8 @@ import sys
 
 from opsft.cli.common import add_engine_flags, engine_overrides
 
+OUTPUT_FILES = ("eval.json", "table.md", "items.jsonl")  # what --output receives
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("eval", help="accuracy on held-out reasoning-gym tasks and general-text retention")
@@ -71,7 +73,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     import json
     from pathlib import Path
 
-    from opsft.corpus import read_rows, write_rows
+    from opsft.corpus import read_rows, refuse_overwrite, write_rows
     from opsft.engines.base import make_engine
     from opsft.evaluation import EvalTask, evaluate_model, results_table
 
@@ -79,6 +81,8 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     tasks = [EvalTask.from_spec(t) for t in cfg.tasks]
     if not tasks:
         raise ValueError("no tasks to evaluate (--tasks)")
+    if cfg.output:
+        refuse_overwrite([cfg.output, *(Path(cfg.output) / name for name in OUTPUT_FILES)], cfg.exclude)
     exclude = [row for path in cfg.exclude for row in read_rows(path)]
     models = [labelled(m) for m in cfg.models] or [("default", None)]
     if len({label for label, _ in models}) != len(models):

@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from opsft.corpus import read_rows, write_rows
+    from opsft.corpus import check_corpus_paths, read_rows, write_rows
     from opsft.pairs import preference_pairs
 
+    check_corpus_paths(args.input, [args.output])
     rows = read_rows(args.input)
     if rows and not any("self_verified" in r for r in rows):
         raise ValueError(f"{args.input}: no row has 'self_verified'; expected the output of `opsft rewrite` "

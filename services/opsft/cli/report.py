@@ -16,8 +16,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from opsft.cli.common import print_summary
-    from opsft.report import report_from_paths
+    from opsft.corpus import refuse_overwrite
+    from opsft.report import parse_input, report_from_paths
 
+    refuse_overwrite([args.output], [parse_input(spec)[1] for spec in args.input])
     summary = report_from_paths(args.input, args.output)
     print_summary("report", {"output": args.output, "plots": summary["plots"], "pairs": summary["pairs"]})
     return 0

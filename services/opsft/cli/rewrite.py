@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from opsft.cli.common import Progress, add_model_flags, print_summary
+from opsft.corpus import check_corpus_paths
 
 
 def add_parser(sub) -> None:
@@ -54,6 +55,7 @@ def run(args) -> int:
         "splitter": args.splitter, "seed": args.seed, "batch_size": args.batch_size})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
+    check_corpus_paths(cfg.input, [cfg.output, dropped_path(cfg.output)])
     if cfg.engine.kind != "hf":
         raise ValueError("opsft rewrite runs hinted decoding on a transformers model: engine.kind must be 'hf'")
     print_summary("rewrite", rewrite_in_process(cfg))
@@ -66,7 +68,7 @@ def dropped_path(output: str) -> Path:
 
 
 def rewrite_in_process(cfg) -> dict:
-    from opsft.corpus import read_rows, write_rows
+    from opsft.corpus import apply_rows, read_rows, write_rows
     from opsft.engines import make_engine
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
 
@@ -81,7 +83,7 @@ def rewrite_in_process(cfg) -> dict:
         bar.update(done - bar.done)
 
     start = time.monotonic()
-    out = rewrite_rows(rows, engine, params, report=report)
+    out = apply_rows(rewrite_rows, rows, engine, {"params": params, "report": report})
     kept, dropped = split_dropped(out)
     write_rows(kept, cfg.output)
     if dropped:

@@ -16,6 +16,7 @@ import time
 
 from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
 from opsft.cli.jobflags import add_job_flags, job_overrides
+from opsft.corpus import check_corpus_paths
 
 
 def add_parser(sub) -> None:
@@ -39,6 +40,7 @@ def run(args) -> int:
         "include_eos": args.include_eos, "temperature": args.temperature, **job_overrides(args)})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
+    check_corpus_paths(cfg.input, [cfg.output])
     if cfg.distributed or cfg.address or os.environ.get("RAY_ADDRESS"):
         print_summary("score (Ray Data)", score_distributed(cfg))
     else:
@@ -58,7 +60,7 @@ def score_distributed(cfg) -> dict:
 
 
 def score_in_process(cfg) -> dict:
-    from opsft.corpus import read_rows, write_rows
+    from opsft.corpus import apply_rows, read_rows, write_rows
     from opsft.engines import make_engine
     from opsft.scoring import score_rows, summary
 
@@ -68,7 +70,8 @@ def score_in_process(cfg) -> dict:
     start, out = time.monotonic(), []
     step = max(cfg.engine.max_batch_size * 4, 1)
     for i in range(0, len(rows), step):
-        out += score_rows(rows[i:i + step], engine, cfg.include_eos, cfg.tokens, cfg.temperature)
+        out += apply_rows(score_rows, rows[i:i + step], engine, {"include_eos": cfg.include_eos, "tokens": cfg.tokens,
+                                                                 "temperature": cfg.temperature})
         progress.update(len(rows[i:i + step]))
     write_rows(out, cfg.output)
     elapsed = time.monotonic() - start

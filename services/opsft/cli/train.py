@@ -14,6 +14,7 @@ The final checkpoint folder (printed) is a Hugging Face model folder; see docs/t
 from __future__ import annotations
 
 from opsft.cli.common import print_summary
+from opsft.corpus import refuse_overwrite
 
 # flag -> dotted TrainConfig key
 FLAGS = {
@@ -91,6 +92,7 @@ def config_from_args(args):
     cfg = load_config(TrainConfig, args.config, {key: getattr(args, flag) for flag, key in FLAGS.items()})
     if not cfg.input or not cfg.output_dir:
         raise ValueError("--input and --output-dir are required (on the command line or in --config)")
+    refuse_overwrite([cfg.output_dir], [cfg.input, cfg.eval_input])
     return cfg
 
 

@@ -12,7 +12,6 @@ final folder holds every row exactly once. Works on any pyarrow filesystem URI (
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from opsft.corpus import file_format, json_default, parse_jsonl_line
+from opsft.corpus import file_format, jsonl_line, jsonl_rows, rows_table
 
 PART_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"
@@ -70,8 +69,7 @@ def _read_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None)
             table = pq.read_table(handle, columns=columns)
         return table.to_pylist()
     with fs.open_input_stream(part) as handle:
-        lines = handle.read().splitlines()
-    rows = [parse_jsonl_line(raw, n) for n, raw in enumerate(lines, 1) if raw.strip()]
+        rows = jsonl_rows(handle.read())
     return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
 
 
@@ -94,26 +92,6 @@ def done_ids(path: str) -> set[str]:
     return set(output_ids(path))
 
 
-def rows_table(rows: list[dict], column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """An Arrow table of rows; known columns get their fixed type, and a column whose values
-    Arrow cannot hold in one type (an int here, a string there) is stored as JSON text."""
-    column_types = column_types or {}
-    names: dict[str, None] = {}
-    for row in rows:
-        names.update(dict.fromkeys(row))
-    arrays, fields = [], []
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            array = pa.array(values, type=column_types.get(name))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            array = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=json_default)
-                              for v in values], type=pa.string())
-        arrays.append(array)
-        fields.append(pa.field(name, array.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
 def write_part(path: str, rows: list[dict], column_types: dict[str, pa.DataType] | None = None) -> str:
     """Write rows as one new part file of the output folder (atomically); returns its path."""
     fmt = file_format(path)
@@ -126,7 +104,6 @@ def write_part(path: str, rows: list[dict], column_types: dict[str, pa.DataType]
             pq.write_table(rows_table(rows, column_types), handle)
         else:
             for row in rows:
-                line = json.dumps(row, ensure_ascii=False, default=json_default) + "\n"
-                handle.write(line.encode("utf-8", "surrogatepass"))
+                handle.write(jsonl_line(row))
     fs.move(tmp, final)
     return final

@@ -10,7 +10,6 @@ or JSONL (opsft.jobs.files). See docs/data_jobs.md.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import pickle
@@ -19,24 +18,15 @@ import time
 import pyarrow as pa
 from ray.data import Datasink
 
-from opsft.corpus import parse_jsonl_line, with_id
+from opsft.corpus import apply_rows, jsonl_rows, with_id
 from opsft.jobs import files
 
 log = logging.getLogger(__name__)
 
 
-def _row_id(row: dict) -> str:
-    if row.get("id") in (None, "") and "raw_line" in row:  # an unparseable line: id from its text
-        return "line-" + hashlib.sha256(f"{row['error']}\n{row['raw_line']}".encode("utf-8", "replace")
-                                        ).hexdigest()[:16]
-    return str(with_id(row)["id"])
-
-
 def _carrier(rows: list[dict], skip_ids: frozenset) -> pa.Table:
-    ids = [_row_id(r) for r in rows]
-    for row, rid in zip(rows, ids, strict=True):
-        if row.get("id") in (None, ""):
-            row["id"] = rid
+    rows = [with_id(r) for r in rows]
+    ids = [r["id"] for r in rows]
     return pa.table({"row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
                      "id": pa.array(ids, pa.string()),
                      "skip": pa.array([i in skip_ids for i in ids], pa.bool_())})
@@ -44,10 +34,7 @@ def _carrier(rows: list[dict], skip_ids: frozenset) -> pa.Table:
 
 def parse_jsonl_files(batch: dict, skip_ids: frozenset = frozenset()) -> pa.Table:
     """read_binary_files batch (bytes, path) -> carrier rows; a bad line becomes an error row."""
-    rows = []
-    for data in batch["bytes"]:
-        rows += [parse_jsonl_line(raw, n) for n, raw in enumerate(bytes(data).splitlines(), 1) if raw.strip()]
-    return _carrier(rows, skip_ids)
+    return _carrier([row for data in batch["bytes"] for row in jsonl_rows(bytes(data))], skip_ids)
 
 
 def parse_table(batch: pa.Table, skip_ids: frozenset = frozenset()) -> pa.Table:
@@ -63,24 +50,6 @@ def load_function(ref):
     if not name:
         raise ValueError(f"row function {ref!r} must look like 'package.module:function'")
     return getattr(importlib.import_module(module), name)
-
-
-def apply_rows(fn, rows: list[dict], engine, kwargs: dict) -> list[dict]:
-    """fn over a batch; if the batch raises, row by row, so one bad row cannot fail the job:
-    a row that raises alone keeps its columns and gets `error`."""
-    try:
-        out = fn(rows, engine, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - isolate the row(s) responsible
-        log.warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc)
-        out = []
-        for row in rows:
-            try:
-                out += fn([row], engine, **kwargs)
-            except Exception as row_exc:  # noqa: BLE001
-                out.append({**row, "error": f"{type(row_exc).__name__}: {row_exc}"})
-    if len(out) != len(rows):
-        raise RuntimeError(f"row function returned {len(out)} rows for {len(rows)}: it must keep rows 1:1")
-    return out
 
 
 class EngineActor:
