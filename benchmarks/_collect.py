@@ -12,6 +12,9 @@ that fails is recorded (name, exit code, tail of stderr) and the others still ru
 their figures; the collector then exits non-zero. Running a subset keeps the other
 benchmarks' figures from the previous file (same settings only), marked with that run's time.
 --quick runs write results-quick.json / RESULTS-quick.md (not committed), never the real files.
+A benchmark of a CUDA device (NEEDS_CUDA: gpu_check) is left out of a full run where there is
+none, so its figures from the GPU machine are kept; there, `--only gpu_check` adds them. Every
+run record names the machine it ran on (its GPU, if any), shown in the Runs table.
 """
 
 from __future__ import annotations
@@ -42,7 +45,11 @@ QUICK_ARGS = {
     "train_step": ["--batch", "1", "--seq", "32", "--steps", "1"],
     "serve_load": ["--clients", "1", "2", "--rounds", "1"],
     "data_jobs": ["--rows", "4", "--no-vllm"],
+    "gpu_check": ["--quick"],
 }
+# Benchmarks that measure a CUDA device: left out of a full run on a machine without one (their
+# --quick mode runs on the CPU, so QUICK=1 keeps them); `--only NAME` runs them anyway.
+NEEDS_CUDA = {"gpu_check"}
 STDERR_TAIL_LINES = 40
 
 
@@ -121,6 +128,7 @@ def assemble(runs: list[dict], figures: list[dict], machine: dict, settings: str
     """The results document. A run that exited non-zero, or exited 0 without recording a figure,
     is a failure. Benchmarks not run this time keep their figures and runs from `previous`
     (when it was made with the same settings)."""
+    runs = [dict(r, machine=r.get("machine") or machine) for r in runs]
     failures = []
     for run in runs:
         if run["exit_code"] != 0:
@@ -131,7 +139,8 @@ def assemble(runs: list[dict], figures: list[dict], machine: dict, settings: str
                              "stderr_tail": "exited 0 but recorded no figure (is it using benchmarks/_results.py?)"})
     ran = {r["name"] for r in runs}
     if previous and previous.get("settings") == settings:
-        kept = [dict(r, kept_from_run=r.get("kept_from_run") or previous["generated"])
+        kept = [dict(r, kept_from_run=r.get("kept_from_run") or previous["generated"],
+                     machine=r.get("machine") or previous.get("machine"))
                 for r in previous.get("runs", []) if r["name"] not in ran]
         runs = kept + runs
         figures = [f for f in previous.get("figures", []) if f["benchmark"] not in ran] + figures
@@ -155,6 +164,13 @@ def fmt(v: float | None) -> str:
 def cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def machine_label(machine: dict | None) -> str:
+    """A run's machine in a few words: its GPU, or its CPU count."""
+    if not machine:
+        return ""
+    return cell(f"{machine['cuda']}, " if machine.get("cuda") else "") + f"{machine.get('cpu_count')} CPUs"
 
 
 def render_markdown(results: dict, json_name: str = "results.json") -> str:
@@ -202,12 +218,13 @@ def render_markdown(results: dict, json_name: str = "results.json") -> str:
         for fail in results["failures"]:
             out += [f"- **{fail['benchmark']}** exited {fail['exit_code']}; end of its stderr:", "",
                     "```", (fail.get("stderr_tail") or "").rstrip(), "```", ""]
-    out += ["", "## Runs", "", "| benchmark | command | seconds | exit | load average at start | run at |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += ["", "## Runs", "", "| benchmark | command | seconds | exit | load average at start | run at | machine |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         when = r["started"] + (" (kept from an earlier `make bench`)" if r.get("kept_from_run") else "")
         out.append(f"| {r['name']} | `{r['command']}` | {r['seconds']} | {r['exit_code']} | "
-                   f"{' / '.join(map(str, r['load_average_start']))} | {when} |")
+                   f"{' / '.join(map(str, r['load_average_start']))} | {when} | "
+                   f"{machine_label(r.get('machine') or m)} |")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -231,12 +248,16 @@ def main() -> int:
         return 0
 
     available = discover()
-    names = [n for item in args.only for n in item.replace(",", " ").split()] or list(available)
+    generated, machine = now_iso(), machine_info()
+    names = [n for item in args.only for n in item.replace(",", " ").split()]
+    if not names:
+        names = [n for n in available if n not in NEEDS_CUDA or machine.get("cuda") or args.quick]
+        for n in sorted(set(available) - set(names)):
+            print(f"== {n}: left out, no CUDA device here (on a GPU machine: --only {n}; its figures are kept)")
     unknown = [n for n in names if n not in available]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; available: {', '.join(available)}")
     settings = "quick" if args.quick else "default"
-    generated, machine = now_iso(), machine_info()
     runs, figures = run_benchmarks({n: available[n] for n in names}, args.quick)
     previous = json.loads(out.read_text()) if out.exists() and set(names) != set(available) else None
     results = assemble(runs, figures, machine, settings, generated, previous)

@@ -22,11 +22,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from _baselines import official_hinted_loop  # noqa: E402
 from _results import Recorder  # noqa: E402
 from opsft.chat import prompt_ids, response_ids  # noqa: E402
 from opsft.datasets import gsm_symbolic_corpus  # noqa: E402
-from opsft.hinted import HDItem, HDParams, hint_messages, hinted_decode, item_generator, mixed_logprobs, pick_tokens  # noqa: E402
+from opsft.hinted import HDItem, HDParams, hint_messages, hinted_decode, item_generator  # noqa: E402
 from opsft.models import load_model  # noqa: E402
 
 
@@ -38,25 +38,6 @@ def build_items(tokenizer, n: int) -> list[HDItem]:
         student = prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}])
         items.append(HDItem(hinted_prompt=hinted, student_prompt=student))
     return items
-
-
-@torch.inference_mode()
-def reference_loop(model, item: HDItem, params: HDParams, new_tokens: int, index: int) -> int:
-    """The official scheme: one item, no cache, both full sequences through the model per step."""
-    hinted, student = list(item.hinted_prompt), list(item.student_prompt)
-    gen = [item_generator(params.seed, index)]
-    for step in range(new_tokens):
-        # logits_to_keep=1: the official code pays the LM head on every position; we spare the reference that
-        logits_p = model(input_ids=torch.tensor([hinted]), logits_to_keep=1).logits[:, -1].float()
-        if step == 0:
-            scores = F.log_softmax(logits_p, dim=-1)
-        else:
-            logits_q = model(input_ids=torch.tensor([student]), logits_to_keep=1).logits[:, -1].float()
-            scores = mixed_logprobs(logits_p, logits_q, params)
-        token = pick_tokens(scores, params, gen)[0]
-        hinted.append(token)
-        student.append(token)
-    return new_tokens
 
 
 def main() -> None:
@@ -87,7 +68,8 @@ def main() -> None:
           f"{batched_s:.1f} s -> {batched_rate:.1f} tokens/s (prefill included)")
 
     start = time.perf_counter()
-    ref_tokens = sum(reference_loop(model, items[k], params, args.ref_tokens, k) for k in range(args.ref_items))
+    ref_tokens = sum(official_hinted_loop(model, items[k], params, args.ref_tokens, item_generator(params.seed, k))
+                     for k in range(args.ref_items))
     ref_s = time.perf_counter() - start
     ref_rate = ref_tokens / ref_s
     print(f"reference (1 item, no cache): {args.ref_items} items x {args.ref_tokens} tokens = {ref_tokens} tokens in "

@@ -46,22 +46,15 @@ def make_rows(n_rows: int, n_tokens: int, tokenizer) -> list[dict]:
 def naive_scores(model, tokenizer, rows, dtype=None):
     """Official-style: one sequence at a time, logits for every position, full log_softmax
     (in float32, or in `dtype`: the float64 reference runs it on a float64 model)."""
-    import torch
+    from _baselines import naive_phi
     from opsft.chat import encode
     from opsft.corpus import parse_row
 
     out = []
-    with torch.inference_mode():
-        for row in rows:
-            ex = parse_row(row)
-            enc = encode(tokenizer, ex.messages, ex.response)
-            logits = model(torch.tensor([enc.input_ids])).logits[0].to(dtype or torch.float32)
-            logp_all = torch.log_softmax(logits, -1)
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-            labels = torch.tensor(enc.input_ids[1:])
-            logp = logp_all[:-1].gather(-1, labels[:, None]).squeeze(-1)
-            phi = (logp + ent[:-1])[enc.response_start - 1:]
-            out.append(phi.double().numpy())
+    for row in rows:
+        ex = parse_row(row)
+        enc = encode(tokenizer, ex.messages, ex.response)
+        out.append(naive_phi(model, enc.input_ids, enc.response_start, dtype).numpy())
     return out
 
 

@@ -72,20 +72,13 @@ def compute_ceiling(model: str | None, clients: int, threads: int) -> tuple[floa
     rows per call. Their ratio bounds what batching can gain on this machine: merging requests
     saves forward-pass overhead only as far as a bigger batch runs faster per row."""
     import torch
+    from _baselines import seconds_per_row
     from opsft.engines.hf import HFEngine
     from opsft.scoring import score_rows
 
     torch.set_num_threads(threads)
     engine = HFEngine(model, device="cpu")
-    rows = [item(k) for k in range(clients)]
-    score_rows(rows, engine)  # warm-up
-    per_row = {}
-    for n in (1, clients):
-        start = time.perf_counter()
-        for k in range(0, clients, n):
-            score_rows(rows[k:k + n], engine)
-        per_row[n] = (time.perf_counter() - start) / clients
-    del engine
+    per_row = seconds_per_row(lambda rows: score_rows(rows, engine), [item(k) for k in range(clients)], (1, clients))
     return per_row[1], per_row[clients]
 
 

@@ -60,43 +60,58 @@ def build_model(args, device):
 def one(args) -> dict:
     """Time `args.steps` steps of one loss in this process."""
     import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = build_model(args, torch.device(args.device))
+    return measure_steps(model, args.one, batch=args.batch, seq=args.seq, steps=args.steps, micro=args.micro,
+                         autocast=args.autocast, peak_tflops=args.peak_tflops)
+
+
+def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: int | None = None,
+                  autocast: str = "auto", peak_tflops: float | None = None) -> dict:
+    """AdamW steps of `loss` (opsft.train.step.train_step) on `batch` synthetic rows of `seq` random
+    token ids (the last 3/4 of each row is the response): median step time after one warm-up step,
+    tokens/s, peak memory (CUDA: allocated during these steps; CPU: the process's peak RSS) and,
+    with peak_tflops, model FLOPs utilisation 6 N tokens/s over the peak (attention left out)."""
+    import torch
     from opsft.train.data import TrainExample, collate
     from opsft.train.step import LossSpec, autocast_context, make_optimizer, make_scheduler, train_step
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    device = torch.device(args.device)
-    model = build_model(args, device).train()
+    model.train()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    rows = [TrainExample(torch.randint(3, vocab, (args.seq,), generator=gen).tolist(), args.seq // 4, False)
-            for _ in range(args.batch)]
-    micro = args.micro or args.batch
-    batches = [collate(rows[i:i + micro], 0, device) for i in range(0, args.batch, micro)]
+    rows = [TrainExample(torch.randint(3, vocab, (seq,), generator=gen).tolist(), seq // 4, False)
+            for _ in range(batch)]
+    micro = micro or batch
+    batches = [collate(rows[i:i + micro], 0, device) for i in range(0, batch, micro)]
     opt = make_optimizer(model, 1e-5, 0.01)
-    sched = make_scheduler(opt, args.steps + 1, 0.0)
-    spec = LossSpec(args.one, {})
-    autocast = autocast_context(device, args.autocast)
+    sched = make_scheduler(opt, steps + 1, 0.0)
+    spec = LossSpec(loss, {})
+    context = autocast_context(device, autocast)
     times, cpu = [], []
-    for _ in range(args.steps + 1):
+    for _ in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start, start_cpu = time.perf_counter(), time.process_time()
-        train_step(model, opt, sched, batches, spec, 1.0, autocast=autocast)
+        train_step(model, opt, sched, batches, spec, 1.0, autocast=context)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     step = statistics.median(times[1:])
     n_params = sum(p.numel() for p in model.parameters())
-    tokens = args.batch * args.seq
+    tokens = batch * seq
     # CPU seconds of this process per step: the fairer figure on a machine shared with other jobs
-    out = {"loss": args.one, "step_s": round(step, 3), "step_cpu_s": round(statistics.median(cpu[1:]), 3),
+    out = {"loss": loss, "step_s": round(step, 3), "step_cpu_s": round(statistics.median(cpu[1:]), 3),
            "tokens_per_s": round(tokens / step, 1),
            "params_m": round(n_params / 1e6, 1)}
     if device.type == "cuda":
-        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-        if args.peak_tflops:
-            out["mfu"] = round(6 * n_params * tokens / step / (args.peak_tflops * 1e12), 4)
+        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+        if peak_tflops:
+            out["mfu"] = round(6 * n_params * tokens / step / (peak_tflops * 1e12), 4)
     else:
         out["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out

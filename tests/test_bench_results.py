@@ -140,3 +140,37 @@ def test_collector_exits_nonzero_after_writing_everything(tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["_collect.py", "--only", "good", "--out", str(out), "--md", str(md)])
     assert _collect.main() == 0  # the kept failure of `bad` is in the file but is not this run's
     assert json.loads(out.read_text())["failures"][0]["benchmark"] == "bad"
+
+
+def test_runs_name_their_machine_and_kept_runs_keep_theirs():
+    gpu = {"cpu_count": 16, "cuda": "NVIDIA H200"}
+    old = _collect.assemble([run("gpu_check", "T0")], [make_figure("gpu_check", "g", 1.0, "s")], gpu, "default", "T0")
+    cpu = {"cpu_count": 2, "cuda": None}
+    new = _collect.assemble([run("a", "T1")], [make_figure("a", "fa", 1.0, "s")], cpu, "default", "T1", old)
+    assert {r["name"]: r["machine"] for r in new["runs"]} == {"a": cpu, "gpu_check": gpu}
+    md = _collect.render_markdown(dict(new, machine=cpu)).splitlines()
+    assert any(line.startswith("| gpu_check |") and line.endswith("| NVIDIA H200, 16 CPUs |") for line in md)
+    assert any(line.startswith("| a |") and line.endswith("| 2 CPUs |") for line in md)
+
+
+def test_a_cuda_benchmark_is_left_out_without_cuda_and_keeps_its_figures(tmp_path, monkeypatch):
+    scripts = {"good": fake_benchmark(tmp_path, "good", "Recorder('good', {}).figure('g', 2.0, 's')"),
+               "gpu_check": fake_benchmark(tmp_path, "gpu_check", "Recorder('gpu_check', {}).figure('h', 1.0, 's')")}
+    monkeypatch.setattr(_collect, "discover", lambda: scripts)
+    out, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+
+    def collect(cuda, *flags):
+        monkeypatch.setattr(_collect, "machine_info", lambda: {"cpu_count": 1, "cuda": cuda})
+        monkeypatch.setattr(sys, "argv", ["_collect.py", "--out", str(out), "--md", str(md), *flags])
+        assert _collect.main() == 0
+        res = json.loads(out.read_text())
+        return {r["name"]: r.get("kept_from_run") is None for r in res["runs"]}, [f["name"] for f in res["figures"]]
+
+    assert collect("NVIDIA H200") == ({"good": True, "gpu_check": True}, ["g", "h"])  # a GPU machine: all
+    assert collect(None) == ({"good": True, "gpu_check": False}, ["g", "h"])  # no CUDA: left out, figures kept
+    assert collect(None, "--only", "gpu_check") == ({"good": False, "gpu_check": True}, ["g", "h"])
+    quick = tmp_path / "quick.json"
+    monkeypatch.setattr(_collect, "machine_info", lambda: {"cpu_count": 1, "cuda": None})
+    monkeypatch.setattr(sys, "argv", ["_collect.py", "--quick", "--out", str(quick), "--md", str(md)])
+    assert _collect.main() == 0  # --quick runs it on the CPU
+    assert [r["name"] for r in json.loads(quick.read_text())["runs"]] == ["good", "gpu_check"]

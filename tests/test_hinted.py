@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from opsft.hinted import (
     is_repeating,
     item_generator,
     lambda_weight,
+    pick_tokens,
+    sample_inverse_cdf,
     top_p_then_temperature,
 )
 
@@ -38,6 +41,14 @@ def ref_nucleus_probs(logits, temperature, top_p):
     sorted_logits[remove] = -1e20
     logits = torch.gather(sorted_logits, -1, sorted_indices.argsort(-1))
     return F.softmax(logits / temperature, dim=-1)
+
+
+def ref_draw(probs, generator):
+    """Inverse-CDF sampling written out in numpy: one float64 uniform u from the item's generator,
+    then the first token whose running total of probability exceeds u x the total."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    cdf = np.cumsum(probs.detach().cpu().double().numpy())
+    return int(np.searchsorted(cdf, u * cdf[-1], side="right"))
 
 
 def ref_lambda(h_norm, params):
@@ -71,8 +82,7 @@ def reference_hinted(model, hinted, student, params, eos, decode_token, generato
     def pick(scores):
         if params.temperature == 0:
             return int(torch.argmax(scores))
-        return int(torch.multinomial(ref_nucleus_probs(scores, params.temperature, params.top_p), 1,
-                                     generator=generator))
+        return ref_draw(ref_nucleus_probs(scores, params.temperature, params.top_p), generator)
 
     out, text, student_only, switched_at = [], "", False, None
     tok = pick(last_logits(target))
@@ -195,6 +205,63 @@ def test_nucleus_matches_official_processor():
     p = F.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0]), -1)  # 0.57, 0.21, 0.13, 0.08
     probs = top_p_then_temperature(p.log(), 0.7, 1.0)
     assert probs[2:].sum() == 0 and probs[:2].sum() == pytest.approx(1.0)
+
+
+def test_inverse_cdf_draws_have_the_exact_distribution():
+    """A uniform grid of N values of u (what a generator draws, spread evenly) lands on each token
+    p(v) x N times, up to one grid point (each token owns an interval of u of length p(v))."""
+    torch.manual_seed(1)
+    probs = top_p_then_temperature(torch.randn(3, 50) * 2, 0.9, 0.5)  # nucleus zeros included
+    n = 100_000
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for row in probs:
+        picked = sample_inverse_cdf(row.expand(n, -1), grid)
+        counts = torch.bincount(picked, minlength=row.numel()).double()
+        assert counts[row == 0].sum() == 0  # outside the nucleus: never
+        assert (counts - row.double() / row.double().sum() * n).abs().max() <= 1.0 + 1e-9
+    # the edges: u = 0 takes the first token with probability; u x total rounded up to the total
+    # (u = 1 here) takes the last token with probability, not a zero after it
+    row = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    assert sample_inverse_cdf(row.expand(4, -1), torch.tensor([0.0, 0.25, 0.5, 1.0])).tolist() == [1, 3, 3, 3]
+
+
+def pick_rows(scores, params, seeds, steps):
+    """`steps` successive picks on the same scores, each row with its own generator from seeds."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return [pick_tokens(scores, params, gens) for _ in range(steps)]
+
+
+def test_pick_tokens_draws_are_the_rows_own_and_match_inverse_cdf():
+    torch.manual_seed(2)
+    scores = torch.randn(4, 300) * 2
+    params = HDParams(temperature=0.3, top_p=0.95)
+    seeds = [11, 12, 13, 14]
+    together = pick_rows(scores, params, seeds, 6)
+    for r in range(4):  # each row alone, and the rows reversed: the same tokens
+        alone = pick_rows(scores[r:r + 1], params, seeds[r:r + 1], 6)
+        assert [step[0] for step in alone] == [step[r] for step in together]
+    backwards = pick_rows(scores.flip(0), params, seeds[::-1], 6)
+    assert [step[::-1] for step in backwards] == together
+    # against the official nucleus probabilities and the numpy inverse-CDF draw, seed by seed
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    expected = [[ref_draw(ref_nucleus_probs(scores[r].clone(), 0.3, 0.95), gens[r]) for r in range(4)]
+                for _ in range(6)]
+    assert together == expected
+    assert len({t for step in together for t in step}) > 4  # the draws do vary
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pick_tokens_on_cuda_with_cpu_generators():
+    torch.manual_seed(3)
+    scores = (torch.randn(4, 151936) * 2).cuda()
+    params = HDParams(temperature=0.3, top_p=0.95)
+    seeds = [21, 22, 23, 24]
+    together = pick_rows(scores, params, seeds, 5)
+    assert [step[0] for step in pick_rows(scores[2:3], params, seeds[2:3], 5)] == [step[2] for step in together]
+    probs = top_p_then_temperature(scores, 0.95, 0.3).cpu()  # the CUDA probabilities, drawn from on the CPU
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    assert together == [[ref_draw(probs[r], gens[r]) for r in range(4)] for _ in range(5)]
 
 
 def test_repetition_rule():

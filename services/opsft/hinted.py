@@ -123,12 +123,29 @@ def top_p_then_temperature(scores: torch.Tensor, top_p: float, temperature: floa
 
 
 def pick_tokens(scores: torch.Tensor, params: HDParams, generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of scores [B, V]: argmax at temperature 0, else top-p + temperature
-    sampling with each row's own generator (so an item's draw never depends on its batch)."""
+    """One token per row of scores [B, V]: argmax at temperature 0, else a draw from the top-p +
+    temperature probabilities. Row r draws one uniform from its own generator (so an item's draw
+    never depends on its batch) and the draw is made on the scores' device by inverse CDF, so CPU
+    generators serve CUDA scores: one float per row crosses, not a vocabulary-sized tensor."""
     if params.temperature == 0:
         return scores.argmax(-1).tolist()
     probs = top_p_then_temperature(scores.float(), params.top_p, params.temperature)
-    return [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(probs.shape[0])]
+    uniforms = [float(torch.rand((), generator=g, dtype=torch.float64, device=g.device if g is not None else "cpu"))
+                for g in generators]
+    return sample_inverse_cdf(probs, torch.tensor(uniforms, dtype=torch.float64)).tolist()
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row of probs [B, V] (non-negative, any positive total): the first index whose cumulative
+    probability exceeds uniforms[r] x the row total, in float64. A uniform u in [0, 1) picks token v
+    for u in an interval of length p(v) / total, so the draw has exactly the distribution probs (up
+    to float64 rounding); a zero-probability token owns an empty interval and is never picked."""
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    # u x total can round up to the total itself: keep the draw on the last token that has probability
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(picked, last_positive)
 
 
 def is_repeating(tokens: Sequence[int], window: int, times: int) -> bool:
