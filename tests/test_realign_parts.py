@@ -90,3 +90,25 @@ def test_lock_of_a_killed_process_is_recovered(tmp_path):
     lock = OutputLock(tmp_path).acquire()  # the kernel dropped the dead holder's lock
     assert lock.holder()["pid"] == os.getpid()
     lock.release()
+
+
+def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(tmp_path):
+    from opsft.corpus import read_rows, write_rows
+    from opsft.realign.cycle import run_merge
+
+    write_rows([{"id": str(i), "prompt": f"q{i}", "response": f"r{i}", "cll": -1.0} for i in range(4)],
+               tmp_path / "scored.parquet")
+    write_rows([{"id": "1", "prompt": "q1", "response": "new", "source": "hd", "verified": True, "dropped": False},
+                {"id": "2", "prompt": "q2", "response": "r2", "source": "original", "verified": False,
+                 "dropped": True}], tmp_path / "rewritten.parquet")
+    out = run_merge(None, tmp_path, {})
+    corpus, dropped = read_rows(tmp_path / "corpus.parquet"), read_rows(tmp_path / "dropped.parquet")
+    assert [r["id"] for r in corpus] == ["0", "1", "3"] and [r["id"] for r in dropped] == ["2"]
+    assert corpus[1]["response"] == "new" and out["rows"] == 3 and out["dropped"] == 1
+
+
+def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts():
+    from opsft.config import RealignConfig
+
+    with pytest.raises(ValueError, match="cannot run the cycle's rewrite stage"):
+        RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})

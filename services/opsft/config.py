@@ -349,6 +349,15 @@ class RealignConfig(Strict):
     promote_api_key_env: str | None = Field("OPSFT_API_KEY", description="env var holding its bearer token")
     promote_timeout_s: float = Field(600.0, gt=0)
 
+    @model_validator(mode="after")
+    def _rewrite_needs_hf(self):
+        # The cycle's one engine config serves scoring and the rewrite, and hinted decoding runs on a
+        # transformers model: refuse before any job starts, instead of erroring every row of the rewrite.
+        if self.engine.kind != "hf":
+            raise ValueError(f"engine.kind {self.engine.kind!r} cannot run the cycle's rewrite stage (hinted "
+                             "decoding needs the hf engine); set engine.kind: hf")
+        return self
+
 
 # ---------------------------------------------------------------------------- evaluation (opsft eval)
 

@@ -275,6 +275,18 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file (a summary, a marker) the way corpora are written: a temporary file
+    renamed over the target, so a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def jsonl_line(row: dict) -> bytes:
     """One row as a JSONL line (UTF-8, newline-terminated). Text that is not valid Unicode (a lone
     surrogate) is written as its JSON escape, so the line is valid UTF-8 and reads back the same."""

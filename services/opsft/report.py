@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opsft.corpus import write_text_atomic
 from opsft.jobs.files import read_output
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -129,6 +130,13 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
+def save_figure(fig, path: Path) -> None:
+    """A PNG written to a temporary name and renamed when complete."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    tmp.replace(path)
+
+
 def build_report(inputs: list[tuple[str, list[dict]]], output: str | Path) -> dict:
     """Write summary.json and the plots for labelled scored corpora; returns the summary."""
     import matplotlib
@@ -151,7 +159,7 @@ def build_report(inputs: list[tuple[str, list[dict]]], output: str | Path) -> di
         ax.hist([r["cll"] for r in _ok(rows)], bins=40, alpha=0.5, density=True, label=label)
     ax.set(xlabel="per-example CLL (mean phi)", ylabel="density", title="CLL by source")
     ax.legend()
-    fig.savefig(out / "cll_hist.png", dpi=100, bbox_inches="tight")
+    save_figure(fig, out / "cll_hist.png")
     plt.close(fig)
     summary["plots"].append("cll_hist.png")
 
@@ -163,7 +171,7 @@ def build_report(inputs: list[tuple[str, list[dict]]], output: str | Path) -> di
             ax.hist(np.clip(phi, -15, 5), bins=80, alpha=0.5, density=True, label=label)
         ax.set(xlabel="per-token phi = log p + H (clipped to [-15, 5])", ylabel="density", title="token phi")
         ax.legend()
-        fig.savefig(out / "token_phi_hist.png", dpi=100, bbox_inches="tight")
+        save_figure(fig, out / "token_phi_hist.png")
         plt.close(fig)
         summary["plots"].append("token_phi_hist.png")
 
@@ -179,11 +187,11 @@ def build_report(inputs: list[tuple[str, list[dict]]], output: str | Path) -> di
         ax.set(xlabel=f"false positive rate ({lb})", ylabel=f"true positive rate ({la})", title=f"{la} vs {lb}")
         ax.legend(loc="lower right")
         name = f"roc_{_safe(la)}__{_safe(lb)}.png"
-        fig.savefig(out / name, dpi=100, bbox_inches="tight")
+        save_figure(fig, out / name)
         plt.close(fig)
         summary["plots"].append(name)
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -73,7 +73,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     import json
     from pathlib import Path
 
-    from opsft.corpus import read_rows, refuse_overwrite, write_rows
+    from opsft.corpus import read_rows, refuse_overwrite, write_rows, write_text_atomic
     from opsft.engines.base import make_engine
     from opsft.evaluation import EvalTask, evaluate_model, results_table
 
@@ -102,7 +102,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     if cfg.output:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"config": cfg.model_dump(), "results": results}, indent=2))
-        (out / "table.md").write_text(table + "\n")
+        write_text_atomic(out / "eval.json", json.dumps({"config": cfg.model_dump(), "results": results}, indent=2))
+        write_text_atomic(out / "table.md", table + "\n")
         write_rows(items, out / "items.jsonl")
     return results, table

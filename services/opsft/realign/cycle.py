@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opsft.corpus import read_rows, write_rows
+from opsft.corpus import read_rows, write_rows, write_text_atomic
 from opsft.realign.lock import OutputLock
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,9 @@ class Cycle:
         state["complete"] = True
         state["finished"] = time.time()
         _save_state(folder, state)
-        (self.root / "LATEST").write_text(json.dumps({"cycle": str(folder),
-                                                      "checkpoint": state["outputs"]["train"]["checkpoint"],
-                                                      "corpus": str(folder / "corpus.parquet")}))
+        write_text_atomic(self.root / "LATEST", json.dumps({"cycle": str(folder),
+                                                           "checkpoint": state["outputs"]["train"]["checkpoint"],
+                                                           "corpus": str(folder / "corpus.parquet")}))
         return {"cycle": str(folder), "status": "completed", **state}
 
 
@@ -206,9 +206,7 @@ def _load_state(folder: Path) -> dict:
 
 
 def _save_state(folder: Path, state: dict) -> None:
-    tmp = folder / ".state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(folder / "state.json")
+    write_text_atomic(folder / "state.json", json.dumps(state, indent=2, default=str))
 
 
 def maybe_crash(stage: str) -> None:
@@ -274,17 +272,19 @@ def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 def run_merge(cycle: Cycle, folder: Path, state: dict) -> dict:
     from opsft.jobs.files import read_output
+    from opsft.recipe import split_dropped
 
     scored = read_output(str(folder / "scored.parquet"))
     rewritten = read_output(str(folder / "rewritten.parquet"))
-    corpus = merge_corpus(scored, rewritten)
+    corpus, dropped = split_dropped(merge_corpus(scored, rewritten))  # rewrite.drop_unverified: not trained on
     maybe_crash("merge")
     write_rows(corpus, folder / "corpus.parquet")
+    write_rows(dropped, folder / "dropped.parquet")  # nothing is lost: corpus + dropped = every row
     sources: dict[str, int] = {}
     for row in corpus:
         key = row.get("source") or "kept"
         sources[key] = sources.get(key, 0) + 1
-    return {"rows": len(corpus), "sources": sources}
+    return {"rows": len(corpus), "dropped": len(dropped), "sources": sources}
 
 
 def run_train(cycle: Cycle, folder: Path, state: dict) -> dict:
@@ -321,7 +321,7 @@ def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
         "sources": state["outputs"]["merge"]["sources"],
         "training": state["outputs"]["train"].get("final_metrics"),
     }
-    (folder / "report" / "cycle.json").write_text(json.dumps(compact, indent=2, default=str))
+    write_text_atomic(folder / "report" / "cycle.json", json.dumps(compact, indent=2, default=str))
     return {"folder": str(folder / "report"), **compact, "separation": summary.get("pairs")}
 
 

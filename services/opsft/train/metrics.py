@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from opsft.corpus import write_text_atomic
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
@@ -25,8 +27,7 @@ class MetricsWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= start_step] if start_step else []
-        with open(self.path, "w") as handle:
-            handle.writelines(json.dumps(m) + "\n" for m in kept)
+        write_text_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         self.tb = None
         if tensorboard:
             try:
