@@ -21,10 +21,6 @@ class Encoded:
     input_ids: list[int]
     response_start: int  # index of the first response token in input_ids
 
-    @property
-    def n_response(self) -> int:
-        return len(self.input_ids) - self.response_start
-
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
-FINISH_REASONS = ("eos", "max_length", "repeating", "no_hint")
 
 # The hint prompt: our own wording of what the method asks (method.md section 3): analyse the
 # reference line by line under "# Analyze", then write one's own chain of thought under "# CoT"

@@ -84,7 +84,7 @@ def row_seed(row_id) -> int:
     return int(hashlib.sha256(str(row_id).encode()).hexdigest()[:8], 16)
 
 
-def _finish(tokens: list[int], eos: int, limit: int) -> str:
+def _finish(tokens: list[int], eos: int) -> str:
     return "eos" if tokens and tokens[-1] == eos else "max_length"
 
 
@@ -145,7 +145,7 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
             verdict = accept(text, k)
             out[k].update(self_response=text, self_verified=verdict)
             if verdict:
-                out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, eos, 0))
+                out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, eos))
             else:
                 still.append(k)
         need_hd = still
