@@ -1,5 +1,7 @@
-"""The method stays plain code: modules outside the Ray/serving layers never import ray,
-vllm or fastapi, checked both statically (every module file) and at import time."""
+"""The method stays plain code: every module except the thin Ray / vLLM / FastAPI layer, named
+file by file below, never imports ray, vllm or fastapi, checked both statically (every import
+statement, also inside functions) and at import time. A new file that needs one of them must be
+added to LAYER on purpose."""
 
 import ast
 import subprocess
@@ -7,16 +9,27 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "services" / "opsft"
-# The thin layers that may talk to Ray, vLLM or FastAPI. Everything else is method code.
-LAYER_PATHS = ("cli", "jobs", "train", "serve", "realign", "engines/vllm.py")
+# The thin layer that may talk to Ray, vLLM or FastAPI, file by file. Everything else is checked.
+LAYER = {
+    "cli/serve.py", "cli/submit.py",                      # start Serve, submit Ray jobs
+    "engines/vllm.py",                                    # the vLLM engine (imported only when asked for)
+    "jobs/pipeline.py", "jobs/stages.py",                 # Ray Data corpus jobs
+    "realign/schedule.py",                                # Ray job submission of scheduled cycles
+    "serve/app.py", "serve/deployments.py", "serve/http.py",  # Ray Serve + FastAPI
+    "train/ray_job.py",                                   # Ray Train
+}
 FORBIDDEN = {"ray", "vllm", "fastapi", "starlette", "uvicorn"}
 
 
 def method_modules():
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
-        if not any(rel == p or rel.startswith(p + "/") for p in LAYER_PATHS):
+        if rel not in LAYER:
             yield rel, path
+
+
+def test_every_layer_file_exists():
+    assert all((PKG / rel).is_file() for rel in LAYER), sorted(r for r in LAYER if not (PKG / r).is_file())
 
 
 def imported_roots(path):
@@ -32,11 +45,12 @@ def test_method_modules_do_not_import_cluster_or_serving_packages():
     offenders = {rel: sorted(set(imported_roots(p)) & FORBIDDEN) for rel, p in method_modules()}
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"method modules importing ray/vllm/fastapi: {offenders}"
-    assert len(list(method_modules())) >= 5
+    assert len(list(method_modules())) >= 40  # the whole package but the layer
 
 
 def test_method_modules_import_without_ray_vllm_fastapi():
-    names = [f"opsft.{rel[:-3].replace('/', '.')}".removesuffix(".__init__") for rel, _ in method_modules()]
+    names = [f"opsft.{rel[:-3].replace('/', '.')}".removesuffix(".__init__") for rel, _ in method_modules()
+             if not rel.endswith("__main__.py")]  # running it is the CLI; its imports are checked statically
     code = (
         "import sys, importlib\n"
         f"for n in {names!r}: importlib.import_module(n)\n"
