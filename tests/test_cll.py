@@ -24,8 +24,9 @@ def test_chunked_phi_equals_brute_force(chunk, temperature):
 
 
 def test_mask_zeroes_positions_and_out_of_range_labels():
-    logits = torch.randn(2, 5, 13)
-    labels = torch.randint(0, 13, (2, 5))
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 13, generator=g)
+    labels = torch.randint(0, 13, (2, 5), generator=g)
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
     phi = token_phi(logits, labels, mask=mask, chunk_size=4)
     assert torch.all(phi[~mask] == 0)
@@ -49,6 +50,32 @@ def test_logprob_gradient_equals_autograd_of_log_softmax():
     (ref * weights).sum().backward()
     torch.testing.assert_close(ours, logits.grad, atol=1e-5, rtol=1e-4)
     assert not ent.requires_grad
+
+
+def test_float64_logits_are_computed_in_float64_and_others_in_float32():
+    """compute_dtype: float64 logits (opsft train's float64 reference) give float64 log p, H and
+    gradient, within 1e-12 of a float64 log_softmax (rounding: a few eps64 x |z| ~ 1e-14; a float32
+    step anywhere would leave ~1e-7); float32 and bf16 logits give float32 log p and H as before."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 7, 97, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    labels = torch.randint(0, 97, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    logp, ent = token_logprob_entropy(logits, labels, temperature=0.7, chunk_size=5)
+    assert logp.dtype == ent.dtype == torch.float64
+    torch.testing.assert_close(logp + ent, brute_phi(logits.detach(), labels, 0.7), rtol=1e-12, atol=1e-12)
+    (logp * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.float32, torch.bfloat16):
+        low = logits.detach().to(dtype).requires_grad_()
+        logp, ent = token_logprob_entropy(low, labels)
+        assert logp.dtype == ent.dtype == torch.float32
+        logp.sum().backward()
+        assert low.grad.dtype == dtype
 
 
 def test_sampled_tokens_have_phi_mean_near_zero():

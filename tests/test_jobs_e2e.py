@@ -70,8 +70,12 @@ def test_score_job_preserves_rows_and_matches_in_process(ray_local, tmp_path, re
             assert got["error"] == ref["error"] and got["cll"] is None
             continue
         assert got["n_tokens"] == ref["n_tokens"]
-        assert got["cll"] == pytest.approx(ref["cll"], abs=1e-5)
-        assert got["logprob_mean"] == pytest.approx(ref["logprob_mean"], abs=1e-5)
+        # two float32 evaluations in other batches (padding) and thread counts: each token's phi is within
+        # 3.9e-5 of float64 on this model (benchmarks/RESULTS.md, score_throughput), so two are within
+        # 7.9e-5 per token and so is a mean over tokens (test_score_real uses the same 1e-4); log p's
+        # error is that of the same logits. (1e-5, the tolerance before, was below that bound.)
+        assert got["cll"] == pytest.approx(ref["cll"], abs=1e-4)
+        assert got["logprob_mean"] == pytest.approx(ref["logprob_mean"], abs=1e-4)
     # one unified schema across parts (a part may hold only error rows)
     table = pq.read_table(str(tmp_path / "out.parquet"))
     assert table.schema.field("cll").type == pa.float64() and table.num_rows == len(rows) + 1
@@ -96,7 +100,7 @@ def test_dead_engine_actor_is_restarted_and_batch_retried(ray_local, tmp_path):
 
 
 def _crash_after_first_part(rows, engine, output):
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a hang guard, not a timing bet: waits for the first part file
     if files.part_files(output) or os.environ.get("OPSFT_TEST_FIRST_BATCH_DONE"):
         while not files.part_files(output) and time.monotonic() < deadline:
             time.sleep(0.2)

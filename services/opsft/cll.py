@@ -20,20 +20,28 @@ DEFAULT_CHUNK = 1024
 FRACTION_THRESHOLDS = {"cll_frac_pos": 0.0, "cll_frac_gt_m1": -1.0, "cll_frac_gt_m3": -3.0, "cll_frac_gt_m5": -5.0}
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype log p and H are computed and returned in: float32 for float32 / bf16 / fp16
+    logits, float64 for float64 logits (the exactness reference of opsft train, TrainConfig.dtype)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _LogprobEntropy(torch.autograd.Function):
-    """Fused, chunked log p(label) and H(p). Saves only logsumexp per position; the
-    backward pass recomputes the softmax chunk by chunk (d logp / dz = (onehot - p) / tau).
-    The entropy output carries no gradient (every loss here uses it detached)."""
+    """Fused, chunked log p(label) and H(p), in compute_dtype(logits dtype). Saves only
+    logsumexp per position; the backward pass recomputes the softmax chunk by chunk
+    (d logp / dz = (onehot - p) / tau) in the same dtype and returns the gradient in the
+    logits' dtype. The entropy output carries no gradient (every loss here uses it detached)."""
 
     @staticmethod
     def forward(ctx, flat, labels, temperature, chunk_size):
         n = flat.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=flat.device)
-        ent = torch.empty(n, dtype=torch.float32, device=flat.device)
-        lses = torch.empty(n, dtype=torch.float32, device=flat.device)
+        dtype = compute_dtype(flat.dtype)
+        logp = torch.empty(n, dtype=dtype, device=flat.device)
+        ent = torch.empty(n, dtype=dtype, device=flat.device)
+        lses = torch.empty(n, dtype=dtype, device=flat.device)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            z = flat[sl].float() / temperature  # a new tensor: safe to shift in place
+            z = flat[sl].to(dtype) / temperature  # a new tensor: safe to shift in place
             # Subtract the row max first (each difference rounded once, relative to its own size),
             # so logsumexp and log p work on small numbers; then H = -sum p log p has terms of
             # one sign. (H = lse - sum p z cancels two large numbers: ~1e-4 lost on real logits.)
@@ -56,7 +64,7 @@ class _LogprobEntropy(torch.autograd.Function):
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], chunk):
             sl = slice(start, start + chunk)
-            z = flat[sl].float() / tau
+            z = flat[sl].to(lses.dtype) / tau
             g = -torch.exp(z - lses[sl].unsqueeze(-1)) * grad_logp[sl].unsqueeze(-1)
             g.scatter_add_(-1, labels[sl, None], grad_logp[sl, None])
             grad[sl] = (g / tau).to(flat.dtype)
@@ -66,7 +74,8 @@ class _LogprobEntropy(torch.autograd.Function):
 def token_logprob_entropy(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels) and H(p) per position, in float32, computed in chunks of positions.
+    """log p(labels) and H(p) per position, computed in chunks of positions, in float32
+    (float64 for float64 logits: compute_dtype).
 
     logits: [..., V] (position t predicts labels[..., t]); labels: [...] (ids outside
     [0, V), such as -100, give logprob 0 and must be masked by the caller). log p is

@@ -254,6 +254,8 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (wins over epochs)")
     seed: int = 0
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto = bf16 on a GPU with bf16, else off")
+    dtype: Literal["float32", "float64"] = Field("float32", description="parameter dtype. float64: the exactness "
+                                                 "reference on CPU, used by the tests (no autocast)")
     max_length: int | None = Field(None, ge=8, description="tokens per row; None = the model's context")
     overlong: Literal["skip", "truncate"] = Field("skip", description="rows over max_length: skip, or cut the end")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
@@ -263,6 +265,13 @@ class TrainConfig(Strict):
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the last checkpoint on failure")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     fail_after_step: int | None = Field(None, ge=1, description="testing: crash once after this step (recovery)")
+
+    @model_validator(mode="after")
+    def _float64_is_not_autocast(self):
+        if self.dtype == "float64" and self.autocast == "bf16":
+            raise ValueError("dtype float64 is the exactness reference: it cannot run under bf16 autocast "
+                             "(set autocast to off or auto)")
+        return self
 
 
 # ---------------------------------------------------------------------------- recurring cycle (opsft schedule)

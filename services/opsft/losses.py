@@ -164,9 +164,9 @@ def compute(
     weight, extra = _REGISTRY[name](logp, entropy, vocab, progress, **params)
     if name in _DETACHED_WEIGHT:
         weight = weight.detach()
-    validf = valid.float()
+    validf = valid.to(logp.dtype)  # float32, or float64 for float64 logits (opsft.cll.compute_dtype)
     n_valid = validf.sum()
-    denom = n_valid.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32)
+    denom = n_valid.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=logp.dtype)
     loss = -(weight * logp * validf).sum() / denom
 
     def vmean(t: torch.Tensor) -> float:

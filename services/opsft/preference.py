@@ -58,8 +58,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
                    chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums, counts) per row: the sum of log p(label) over the row's valid positions and their
     number. logits [B, T, V] at t predict labels [B, T]; labels outside [0, V) (e.g. -100) and
-    positions where mask is False do not count. sums is differentiable in the logits (float32);
-    computed in chunks of positions (opsft.cll), never a full [B, T, V] log_softmax."""
+    positions where mask is False do not count. sums is differentiable in the logits (float32,
+    float64 for float64 logits: opsft.cll.compute_dtype); computed in chunks of positions
+    (opsft.cll), never a full [B, T, V] log_softmax."""
     vocab = logits.shape[-1]
     valid = (labels >= 0) & (labels < vocab)
     if mask is not None:

@@ -18,8 +18,10 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
-# The data position is only meaningful for the same examples, batch size and seed.
-DATA_KEYS = ("n_examples", "global_batch_size", "seed", "total_steps")
+# The data position is only meaningful for the same examples, batch size and seed; an exact
+# continuation also needs the same parameter dtype (TrainConfig.dtype).
+DATA_KEYS = ("n_examples", "global_batch_size", "seed", "total_steps", "dtype")
+SAVED_DEFAULTS = {"dtype": "float32"}  # checkpoints written before the key existed
 
 
 def rng_state() -> dict:
@@ -64,11 +66,12 @@ def load_trainer_state(folder: str | Path) -> dict:
 
 def check_compatible(saved: dict, current: dict) -> None:
     """Raise when the checkpoint's data position does not apply to this run's data."""
+    saved = {**SAVED_DEFAULTS, **saved}
     bad = {k: (saved.get(k), current.get(k)) for k in DATA_KEYS if saved.get(k) != current.get(k)}
     if bad:
         detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in bad.items())
         raise ValueError(f"cannot resume exactly: the run differs from the checkpoint ({detail}); use the same "
-                         "corpus, global_batch_size, seed, epochs/max_steps")
+                         "corpus, global_batch_size, seed, epochs/max_steps, dtype")
 
 
 def restore_training(state: dict, optimizer, scheduler) -> int:

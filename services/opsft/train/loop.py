@@ -36,6 +36,7 @@ from opsft.train.data import (
 )
 from opsft.train.metrics import MetricsWriter
 from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
+from opsft.train.precision import to_dtype, torch_dtype
 from opsft.train.step import (
     LossSpec,
     Reduce,
@@ -142,10 +143,10 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     lengths = [len(e) for e in train]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_position = {"n_examples": len(train), "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
-                     "total_steps": total, "steps_per_epoch": plan.steps_per_epoch}
+                     "total_steps": total, "steps_per_epoch": plan.steps_per_epoch, "dtype": cfg.dtype}
     if resume_state is not None:
         check_compatible(resume_state["trainer"], data_position)
-    autocast = autocast_context(runtime.device, cfg.autocast)
+    autocast = autocast_context(runtime.device, "off" if cfg.dtype == "float64" else cfg.autocast)
     batch_of = collate_pairs if cfg.loss.pairs else collate
     reference = None
     if cfg.loss.name == "dpo":  # before wrapping and before any step: the initial model
@@ -236,17 +237,18 @@ def local_checkpointer(output_dir: str | Path) -> Callable:
 
 def run_local(cfg, model=None, tokenizer=None) -> dict:
     """Train in this process on one device (the `opsft train --local` path and the test
-    reference). Resumes from cfg.resume_from when set. Returns a summary."""
+    reference). Resumes from cfg.resume_from when set. A `model` given is trained in place,
+    moved to the device and to cfg.dtype. Returns a summary."""
     from opsft.models import load_model
 
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     resume_state = None
     if cfg.resume_from:
         resume_state = load_trainer_state(cfg.resume_from)
-        model, tokenizer = load_model(cfg.resume_from, device=str(device))
+        model, tokenizer = load_model(cfg.resume_from, dtype=torch_dtype(cfg.dtype), device=str(device))
     elif model is None:
-        model, tokenizer = load_model(cfg.model, device=str(device))
-    model.to(device)
+        model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), device=str(device))
+    to_dtype(model.to(device), cfg.dtype)
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, resolve_max_length(cfg, model.config, tokenizer))
     runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None)
     last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)

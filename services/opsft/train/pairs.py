@@ -92,15 +92,16 @@ def prepare_pairs(rows: list[dict], tokenizer, max_length: int, overlong: str = 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int, device="cpu") -> dict:
     """collate() of the chosen sides then the rejected sides, plus n_pairs and, when every
-    pair has one, ref_logps [n, 2] (float32). An empty list gives collate([]) with n_pairs 0
-    and an empty ref_logps (a no-pair micro-batch, for any pair loss)."""
+    pair has one, ref_logps [n, 2] (float64, as reference_logps computes them; the loss casts them
+    to the policy's dtype). An empty list gives collate([]) with n_pairs 0 and an empty ref_logps
+    (a no-pair micro-batch, for any pair loss)."""
     if not pairs:
         return {**collate([], pad_id, device), "n_pairs": 0,
-                "ref_logps": torch.zeros(0, 2, dtype=torch.float32, device=device)}
+                "ref_logps": torch.zeros(0, 2, dtype=torch.float64, device=device)}
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
     batch["n_pairs"] = len(pairs)
     if all(p.ref is not None for p in pairs):
-        batch["ref_logps"] = torch.tensor([p.ref for p in pairs], dtype=torch.float32, device=device)
+        batch["ref_logps"] = torch.tensor([p.ref for p in pairs], dtype=torch.float64, device=device)
     return batch
 
 

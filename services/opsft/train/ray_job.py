@@ -33,6 +33,7 @@ from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
+from opsft.train.precision import to_dtype, torch_dtype
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
@@ -92,10 +93,12 @@ def _report_checkpoint(rank: int):
     return checkpoint
 
 
-def _load(folder_or_model, device):
+def _load(folder_or_model, device, dtype: str):
+    """(model, tokenizer) in `dtype` (TrainConfig.dtype): a float64 checkpoint reloads as float64."""
     from opsft.models import load_model
 
-    return load_model(folder_or_model, device=str(device))
+    model, tokenizer = load_model(folder_or_model, dtype=torch_dtype(dtype), device=str(device))
+    return to_dtype(model, dtype), tokenizer
 
 
 def train_worker(config: dict) -> None:
@@ -117,12 +120,12 @@ def train_worker(config: dict) -> None:
     if ckpt is not None:  # restart after a failure, or a rerun of the same output_dir
         with ckpt.as_directory() as folder:
             resume_state = load_trainer_state(folder)
-            model, tokenizer = _load(folder, device)
+            model, tokenizer = _load(folder, device, cfg.dtype)
     elif cfg.resume_from:
         resume_state = load_trainer_state(cfg.resume_from)
-        model, tokenizer = _load(cfg.resume_from, device)
+        model, tokenizer = _load(cfg.resume_from, device, cfg.dtype)
     else:
-        model, tokenizer = _load(config["model"], device)
+        model, tokenizer = _load(config["model"], device, cfg.dtype)
     if resume_state is not None and cfg.scaling.strategy == "fsdp":
         raise ValueError("resuming is implemented for strategy 'ddp' only (FSDP optimiser state is sharded)")
     fsdp = cfg.scaling.strategy == "fsdp"
