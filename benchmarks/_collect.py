@@ -42,6 +42,7 @@ QUICK_ARGS = {
     "train_step": ["--batch", "1", "--seq", "32", "--steps", "1"],
     "serve_load": ["--clients", "1", "2", "--rounds", "1"],
     "data_jobs": ["--rows", "4", "--no-vllm"],
+    "bf16_scoring": ["--rows", "2"],
 }
 STDERR_TAIL_LINES = 40
 
