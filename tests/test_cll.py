@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from opsft.cll import summarize, token_logprob_entropy, token_phi
+from opsft.cll import head_logprob_entropy, summarize, token_logprob_entropy, token_phi
 
 
 def brute_phi(logits, labels, temperature=1.0):
@@ -21,6 +21,23 @@ def test_chunked_phi_equals_brute_force(chunk, temperature):
     labels = torch.randint(0, 97, (3, 11), generator=g)
     phi = token_phi(logits, labels, temperature=temperature, chunk_size=chunk)
     torch.testing.assert_close(phi.double(), brute_phi(logits, labels, temperature), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_head_logprob_entropy_equals_brute_force_of_the_head_logits(chunk, temperature):
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(9, 16, generator=g).to(torch.bfloat16)  # e.g. a bf16 body's final hidden states
+    weight, bias = torch.randn(97, 16, generator=g).to(torch.bfloat16), torch.randn(97, generator=g)
+    labels = torch.randint(0, 97, (9,), generator=g)
+    logits = hidden.double() @ weight.double().T + bias.double()  # the bf16 values, exactly
+    logp, ent = head_logprob_entropy(hidden, weight.float(), labels, temperature, chunk, bias=bias)
+    assert logp.dtype == ent.dtype == torch.float32
+    ref = torch.log_softmax(logits / temperature, -1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, labels[:, None]).squeeze(-1), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        head_logprob_entropy(hidden, weight.float(), labels[:-1])
 
 
 def test_mask_zeroes_positions_and_out_of_range_labels():

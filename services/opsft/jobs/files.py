@@ -29,7 +29,8 @@ TMP_PREFIX = ".tmp-"
 SCORE_TYPES = {name: pa.float64() for name in ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1",
                                                "cll_frac_gt_m3", "cll_frac_gt_m5", "logprob_mean",
                                                "entropy_mean")}
-SCORE_TYPES.update(n_tokens=pa.int64(), error=pa.string(), id=pa.string(), token_phi=pa.list_(pa.float64()))
+SCORE_TYPES.update(n_tokens=pa.int64(), exact_entropy=pa.bool_(), error=pa.string(), id=pa.string(),
+                   token_phi=pa.list_(pa.float64()))
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:

@@ -64,7 +64,7 @@ def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
 
 
 SCORE_COLUMNS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
-                 "logprob_mean", "entropy_mean", "n_tokens", "token_phi", "error")
+                 "logprob_mean", "entropy_mean", "n_tokens", "exact_entropy", "token_phi", "error")
 
 
 def merge_corpus(scored: list[dict], rewritten: list[dict]) -> list[dict]:

@@ -46,7 +46,10 @@ class EngineFactory:
     def __call__(self, model: str | None):
         from opsft.engines import make_engine
 
-        return make_engine(self.engine.kind, model or self.engine.model, **self.engine.options())
+        engine = make_engine(self.engine.kind, model or self.engine.model, **self.engine.options())
+        if hasattr(engine, "start"):  # vllm: its pooling runner now (a load that fails fails here), not at a request
+            engine.start("score")
+        return engine
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)

@@ -74,6 +74,8 @@ class ItemScores(Body):
     logprob_mean: float
     entropy_mean: float
     n_tokens: int
+    exact_entropy: bool = Field(..., description="True: H over the full vocabulary (exact CLL); False: H "
+                                "estimated (the vllm engine's top-k scorer, biased low; docs/data_jobs.md)")
     tokens: list[TokenScore] | None = None
 
 
