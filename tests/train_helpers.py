@@ -26,13 +26,13 @@ from opsft.train.precision import to_dtype
 # order. To first order in the unit roundoff u every difference between them is u times a condition
 # factor of the computation (sum lengths, AdamW's lr / eps_adam, the steps), and that factor is the
 # same whether the run is float32 (u32 = 2^-24) or float64 (u64 = 2^-53): a float64 difference is
-# u64 / u32 = 2^-29 = 1.9e-9 times the float32 difference of the same comparison. A float32 split that
-# disagreed by 50% (relative) would be a bug, not rounding; so a float64 difference above
-# 0.5 * 1.9e-9 ~ 1e-9 is not rounding either, and a bug as small as a float32 rounding (6e-8) fails.
-# The float32 differences of these runs are below 1e-4 (the old tolerances held up to the 2.3e-5 flake),
-# so the float64 ones are expected near 2e-13. Seen: test_train_ray's eval_loss 3.4e-14 relative apart
-# (2.3e-5 in float32: the ratio is 1.5e-9, as the argument says), its losses 8e-15, weights 1e-15;
-# test_train_pairs_ray's weights 2e-14; the local resumes are bitwise equal.
+# about u64 / u32 = 2^-29 = 1.9e-9 times the float32 difference of the same comparison (within a
+# small factor: the individual roundings differ). So a float64 difference above SPLIT_TOL = 1e-9 means
+# a float32 difference of 10% or more: a bug, not rounding; and a bug as small as a float32 rounding
+# (6e-8) fails. Seen on this 2-core machine, float32 -> float64: test_train_ray's eval_loss 4.6e-6 ->
+# 3.4e-14 relative (ratio 7e-9; issue 13's float32 run: 2.3e-5), its weights 2.1e-7 -> 1.1e-15;
+# test_train_pairs_ray's weights 1.2e-5 -> 1.9e-14, margins 2.6e-5 -> 1.3e-14; the local resumes
+# are bitwise equal in both.
 # What keeps the float64 run float64 end to end: opsft.cll computes in the logits' dtype, and
 # opsft.train.precision widens transformers' float32 RMSNorm (else a float32 rounding inside every
 # norm could land on either side of a boundary in two splits: a 6e-8 jump, amplified like float32 noise).
