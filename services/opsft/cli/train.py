@@ -26,7 +26,7 @@ FLAGS = {
     "lr": "lr",
     "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
     "global_batch_size": "global_batch_size", "micro_batch_size": "micro_batch_size", "epochs": "epochs",
-    "max_steps": "max_steps", "seed": "seed", "autocast": "autocast", "max_length": "max_length",
+    "max_steps": "max_steps", "seed": "seed", "autocast": "autocast", "dtype": "dtype", "max_length": "max_length",
     "overlong": "overlong", "checkpoint_every": "checkpoint_every", "eval_every": "eval_every",
     "resume_from": "resume_from", "max_failures": "max_failures", "address": "address",
     "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
@@ -69,6 +69,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-steps", type=int, help="optimiser steps (wins over --epochs)")
     g.add_argument("--seed", type=int)
     g.add_argument("--autocast", choices=["auto", "bf16", "off"], help="auto = bf16 on a bf16 GPU, else fp32")
+    g.add_argument("--dtype", choices=["float32", "float64"],
+                   help="parameter dtype (default float32; float64 is the exactness reference on CPU)")
     g.add_argument("--max-length", type=int, help="tokens per row (default: the model's context)")
     g.add_argument("--overlong", choices=["skip", "truncate"], help="rows over --max-length (default skip)")
     g = p.add_argument_group("run")
