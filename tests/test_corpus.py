@@ -45,7 +45,7 @@ def test_round_trip_preserves_rows_and_extra_columns(tmp_path, ext):
     path = tmp_path / f"c.{ext}"
     write_rows(rows, path)
     assert read_rows(path) == rows
-    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+    assert [p.name for p in tmp_path.iterdir()] == [f"c.{ext}"]  # atomic write leaves no temp file
 
 
 def test_bad_jsonl_lines_become_error_rows(tmp_path):

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,10 +247,12 @@ def unrepresentable(value, depth: int = 0, where: str = "row") -> str | None:
             return f"nested deeper than {MAX_DEPTH} levels"
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            inner = f"{where}[{key!r}]" if isinstance(value, list) or not isinstance(key, str) else (
-                key if where == "row" else f"{where}.{key}")
-            if isinstance(key, str) and unrepresentable(key, depth, where):
-                return f"a key in {where} is not valid Unicode text (a lone surrogate)"
+            if isinstance(value, list):
+                inner = f"{where}[{key}]"
+            else:
+                if unrepresentable(key):
+                    return f"a key in {where} is not valid Unicode text (a lone surrogate)"
+                inner = key if where == "row" else f"{where}.{key}"
             problem = unrepresentable(item, depth + 1, inner)
             if problem:
                 return problem
@@ -260,9 +263,8 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
     """Write rows as JSONL or Parquet (by extension), atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     rows = list(rows)
-    try:
+    with atomic_path(path) as tmp:
         if file_format(path) == "parquet":
             import pyarrow.parquet as pq
 
@@ -270,21 +272,26 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
         else:
             with open(tmp, "wb") as handle:
                 handle.writelines(jsonl_line(row) for row in rows)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """A temporary path beside `path` (same suffix) to write to; renamed over `path` when the block
+    ends without error, removed otherwise. A reader never sees half a file, and a crash leaves
+    the old file as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file (a summary, a marker) the way corpora are written: a temporary file
-    renamed over the target, so a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """A small text file (a summary, a marker) written through atomic_path."""
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def jsonl_line(row: dict) -> bytes:

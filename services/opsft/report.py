@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opsft.corpus import write_text_atomic
+from opsft.corpus import atomic_path, write_text_atomic
 from opsft.jobs.files import read_output
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -131,10 +131,9 @@ def _safe(label: str) -> str:
 
 
 def save_figure(fig, path: Path) -> None:
-    """A PNG written to a temporary name and renamed when complete."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    tmp.replace(path)
+    """A PNG written through atomic_path (matplotlib picks the format from the suffix)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
 
 
 def build_report(inputs: list[tuple[str, list[dict]]], output: str | Path) -> dict:
