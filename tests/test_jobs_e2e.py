@@ -1,12 +1,14 @@
 """End to end on local Ray with the real model: `opsft score --ray` over JSONL and Parquet,
 rows and columns preserved, error rows, distributed scores equal to the in-process ones,
-a dead engine actor retried, a killed job resumed, and a generation row function (the
+an engine actor killed mid-job (score and rewrite) retried with the output of an uninterrupted
+run, a killed job resumed, and a generation row function (the
 hook `opsft rewrite` uses) through the same actor pool."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from opsft.config import PoolConfig
+from opsft.config import EngineConfig, PoolConfig
 from opsft.engines import GenerationParams
 from opsft.jobs import files
 from opsft.scoring import score_rows
@@ -81,22 +83,76 @@ def test_score_job_preserves_rows_and_matches_in_process(ray_local, tmp_path, re
     assert table.schema.field("cll").type == pa.float64() and table.num_rows == len(rows) + 1
 
 
-def _die_once(rows, engine, marker):
-    if not os.path.exists(marker):
-        Path(marker).write_text("died")
-        os._exit(1)  # the engine's process dies mid-job
-    return score_rows(rows, engine)
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_model, tokenizer) -> str:
+    """The tiny random checkpoint on disk (engine actors load a folder): fast, deterministic."""
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
-def test_dead_engine_actor_is_restarted_and_batch_retried(ray_local, tmp_path):
-    from opsft.jobs.pipeline import run_job
+def _killed_once(rows, engine, fn, tickets, kill_at, fn_kwargs):
+    """The row function `fn`, except that the call holding ticket `kill_at` (calls are numbered
+    in the order they start, across actors) SIGKILLs its own actor process, like an OOM kill:
+    a deterministic kill in the middle of a job. Retries take new tickets, so it happens once."""
+    from opsft.jobs.stages import load_function
 
-    write_jsonl(tmp_path / "small.jsonl", corpus_rows()[:4], bad_line=False)
-    job = spec(tmp_path, fn=_die_once, inp="small.jsonl", max_restarts=2, max_task_retries=2)
-    job.fn_kwargs = {"marker": str(tmp_path / "died")}
-    summary = run_job(job)
-    assert (tmp_path / "died").exists()
-    assert summary["rows_out_total"] == 4 and summary["error_rows"] == 1  # only the empty prompt
+    ticket = 1
+    while True:  # O_EXCL: exactly one call gets each number
+        try:
+            os.close(os.open(os.path.join(tickets, f"call-{ticket}"), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            ticket += 1
+    if ticket == kill_at:
+        Path(tickets, "killed").write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load_function(fn)(rows, engine, **fn_kwargs)
+
+
+JOBS = {  # row function and its kwargs: the score job, and the rewrite job of the realignment cycle
+    "score": ("opsft.scoring:score_rows", {}, files.SCORE_TYPES),
+    "rewrite": ("opsft.recipe:rewrite_rows", {"params": {"policy": "hd-all", "missing_hint": "cot",
+                                                         "max_new_tokens": 6, "hint_max_new_tokens": 6}}, None),
+}
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupted_run(ray_local, tmp_path,
+                                                                                        tiny_dir, job):
+    from opsft.jobs.pipeline import JobSpec, run_job
+
+    fn, fn_kwargs, types = JOBS[job]
+    rows = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}.",
+             "answer": str(2 * i)} for i in range(8)]
+    write_jsonl(tmp_path / "in.jsonl", rows, bad_line=False)
+    tickets = tmp_path / "tickets"
+    tickets.mkdir()
+
+    def run(name: str, kill_at: int | None) -> list[dict]:
+        wrapped = {"fn": fn, "tickets": str(tickets), "kill_at": kill_at, "fn_kwargs": fn_kwargs}
+        spec = JobSpec(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / name), fn=_killed_once,
+                       fn_kwargs=wrapped, column_types=types, name=job, engine=EngineConfig(model=tiny_dir),
+                       pool=PoolConfig(num_cpus=0.25, batch_size=2, max_restarts=2, max_task_retries=2))
+        summary = run_job(spec)
+        assert summary["rows_in"] == summary["rows_out_total"] == len(rows)
+        return sorted(files.read_output(str(tmp_path / name)), key=lambda r: r["id"])
+
+    clean = run("clean.parquet", kill_at=None)
+    for ticket in tickets.iterdir():
+        ticket.unlink()
+    killed = run("killed.parquet", kill_at=2)  # the second of four batches: mid-job
+    assert (tickets / "killed").exists()  # the kill did happen
+    assert len(list(tickets.glob("call-*"))) == 5  # four batches and the one retried
+    # the same batches on the same engine in a fresh process compute the same floats
+    assert killed == clean
+    assert [r["id"] for r in killed] == [r["id"] for r in sorted(rows, key=lambda r: r["id"])]
+    assert all(not r.get("error") for r in killed)
+    if job == "score":
+        assert all(r["n_tokens"] > 0 for r in killed)
+    else:
+        assert all(r["original_response"] == next(x["response"] for x in rows if x["id"] == r["id"]) for r in killed)
 
 
 def _crash_after_first_part(rows, engine, output):

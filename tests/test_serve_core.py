@@ -177,3 +177,99 @@ def test_auth_guards_every_route_but_healthz(tiny_engine):
     assert wrong.status_code == 401 and "wrong API key" in wrong.json()["detail"]
     assert call(app, "POST", "/v1/score", json=body, headers={"authorization": "Bearer s3cret"}).status_code == 200
     assert call(app, "GET", "/docs", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------- hostile bodies
+
+
+def strict_json(text: str):
+    """JSON as the RFC has it: NaN / Infinity are not JSON (Python's json would accept them)."""
+    def refuse(name):
+        raise ValueError(f"{name} in a response body")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+GOOD = json.dumps({"items": ROWS[:1]}).encode()
+NESTED = b"[" * 1900 + b"]" * 1900  # deeper than Python's json recursion limit, inside the 4096-byte limit
+
+
+@pytest.mark.parametrize("name, body, status, says", [
+    ("deep nesting", b'{"items": ' + NESTED + b"}", 400, "error parsing the body"),
+    ("deep nesting in a field", b'{"items": [{"prompt": "a", "response": "b", "id": ' + b'{"a": ' * 400 + b"1"
+     + b"}" * 400 + b"}]}", 422, "items.0.id: Input should be a valid string"),
+    ("NaN", b'{"items": [{"prompt": "a", "response": "b"}], "return_tokens": NaN}', 422, "return_tokens"),
+    ("Infinity", b'{"items": [{"prompt": Infinity, "response": "b"}]}', 422, "items.0.prompt"),
+    ("-Infinity", b'{"items": -Infinity}', 422, "items: Input should be a valid list"),
+    ("a number of 5000 digits", b'{"items": [{"prompt": "a", "response": ' + b"9" * 5000 + b"}]}", 413,
+     "limit is 4096"),
+    ("a number of 4000 digits", b'{"items": [{"prompt": "a", "response": ' + b"9" * 4000 + b"}]}", 422,
+     "items.0.response: Input should be a valid string"),
+    ("1e999", b'{"items": [{"prompt": "a", "response": 1e999}]}', 422, "items.0.response"),
+    ("invalid UTF-8", b'{"items": [{"prompt": "\xff\xfe", "response": "b"}]}', 400, "error parsing the body"),
+    ("lone surrogate", b'{"items": [{"prompt": "a\\ud800", "response": "b"}]}', 422,
+     "items[0]: 'prompt' is not valid Unicode text"),
+    ("a long unknown key", json.dumps({"items": ROWS[:1], "k" * 3000: 1}).encode(), 422, "Extra inputs"),
+    ("hundreds of unknown keys", json.dumps({"items": ROWS[:1], **{f"k{i}": 0 for i in range(300)}}).encode(), 422,
+     "(+295 more)"),
+    ("JSON then garbage", GOOD + b"garbage", 400, "malformed JSON"),
+    ("a top-level string", b'"items"', 422, "valid dictionary"),
+    ("no body", b"", 422, "body: Field required"),
+])
+def test_hostile_bodies_get_a_4xx_that_says_why(app, name, body, status, says):
+    r = call(app, "POST", "/v1/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, (name, r.text[:300])
+    answer = strict_json(r.text)
+    assert says in answer["detail"], (name, answer["detail"][:300])
+    assert len(r.content) < 4096, name  # a 4 kB body never gets a bigger answer
+    assert len(answer.get("errors") or []) <= 20
+    assert call(app, "POST", "/v1/score", content=GOOD, headers={"content-type": "application/json"}
+                ).status_code == 200  # and the service still answers
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml", "*/*", "json"])
+def test_a_body_not_declared_json_is_415(app, content_type):
+    headers = {} if content_type is None else {"content-type": content_type}
+    for path in ("/v1/score", "/v1/models/reload"):
+        r = call(app, "POST", path, content=GOOD, headers=headers)
+        assert r.status_code == 415, r.text
+        assert "Content-Type: application/json" in r.json()["detail"]
+    for ok in ("application/json", "application/json; charset=utf-8", "Application/JSON", "application/ld+json"):
+        assert call(app, "POST", "/v1/score", content=GOOD, headers={"content-type": ok}).status_code == 200, ok
+    assert call(app, "POST", "/nope", content=GOOD, headers=headers).status_code == 404  # unknown routes stay 404
+
+
+# ---------------------------------------------------------------------------- a scorer replica that dies
+
+
+def test_a_request_whose_replica_dies_is_sent_again_and_only_then():
+    from opsft.serve.deployments import SCORE_ATTEMPTS, retry_if_replica_died
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    def calls(*outcomes):
+        made = []
+
+        async def call():
+            outcome = outcomes[len(made)]
+            made.append(outcome)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return call, made
+
+    call, made = calls(ActorDiedError(), ActorUnavailableError("network", None), {"results": []})
+    assert asyncio.run(retry_if_replica_died(call)) == {"results": []} and len(made) == 3 == SCORE_ATTEMPTS
+    call, made = calls(*[ActorDiedError()] * 3)
+    with pytest.raises(ActorDiedError):
+        asyncio.run(retry_if_replica_died(call))
+    assert len(made) == 3  # gives up after SCORE_ATTEMPTS
+    wrapped = RayTaskError("score", "Traceback ...", ActorDiedError())  # a died actor seen through a task
+    call, made = calls(wrapped, {"results": [1]})
+    assert asyncio.run(retry_if_replica_died(call)) == {"results": [1]} and len(made) == 2
+    for error in (ValueError("a bug"), RayTaskError("score", "Traceback ...", ValueError("a bug"))):
+        call, made = calls(error, {"results": []})
+        with pytest.raises(type(error)):
+            asyncio.run(retry_if_replica_died(call))
+        assert len(made) == 1  # an error the scorer raised is not sent again

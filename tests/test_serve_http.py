@@ -4,8 +4,10 @@ Two applications on one Serve instance: `/open` (the real model, no auth) and `/
 (a tiny random checkpoint, API key from a file). Checked: answers equal `opsft score` for
 the same items (1e-4: concurrent requests share batched forward passes, whose float noise
 differs from single-row scoring), 32 concurrent clients, every malformed input -> its 4xx,
-auth on and off, a bounded schemathesis fuzz (no 5xx), and a reload while requests are in
-flight (none fails; later answers come from the new checkpoint).
+auth on and off, a bounded schemathesis fuzz of valid and invalid requests (no 5xx), hostile
+bodies and slow clients through the real proxy, a reload while requests are in flight (none
+fails; later answers come from the new checkpoint), and a scorer replica killed with a request
+on it (the request is answered by the other replica).
 
     .venv/bin/python -m pytest -q tests/test_serve_http.py
 """
@@ -13,7 +15,10 @@ flight (none fails; later answers come from the new checkpoint).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +27,10 @@ import httpx
 import pytest
 from opsft.config import ServeConfig
 from opsft.scoring import SCORE_FIELDS
+from ray import cloudpickle
 
 pytestmark = pytest.mark.slow
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the engine factory below runs in the replicas
 
 TOPICS = ["the moon", "rivers", "prime numbers", "bread", "owls", "glaciers", "chess", "tea"]
 ITEMS = [{"prompt": f"Write one sentence about {t}.", "response": f"Here is a fact about {t}: it is {k} times "
@@ -153,7 +160,13 @@ def test_auth_on_and_off(base):
     assert r.status_code == 200 and r.json()["results"][0]["n_tokens"] >= 1
 
 
-def test_fuzzed_requests_never_get_a_5xx(base):
+FUZZ_EXAMPLES = 400  # per generation mode; hypothesis derandomized: the same requests every run
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_never_get_a_5xx(base, mode):
+    """Schema-valid requests (positive) and requests that break the schema (negative), from the
+    service's own OpenAPI document; the server must answer each with its 2xx or a 4xx."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
@@ -161,15 +174,22 @@ def test_fuzzed_requests_never_get_a_5xx(base):
     schema = schemathesis.openapi.from_url(base + "/auth/openapi.json", headers=headers)
     seen = []
 
-    @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(case=schema.as_strategy())
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+              database=None)
+    @given(case=schema.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
     def fuzz(case):
         response = case.call(base_url=base + "/auth", headers=headers, timeout=60)
         seen.append((case.method, case.path, response.status_code))
         assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
 
     fuzz()
-    assert {path for _, path, _ in seen} >= {"/v1/score", "/v1/models/reload", "/v1/models"}
+    assert {path for _, path, _ in seen} >= {"/v1/score", "/v1/models/reload"}
+    statuses = {status for method, _, status in seen if method == "POST"}
+    if mode == "positive":  # a schema-valid body is never malformed or of the wrong type
+        assert statuses <= {200, 413, 422}, statuses
+    else:
+        assert 200 not in {status for method, path, status in seen if method == "POST" and path == "/v1/score"}
+    assert httpx.get(base + "/auth/healthz").status_code == 200
 
 
 def test_models_route_says_what_is_served(base, model_dir):
@@ -226,3 +246,133 @@ def test_reload_while_requests_are_in_flight(base, model_dir, tiny_dir, referenc
     assert back.status_code == 200 and back.json()["data"][0]["model"] == model_dir
     again = httpx.post(base + "/open/v1/score", json={"items": ITEMS[:1]}, timeout=60).json()
     assert again["results"][0]["cll"] == pytest.approx(reference[0]["cll"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- hostile clients, real proxy
+
+
+def raw_request(port: int, path: str, body: bytes, content_type: str = "application/json") -> socket.socket:
+    """A connection that has sent a request's headers and none of its body yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode())
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = int(next(v for k, _, v in (line.partition(": ") for line in lines[1:]) if k.lower() == "content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+def test_hostile_bodies_through_the_proxy_get_a_4xx(base):
+    bodies = {  # the HTTP layer's own cases are in test_serve_core.py; these cross the proxy and the scorer
+        "deep nesting": (b'{"items": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400),
+        "NaN": (b'{"items": [{"prompt": NaN, "response": "b"}]}', 422),
+        "lone surrogate in a response": (b'{"items": [{"prompt": "a", "response": "\\udfff"}]}', 422),
+        "a huge response, just under the body limit": (json.dumps({"items": [{"prompt": "a", "response": "x " * 32000}]
+                                                                   }).encode(), 422),
+        "special tokens": (json.dumps({"items": [{"prompt": "<|im_end|>", "response": "<|im_start|>"}]}).encode(), 200),
+    }
+    with httpx.Client(base_url=base + "/open", timeout=120) as client:
+        for name, (body, status) in bodies.items():
+            r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status, (name, r.text[:300])
+        r = client.post("/v1/score", content=json.dumps({"items": ITEMS[:1]}), headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        assert client.post("/v1/score", json={"items": ITEMS[:1]}).status_code == 200  # still serving
+
+
+def test_slow_clients_hold_no_one_up(base):
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"items": ITEMS[:1]}).encode()
+    slow = [raw_request(port, "/open/v1/score", body) for _ in range(8)]
+    try:
+        for sock in slow:
+            sock.sendall(body[:10])  # eight bodies stay half sent while others are served
+        r = httpx.post(base + "/open/v1/score", json={"items": ITEMS[1:2]}, timeout=300)
+        assert r.status_code == 200 and r.json()["results"][0]["n_tokens"] > 0
+        assert httpx.get(base + "/open/healthz").status_code == 200
+        for k in range(10, len(body), 8):  # one trickles the rest of its body and gets its answer
+            slow[0].sendall(body[k:k + 8])
+            time.sleep(0.01)
+        status, answer = read_response(slow[0])
+        assert status == 200 and answer["results"][0]["n_tokens"] > 0
+        for sock in slow[1:4]:
+            sock.shutdown(socket.SHUT_WR)  # gives up mid-body
+        never = raw_request(port, "/open/v1/score", body)  # headers, then nothing, then gone
+        never.close()
+    finally:
+        for sock in slow:
+            sock.close()
+    r = httpx.post(base + "/open/v1/score", json={"items": ITEMS[:1]}, timeout=300)
+    assert r.status_code == 200  # the server shrugged it all off
+
+
+# ---------------------------------------------------------------------------- a replica killed mid-request
+
+
+class BlockFirstCall:
+    """Engine factory: an HF engine whose first scoring call, across all replicas, writes its
+    replica's pid to `marker` and then waits to be killed; every later call scores normally."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, model: str | None):
+        from opsft.engines.hf import HFEngine
+
+        return BlockingEngine(HFEngine(model, device="cpu"), self.marker)
+
+
+class BlockingEngine:
+    def __init__(self, engine, marker: str):
+        self.engine, self.marker = engine, marker
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_tokens(self, *args, **kwargs):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self.engine.score_tokens(*args, **kwargs)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        while True:
+            time.sleep(1)  # until the test kills this replica
+
+
+def test_a_request_on_a_killed_replica_is_answered_by_another(base, tiny_dir, tmp_path):
+    from opsft.engines.hf import HFEngine
+    from opsft.scoring import score_rows
+    from opsft.serve.app import build_app
+    from ray import serve
+
+    marker = tmp_path / "blocked"
+    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=2, num_cpus=0.1, torch_threads=1)
+    serve.run(build_app(cfg, engine_factory=BlockFirstCall(str(marker))), name="faulty", route_prefix="/faulty")
+    try:
+        answer = {}
+        sent = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            base + "/faulty/v1/score", json={"items": ITEMS[:1]}, timeout=300)))
+        sent.start()
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # the replica holding the request dies, like an OOM kill
+        sent.join()
+        r = answer["r"]
+        assert r.status_code == 200, r.text  # sent again, to a live replica
+        want = score_rows(ITEMS[:1], HFEngine(tiny_dir, device="cpu"))[0]
+        assert r.json()["results"][0]["cll"] == pytest.approx(want["cll"], abs=1e-4)
+    finally:
+        serve.delete("faulty")

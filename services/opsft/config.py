@@ -61,6 +61,8 @@ class PoolConfig(Strict):
     batch_size: int = Field(64, ge=1, description="rows handed to an actor per map_batches call")
     max_restarts: int = Field(3, ge=0, description="an actor that dies is restarted this many times")
     max_task_retries: int = Field(3, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, e.g. "
+                                        "{engine_slot: 1} to place engines on the nodes that offer that resource")
 
 
 class ScoreConfig(Strict):

@@ -109,6 +109,27 @@ def _read(spec: JobSpec, skip: frozenset):
                           batch_size=spec.pool.batch_size, num_cpus=LIGHT_CPUS)
 
 
+def light_repartition(ds, rows_per_block: int):
+    """ds.repartition(target_num_rows_per_block=...) whose tasks ask for LIGHT_CPUS: Ray Data gives a
+    repartition task 1 CPU and has no option for it, so a pool that leaves less than one CPU free
+    (two 0.75-CPU actors on 2 CPUs) would wait for that CPU forever. Ray is pinned (2.60): the
+    logical operator's remote args are the ones its tasks get (tests/test_jobs.py checks)."""
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = LIGHT_CPUS
+    return ds
+
+
+def warn_if_pool_cannot_fit(pool: PoolConfig) -> None:
+    """The actor pool takes its CPUs before any row is read: if the cluster cannot hold the pool
+    and the light read/write tasks together, the job waits until it can (forever on a fixed
+    cluster). Say so, rather than hang in silence (an autoscaling cluster may still grow)."""
+    need, have = pool.min_size * pool.num_cpus + LIGHT_CPUS, ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        log.warning("the engine pool needs %d x %g CPUs and its read/write tasks %g more: %g CPUs, but the cluster "
+                    "has %g; the job waits until it has them (lower --cpus or --actors)", pool.min_size,
+                    pool.num_cpus, LIGHT_CPUS, need, have)
+
+
 def build_plan(spec: JobSpec) -> Plan:
     """The lazy Dataset of a job, and its stages as configured (reads the output's done ids)."""
     file_format(spec.input), file_format(spec.output)  # clear errors for unknown extensions
@@ -117,22 +138,24 @@ def build_plan(spec: JobSpec) -> Plan:
         raise ValueError(f"pool.min_size {pool.min_size} > pool.max_size {pool.max_size}")
     skip = frozenset(files.done_ids(spec.output))
     resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    custom = {"resources": dict(pool.resources)} if pool.resources else {}  # e.g. one engine per labelled node
     # Streaming re-blocking: a JSONL file is one block after parsing; blocks of batch_size rows spread
     # the work over the pool and let results be written (and resumed) as they come.
-    ds = _read(spec, skip).repartition(target_num_rows_per_block=pool.batch_size).map_batches(
+    ds = light_repartition(_read(spec, skip), pool.batch_size).map_batches(
         EngineActor,
         fn_constructor_kwargs={"engine": _engine_payload(spec.engine), "fn": spec.fn, "fn_kwargs": spec.fn_kwargs},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         batch_size=pool.batch_size, batch_format="pyarrow", zero_copy_batch=False,
         ray_remote_args_fn=functools.partial(_remote_args, pool.max_restarts, pool.max_task_retries),
-        **resources,
+        **resources, **custom,
     )
     stages = [
         Stage("read", "read"),
         Stage("parse", "task", resources={"num_cpus": LIGHT_CPUS}),
         Stage("reblock", "task", batch_size=pool.batch_size),
         Stage(f"{spec.name}:{spec.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
-              {**resources, "max_restarts": pool.max_restarts, "max_task_retries": pool.max_task_retries}),
+              {**resources, **pool.resources, "max_restarts": pool.max_restarts,
+               "max_task_retries": pool.max_task_retries}),
         Stage(f"write:{file_format(spec.output)}", "write", resources={"num_cpus": LIGHT_CPUS}),
     ]
     return Plan(spec, stages, ds, PartsDatasink(spec.output, spec.column_types, spec.rows_per_file), len(skip))
@@ -144,6 +167,7 @@ def run_job(spec: JobSpec) -> dict:
     if removed:
         log.info("removed %d half-written part(s) of an earlier run", removed)
     plan = build_plan(spec)
+    warn_if_pool_cannot_fit(spec.pool)
     if plan.skipped_ids:
         log.info("resuming: %d rows already in %s are skipped", plan.skipped_ids, spec.output)
     start = time.monotonic()

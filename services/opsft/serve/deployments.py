@@ -5,7 +5,8 @@
 - Scorer (the replicas that hold an engine): validates each request's items with the
   tokenizer, merges concurrent requests into one scoring call (@serve.batch), runs it on
   one worker thread, and swaps engines on `load(record)` while requests keep flowing.
-- ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth; on a reload it promotes the
+- ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth; sends a request again when the
+  scorer replica it went to dies (scoring has no side effects); on a reload it promotes the
   new checkpoint in the registry and broadcasts `load` to every scorer replica.
 
 The engine is built by `engine_factory(model)`; the default makes an opsft engine from the
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from opsft.config import EngineConfig, ServeConfig
@@ -31,6 +33,9 @@ from opsft.serve.core import Job, check_job, score_jobs
 from opsft.serve.http import Limits, build_http_app
 
 log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
+# Tries per scoring request when its scorer replica dies under it (killed, OOM, node lost): Serve's
+# router drops a dead replica at once, so the next try goes to a live one, or waits for the restart.
+SCORE_ATTEMPTS = 3
 
 
 def utc_now() -> str:
@@ -148,6 +153,25 @@ class Scorer:
                 "loaded_at": loaded_at}
 
 
+def replica_died(exc: BaseException) -> bool:
+    """The error of a call whose replica died or became unreachable (not one the call raised)."""
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
+
+
+async def retry_if_replica_died(call, attempts: int = SCORE_ATTEMPTS):
+    """`await call()`, made again (up to `attempts` in all) when its replica died. Only for calls
+    without side effects: a replica may die after it did the work."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt == attempts or not replica_died(exc):
+                raise
+            log.warning("scorer replica died during a request (%s); sending it again (try %d of %d)",
+                        type(exc).__name__, attempt + 1, attempts)
+    raise AssertionError("unreachable")
+
+
 def replica_name() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -189,7 +213,7 @@ class ScoreAPI:
         self.latency.observe(ms, tags={"route": route})
 
     async def score(self, job: Job) -> dict:
-        return await self.scorer.score.remote(job)
+        return await retry_if_replica_died(lambda: self.scorer.score.remote(job))
 
     async def models(self, replicas: list[dict] | None = None) -> dict:
         record = await self.registry.current.remote()
@@ -207,7 +231,10 @@ class ScoreAPI:
             record, previous = await self.registry.promote.remote(model)
             answers = await self.scorer.broadcast("load", record).results_async(
                 timeout_s=self.cfg.reload_timeout_s, return_exceptions=True)
-            failed = [a for a in answers if isinstance(a, BaseException)]
+            loaded = [a for a in answers if not isinstance(a, BaseException)]
+            # A replica that died meanwhile is no failure to load once another one loaded the model
+            # (its replacement asks the registry); if none did, the model may be what kills them.
+            failed = [a for a in answers if isinstance(a, BaseException) and not (loaded and replica_died(a))]
             if failed:
                 await self.registry.restore.remote(previous)
                 await self.scorer.broadcast("load", previous).results_async(
@@ -215,4 +242,4 @@ class ScoreAPI:
                 cause = getattr(failed[0], "cause", None) or failed[0]
                 return {"status": 422, "detail": f"cannot load model {model!r}: {type(cause).__name__}: "
                                                   f"{str(cause).strip().splitlines()[-1][:300]}"}
-            return await self.models(answers)
+            return await self.models(loaded)

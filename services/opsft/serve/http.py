@@ -6,8 +6,8 @@ is one such object, so the HTTP layer is the same with or without Ray.
 
 Error policy: every problem with the input is a 4xx whose `detail` says what is wrong
 (400 malformed JSON or bad Content-Length, 401 auth, 404/405 routing, 413 body or item count
-over the limit, 422 wrong types or an item the model cannot score); a 500 means a bug and a
-503 an unavailable backend, never bad input.
+over the limit, 415 a body that is not declared JSON, 422 wrong types or an item the model
+cannot score); a 500 means a bug and a 503 an unavailable backend, never bad input.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from opsft.serve.schemas import ErrorResponse, ModelsResponse, ReloadRequest, Sc
 
 log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+JSON_ROUTES = {("POST", "/v1/score"), ("POST", "/v1/models/reload")}  # the routes that read a JSON body
+MAX_ERRORS = 20  # schema errors listed in a 422 body: a hostile body must not get a huge answer
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,9 @@ def json_error(status: int, detail: str, headers: dict | None = None, errors: li
 
 
 class Guard:
-    """ASGI middleware: bearer-token auth (all routes but /healthz), the body size limit
-    (Content-Length and the streamed body both count), and per-request metrics/logging."""
+    """ASGI middleware: bearer-token auth (all routes but /healthz), the body's media type
+    (JSON routes), the body size limit (Content-Length and the streamed body both count), and
+    per-request metrics/logging."""
 
     def __init__(self, app, limits: Limits, on_request: Callable[[str, int, float], None] | None = None):
         self.app, self.limits, self.on_request = app, limits, on_request
@@ -60,7 +63,7 @@ class Guard:
             await send(message)
 
         try:
-            early = self._check_auth(scope) or self._check_length(scope)
+            early = self._check_auth(scope) or self._check_type(scope) or self._check_length(scope)
             if early is None:
                 body, early = await self._read_body(receive)
             if early is not None:
@@ -85,6 +88,16 @@ class Guard:
         why = "missing" if not given else "wrong"
         return json_error(401, f"{why} API key: send the header 'Authorization: Bearer <key>'",
                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _check_type(self, scope):
+        if (scope.get("method"), route_of(scope)) not in JSON_ROUTES:
+            return None
+        raw = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        media = raw.partition(";")[0].strip().lower()
+        if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+            return None
+        return json_error(415, f"the body must be JSON: send 'Content-Type: application/json' (got "
+                               f"{repr(raw[:64]) if raw else 'no Content-Type'})")
 
     def _check_length(self, scope):
         raw = dict(scope.get("headers") or []).get(b"content-length")
@@ -134,15 +147,17 @@ def route_of(scope) -> str:
 def describe(errors: list[dict]) -> str:
     parts = []
     for err in errors[:5]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        where = ".".join(str(x)[:100] for x in err.get("loc", ()) if x != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
 
 
 def plain_errors(errors) -> list[dict]:
-    return [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
-            for e in errors]
+    """The first MAX_ERRORS schema errors as JSON-safe dicts (locations cut at 100 characters:
+    an unknown key is part of its location, and a key can be as long as the body)."""
+    return [{"loc": [str(x)[:100] for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
+            for e in errors[:MAX_ERRORS]]
 
 
 def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
@@ -152,10 +167,10 @@ def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, exc: RequestValidationError):
-        errors = plain_errors(exc.errors())
-        status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
-        return json_error(status, ("malformed JSON: " if status == 400 else "invalid request: ") + describe(errors),
-                          errors=errors)
+        found = exc.errors()
+        status = 400 if any(e.get("type") == "json_invalid" for e in found) else 422
+        return json_error(status, ("malformed JSON: " if status == 400 else "invalid request: ") + describe(found),
+                          errors=plain_errors(found))
 
     @app.exception_handler(Exception)
     async def crashed(_request, exc: Exception):
