@@ -273,3 +273,70 @@ def test_a_request_whose_replica_dies_is_sent_again_and_only_then():
         with pytest.raises(type(error)):
             asyncio.run(retry_if_replica_died(call))
         assert len(made) == 1  # an error the scorer raised is not sent again
+
+
+# ---------------------------------------------------------------------------- a reload frees the old engine
+
+
+class ClosingEngine:
+    """The tiny engine, with a close() that records when it ran and a first scoring call that
+    waits for `release` (a request still running on the old engine when the reload swaps)."""
+
+    def __init__(self, engine, log: list, release=None):
+        self.engine, self.log, self.release = engine, log, release
+        self.model_id = engine.model_id
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_tokens(self, *args, **kwargs):
+        if self.release is not None:
+            self.log.append("old engine: call started")
+            assert self.release.wait(60), "the test never released the call"
+            self.release = None
+            self.log.append("old engine: call done")
+        return self.engine.score_tokens(*args, **kwargs)
+
+    def close(self):
+        self.log.append(f"closed {self.model_id}")
+
+
+def test_a_reload_closes_the_old_engine_after_its_last_call(tiny_engine):
+    """Scorer.load swaps engines at once, and closes the old one (vLLM frees its device memory only
+    then) when the calls that started on it are done, never under them."""
+    import threading
+
+    from opsft.serve.deployments import Scorer
+
+    log, release = [], threading.Event()
+
+    class Registry:
+        class current:
+            @staticmethod
+            async def remote():
+                return {"model": "first", "version": 0}
+
+    def factory(model):
+        return ClosingEngine(tiny_engine, log, release if model == "first" else None)
+
+    async def scenario():
+        cls = Scorer.func_or_class
+        scorer = cls.__new__(cls)  # Serve awaits the async __init__ itself
+        await scorer.__init__({"batching": False}, Registry(), factory)
+        job = Job(rows=[dict(ROWS[0])], return_tokens=False, include_eos=False)
+        pending = asyncio.create_task(scorer.score(job))
+        while "old engine: call started" not in log:
+            await asyncio.sleep(0.01)
+        await scorer.load({"model": "second", "version": 1})
+        assert scorer.info()["version"] == 1
+        await asyncio.sleep(0.3)
+        assert "closed" not in " ".join(log)  # the old engine is still scoring: not closed under it
+        release.set()
+        answer = await pending
+        while scorer.retiring:
+            await asyncio.sleep(0.01)
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert answer["model_version"] == 0 and answer["results"][0]["n_tokens"] > 0  # finished on the old engine
+    assert log == ["old engine: call started", "old engine: call done", f"closed {tiny_engine.model_id}"]

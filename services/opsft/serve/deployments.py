@@ -16,6 +16,7 @@ config (tests may hand in another picklable callable).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -90,6 +91,8 @@ class Scorer:
         torch.set_num_threads(threads)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="opsft-score")  # one forward pass at a time
         self.reload_lock = asyncio.Lock()
+        self.in_flight: collections.Counter = collections.Counter()  # scoring calls running, per engine id
+        self.retiring: set[asyncio.Task] = set()  # swapped-out engines waiting for their calls to end
         self.replica = replica_name()
         record = await registry.current.remote()
         engine = await asyncio.to_thread(self.factory, record["model"])
@@ -122,7 +125,11 @@ class Scorer:
         engine, record, _ = self.current  # in-flight calls finish on the engine they started with
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        answers = await loop.run_in_executor(self.worker, score_jobs, engine, jobs, self.cfg.temperature)
+        self.in_flight[id(engine)] += 1
+        try:
+            answers = await loop.run_in_executor(self.worker, score_jobs, engine, jobs, self.cfg.temperature)
+        finally:
+            self.in_flight[id(engine)] -= 1
         seconds = time.perf_counter() - start
         rows = sum(len(job.rows) for job in jobs)
         tokens = sum(r["n_tokens"] for a in answers for r in a.get("results", ()))
@@ -142,10 +149,27 @@ class Scorer:
             if record["version"] != self.current[1]["version"]:
                 start = time.perf_counter()
                 engine = await asyncio.to_thread(self.factory, record["model"])
+                old = self.current[0]
                 self.current = (engine, record, utc_now())
+                self.retiring.add(asyncio.create_task(self._retire(old)))
                 log.info("scorer %s now serves %s (version %d), loaded in %.1f s", self.replica,
                          engine.model_id, record["version"], time.perf_counter() - start)
         return self.info()
+
+    async def _retire(self, engine) -> None:
+        """Close a swapped-out engine once the calls that started on it are done: an engine that
+        holds a device (vLLM's runners, their KV cache) frees it only when closed."""
+        try:
+            while self.in_flight[id(engine)] > 0:
+                await asyncio.sleep(0.05)
+            self.in_flight.pop(id(engine), None)
+            close = getattr(engine, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+        except Exception:  # noqa: BLE001 - a failed close must not break serving; it is logged
+            log.exception("scorer %s: closing the previous engine failed", self.replica)
+        finally:
+            self.retiring.discard(asyncio.current_task())
 
     def info(self) -> dict:
         engine, record, loaded_at = self.current
@@ -203,6 +227,8 @@ class ScoreAPI:
                                  boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
                                  tag_keys=("route",))
         self.reload_lock = asyncio.Lock()
+        self.in_flight: collections.Counter = collections.Counter()  # scoring calls running, per engine id
+        self.retiring: set[asyncio.Task] = set()  # swapped-out engines waiting for their calls to end
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self, self.limits, on_request=self.record_request)
