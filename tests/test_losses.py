@@ -153,3 +153,17 @@ def test_no_valid_token_gives_zero_loss_with_a_graph():
     loss, _ = losses.compute("idft", x, labels, torch.zeros_like(labels, dtype=torch.bool))
     loss.backward()
     assert float(loss) == 0.0 and torch.all(x.grad == 0)
+
+
+def test_idft_defaults_are_one_decision_for_the_function_and_the_cli():
+    """losses.compute("idft") and `opsft train --loss idft` use the same defaults: the released run
+    scripts' lambda schedule (0 / 0), so by default lambda is 1 from the first step."""
+    from opsft.config import LossConfig
+
+    cfg = LossConfig()
+    assert {k: getattr(cfg, k) for k in losses.IDFT_DEFAULTS} == losses.IDFT_DEFAULTS
+    assert losses.IDFT_DEFAULTS["warmup_ratio"] == 0.0 and losses.IDFT_DEFAULTS["transition_ratio"] == 0.0
+    logits = torch.randn(1, 6, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 11, (1, 6), generator=torch.Generator().manual_seed(1))
+    _, metrics = losses.compute("idft", logits, labels, progress=0.0)
+    assert metrics["lambda_mean"] == 1.0  # not the config file's 0 during a 20% warm-up

@@ -44,7 +44,10 @@ WeightFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 _REGISTRY: dict[str, WeightFn] = {}
 
 # Official config defaults (the released run scripts set warmup_ratio = transition_ratio = 0).
-IDFT_DEFAULTS = dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, warmup_ratio=0.2, transition_ratio=0.1)
+# The one set of IDFT defaults: opsft.config.LossConfig (and so `opsft train`) uses the same values
+# (tests/test_losses.py checks). beta / gamma are the official config's; the lambda schedule is that
+# of every released official run script, 0 / 0 (lambda = 1 throughout; the config file says 0.2 / 0.1).
+IDFT_DEFAULTS = dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, warmup_ratio=0.0, transition_ratio=0.0)
 HARDMASK_DEFAULTS = dict(bound=5.0)
 
 
