@@ -134,3 +134,28 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
     reblock = op.input_dependencies[0]
     assert type(reblock).__name__ == "StreamingRepartition"
     assert reblock.input_dependencies[0].name == "MapBatches(parse_jsonl_files)"
+
+
+def test_every_schema_of_a_scored_row_agrees_with_score_columns(tiny_model, tokenizer):
+    """One definition (opsft.score_columns): the fields score_rows writes, their Arrow types, the
+    columns realign drops and the HTTP answer's ItemScores are the same names with the same types."""
+    from opsft import score_columns
+    from opsft.engines.hf import HFEngine
+    from opsft.scoring import score_rows
+    from opsft.serve.schemas import ItemScores
+
+    fields = score_columns.SCORE_FIELDS
+    assert fields[:9] == ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
+                          "logprob_mean", "entropy_mean", "n_tokens") and fields[9:] == ("exact_entropy",)
+    engine = HFEngine(device="cpu", model_and_tokenizer=(tiny_model, tokenizer))
+    good, bad = score_rows([{"prompt": "Hi", "response": "Hello there."}, {"prompt": "", "response": "x"}],
+                           engine, tokens=True)
+    added = set(good) - {"prompt", "response", "id"}
+    assert added == set(score_columns.SCORED_COLUMNS) == set(bad) - {"prompt", "response", "id"}
+    python = {"float": float, "int": int, "bool": bool}
+    assert all(type(good[f]) is python[score_columns.FIELD_TYPES[f]] for f in fields)  # noqa: E721
+    arrow = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
+    assert all(files.SCORE_TYPES[f] == arrow[score_columns.FIELD_TYPES[f]] for f in fields)
+    assert set(files.SCORE_TYPES) == set(score_columns.SCORED_COLUMNS) | {"id"}
+    http = {name: f.annotation for name, f in ItemScores.model_fields.items() if name not in ("id", "tokens")}
+    assert http == {f: python[score_columns.FIELD_TYPES[f]] for f in fields}

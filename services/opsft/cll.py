@@ -10,9 +10,9 @@ sequences costs about what a forward pass costs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from opsft.score_columns import SequenceStats
 
 DEFAULT_CHUNK = 1024
 
@@ -143,24 +143,6 @@ def token_phi(
         if mask is not None:
             phi = phi.masked_fill(~mask.bool(), 0.0)
     return phi
-
-
-@dataclass(frozen=True)
-class SequenceStats:
-    """Per-sequence CLL statistics, the fields `opsft score` writes."""
-
-    cll: float
-    cll_sum: float
-    cll_frac_pos: float
-    cll_frac_gt_m1: float
-    cll_frac_gt_m3: float
-    cll_frac_gt_m5: float
-    logprob_mean: float
-    entropy_mean: float
-    n_tokens: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def summarize(logprob, entropy) -> SequenceStats:

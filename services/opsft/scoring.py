@@ -9,11 +9,7 @@ from __future__ import annotations
 from opsft.chat import encode
 from opsft.cll import summarize
 from opsft.corpus import RowError, parse_row, with_id
-
-# exact_entropy: True when H is over the full vocabulary (the hf engine, the vllm engine's default
-# scorer), False when it was estimated (the vllm engine's scorer="topk"); None on error rows.
-SCORE_FIELDS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
-                "logprob_mean", "entropy_mean", "n_tokens", "exact_entropy")
+from opsft.score_columns import SCORE_FIELDS  # noqa: F401 - the score fields (opsft.score_columns)
 
 
 def empty_scores(error: str | None, tokens: bool = False) -> dict:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from opsft import score_columns
 from opsft.corpus import file_format, jsonl_line, jsonl_rows, rows_table
 
 PART_PREFIX = "part-"
@@ -26,11 +27,10 @@ TMP_PREFIX = ".tmp-"
 
 # Arrow types for the columns opsft adds, so a part whose rows are all errors (nulls)
 # still has the same schema as the others.
-SCORE_TYPES = {name: pa.float64() for name in ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1",
-                                               "cll_frac_gt_m3", "cll_frac_gt_m5", "logprob_mean",
-                                               "entropy_mean")}
-SCORE_TYPES.update(n_tokens=pa.int64(), exact_entropy=pa.bool_(), error=pa.string(), id=pa.string(),
-                   token_phi=pa.list_(pa.float64()))
+ARROW_OF = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
+# Arrow types of the columns scoring adds (and of id): from opsft.score_columns
+SCORE_TYPES = {**{name: ARROW_OF[kind] for name, kind in score_columns.FIELD_TYPES.items()},
+               "token_phi": pa.list_(pa.float64()), "error": pa.string(), "id": pa.string()}
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:

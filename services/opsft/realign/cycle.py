@@ -36,6 +36,7 @@ from pathlib import Path
 
 from opsft.corpus import read_rows, write_rows, write_text_atomic
 from opsft.realign.lock import OutputLock
+from opsft.score_columns import SCORED_COLUMNS
 
 log = logging.getLogger(__name__)
 STAGES = ("score", "select", "rewrite", "merge", "train", "rescore", "report", "promote")
@@ -63,8 +64,6 @@ def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
     raise ValueError(f"select mode must be 'threshold' or 'quantile', got {mode!r}")
 
 
-SCORE_COLUMNS = ("cll", "cll_sum", "cll_frac_pos", "cll_frac_gt_m1", "cll_frac_gt_m3", "cll_frac_gt_m5",
-                 "logprob_mean", "entropy_mean", "n_tokens", "exact_entropy", "token_phi", "error")
 
 
 def merge_corpus(scored: list[dict], rewritten: list[dict]) -> list[dict]:
@@ -74,7 +73,7 @@ def merge_corpus(scored: list[dict], rewritten: list[dict]) -> list[dict]:
     out = []
     for row in scored:
         new = by_id.get(str(row["id"]))
-        base = {k: v for k, v in (new or row).items() if k not in SCORE_COLUMNS}
+        base = {k: v for k, v in (new or row).items() if k not in SCORED_COLUMNS}
         if new is None:
             base.setdefault("source", "kept")
         if row.get("error"):
@@ -232,8 +231,9 @@ def _engine_for(cycle: Cycle, model: str):
 
 def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,
               out_name: str = "scored.parquet") -> dict:
+    from opsft.cluster import connect
     from opsft.jobs import files
-    from opsft.jobs.pipeline import JobSpec, connect, run_job
+    from opsft.jobs.pipeline import JobSpec, run_job
 
     connect(cycle.cfg.address)
     spec = JobSpec(input=corpus or str(cycle.cfg.corpus), output=str(folder / out_name),
@@ -256,7 +256,8 @@ def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 
 def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.pipeline import JobSpec, connect, run_job
+    from opsft.cluster import connect
+    from opsft.jobs.pipeline import JobSpec, run_job
 
     if not read_rows(folder / "selected.parquet"):
         fresh(folder / "rewritten.parquet").mkdir()
