@@ -74,7 +74,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     from pathlib import Path
 
     from opsft.corpus import read_rows, refuse_overwrite, write_rows, write_text_atomic
-    from opsft.engines.base import make_engine
+    from opsft.engines import make_engine
     from opsft.evaluation import EvalTask, evaluate_model, results_table
 
     report = report or (lambda message: None)

@@ -42,16 +42,3 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
         """New token ids for each prompt (without the prompt; stop token included if hit)."""
-
-
-def make_engine(kind: str, model: str | None = None, **options) -> Engine:
-    """Build an engine by name; `vllm` is imported only when asked for."""
-    if kind == "hf":
-        from opsft.engines.hf import HFEngine
-
-        return HFEngine(model, **options)
-    if kind == "vllm":
-        from opsft.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model, **options)
-    raise ValueError(f"unknown engine {kind!r}; choose 'hf' or 'vllm'")

@@ -53,10 +53,6 @@ def save_checkpoint(folder: str | Path, model, tokenizer, optimizer_state: dict,
     return folder
 
 
-def is_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / STATE_FILE).exists()
-
-
 def load_trainer_state(folder: str | Path) -> dict:
     path = Path(folder) / STATE_FILE
     if not path.exists():
