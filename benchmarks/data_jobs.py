@@ -54,10 +54,11 @@ def in_process(rows: list[dict]) -> dict:
 
 
 def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
+    from opsft.cluster import connect
     from opsft.config import PoolConfig
     from opsft.corpus import write_rows
     from opsft.jobs.files import SCORE_TYPES
-    from opsft.jobs.pipeline import JobSpec, connect, run_job
+    from opsft.jobs.pipeline import JobSpec, run_job
 
     connect(num_cpus=2)
     write_rows(rows, folder / "in.jsonl")

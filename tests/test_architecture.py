@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "services" / "opsft"
 # The thin layer that may talk to Ray, vLLM or FastAPI, file by file. Everything else is checked.
 LAYER = {
     "cli/serve.py", "cli/submit.py",                      # start Serve, submit Ray jobs
+    "cluster.py",                                         # Ray start-up and runtime envs
     "engines/vllm.py",                                    # the vLLM engine (imported only when asked for)
     "jobs/pipeline.py", "jobs/stages.py",                 # Ray Data corpus jobs
     "realign/schedule.py",                                # Ray job submission of scheduled cycles

@@ -246,7 +246,7 @@ def test_two_schedulers_for_one_state_dir_refuse(tmp_path):
 
 def test_a_dead_scheduler_does_not_hold_the_lock(tmp_path):
     code = ("import sys, time; sys.path.insert(0, 'services'); from opsft.realign.schedule import StateLock; "
-            f"StateLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
+            f"held = StateLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     try:
@@ -431,14 +431,14 @@ def test_real_ray_job_submission_through_the_scheduler(ray_head, tmp_path):
 @pytest.mark.slow
 def test_a_submitted_opsft_job_can_start_its_ray_driver(ray_head, tmp_path):
     """`opsft submit` passes HF_HUB_OFFLINE etc. in the job's runtime env; the job's driver then
-    calls opsft.jobs.pipeline.connect (every Ray command does), which used to pass the same
+    calls opsft.cluster.connect (every Ray command does), which used to pass the same
     variables again and made Ray refuse to start the driver ("Failed to merge the Job's runtime env")."""
     from opsft.cli.submit import build_submission, submit_with_retry
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(["score"], working_dir=str(Path(__file__).resolve().parents[1]),
                                   environ={"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})
-    snippet = ("from opsft.jobs.pipeline import connect; connect(); import os, ray; "
+    snippet = ("from opsft.cluster import connect; connect(); import os, ray; "
                "print('answer', ray.get(ray.remote(lambda: (6 * 7, os.environ['HF_HUB_OFFLINE'])).remote()))")
     submission["entrypoint"] = f"{sys.executable} -c \"{snippet}\""
     deadline = time.monotonic() + 600  # a hang guard: on a loaded 2-core machine the head takes minutes

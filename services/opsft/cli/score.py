@@ -49,8 +49,9 @@ def run(args) -> int:
 
 
 def score_distributed(cfg) -> dict:
+    from opsft.cluster import connect
     from opsft.jobs.files import SCORE_TYPES
-    from opsft.jobs.pipeline import connect, run_job, spec_from_config
+    from opsft.jobs.pipeline import run_job, spec_from_config
 
     connect(cfg.address)
     spec = spec_from_config(cfg, "opsft.scoring:score_rows", name="score", column_types=SCORE_TYPES,

@@ -44,12 +44,11 @@ def run(args) -> int:
     import ray
     from ray import serve
 
-    from opsft.jobs.pipeline import driver_runtime_env
+    from opsft.cluster import connect
     from opsft.serve.app import run_local
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
-             runtime_env=driver_runtime_env())
+    connect(args.address, num_cpus=args.num_cpus if not args.address else None, log_to_driver=True)
     signal.signal(signal.SIGTERM, stop_on_signal)  # `kill` stops Serve as cleanly as Ctrl-C
     try:
         url = run_local(cfg)

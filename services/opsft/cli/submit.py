@@ -10,14 +10,12 @@ printed. With `--wait` the job's logs are followed and the exit status is the jo
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 
-EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
-            "*.parquet", "*.jsonl", "runs", "outputs"]
-PASSED_ENV = ("HF_HUB_OFFLINE", "OPSFT_HOME", "RAY_AUTH_MODE")
+from opsft.cluster import dashboard_address, job_runtime_env
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -39,20 +37,8 @@ def build_submission(cmd: list[str], working_dir: str = ".", pip: list[str] | No
     if not cmd or cmd[0] not in COMMANDS or cmd[0] == "submit":
         raise ValueError(f"submit needs an opsft command first, one of {[c for c in COMMANDS if c != 'submit']}; "
                          f"got {cmd[:1]}")
-    environ = os.environ if environ is None else environ
-    env = {k: environ[k] for k in PASSED_ENV if k in environ}
-    env["PYTHONPATH"] = "services"  # the uploaded checkout's package, relative to the job's working dir
-    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
-    if pip:
-        runtime_env["pip"] = list(pip)
-    return {"entrypoint": "python -m opsft.cli " + shlex.join(cmd), "runtime_env": runtime_env}
-
-
-def _address(given: str | None) -> str:
-    address = given or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    if "://" not in address:  # a bare host:port means the dashboard's HTTP address
-        address = "http://" + address
-    return address
+    return {"entrypoint": "python -m opsft.cli " + shlex.join(cmd),
+            "runtime_env": job_runtime_env(working_dir, pip, environ)}
 
 
 def follow(client, job_id: str, poll: float = 1.0) -> str:
@@ -86,7 +72,7 @@ def run(args) -> int:
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(args.cmd, args.working_dir, args.pip)
-    client = JobSubmissionClient(_address(args.address))
+    client = JobSubmissionClient(dashboard_address(args.address))
     job_id = submit_with_retry(client, submission)
     print(job_id, flush=True)
     if not args.wait:

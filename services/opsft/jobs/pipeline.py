@@ -7,14 +7,13 @@ engine that applies a row function -> part files. Generic over the row function,
     plan = build_plan(spec)        # lazy: plan.stages / plan.dataset can be inspected, nothing runs
     summary = run_job(spec)        # executes; resumes from what the output already holds
 
-`build_plan` needs a Ray connection (it lists the input files); `connect()` makes one.
+`build_plan` needs a Ray connection (it lists the input files); `opsft.cluster.connect()` makes one.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,27 +66,6 @@ class Plan:
     dataset: Any  # the lazy ray.data.Dataset (not yet written)
     datasink: PartsDatasink
     skipped_ids: int
-
-
-def driver_runtime_env() -> dict | None:
-    """The runtime env a driver gives its Ray workers: this process's RAY_AUTH_MODE,
-    HF_HUB_OFFLINE and OPSFT_HOME. None inside a job submitted with `opsft submit`: the job's
-    runtime env already carries them, and Ray refuses a driver env that sets the same keys."""
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
-        return None
-    return {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "OPSFT_HOME")
-                         if k in os.environ}}
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a cluster (`address` or RAY_ADDRESS), else start a local one; no-op if connected."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=driver_runtime_env())
 
 
 def _engine_payload(engine: EngineConfig) -> dict:

@@ -28,7 +28,6 @@ The clock, the sleep and the submitter are injectable (tests drive a fake clock)
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from opsft.cluster import dashboard_address, job_runtime_env
+from opsft.locks import FileLock, describe
 from opsft.realign.cron import Cron, next_fire_time, parse_cron
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,8 @@ class RayJobSubmitter:
 
     def __init__(self, address: str, working_dir: str | None = ".", pip: list[str] | None = None,
                  client=None, environ: dict | None = None):
-        from opsft.cli.submit import EXCLUDES, PASSED_ENV, _address
-
-        self.address = _address(address)
-        environ = os.environ if environ is None else environ
-        env = {k: environ[k] for k in PASSED_ENV if k in environ}
-        self.runtime_env: dict = {"env_vars": env}
-        if working_dir:  # the uploaded checkout's package, relative to the job's working dir
-            self.runtime_env.update(working_dir=working_dir, excludes=EXCLUDES)
-            env["PYTHONPATH"] = "services"
-        if pip:
-            self.runtime_env["pip"] = list(pip)
+        self.address = dashboard_address(address)
+        self.runtime_env = job_runtime_env(working_dir, pip, environ)
         self._client = client
 
     @property
@@ -172,39 +164,15 @@ class SchedulerBusy(RuntimeError):
     pass
 
 
-class StateLock:
-    """An exclusive flock on <state_dir>/lock, held while a scheduler runs (released by the OS on death)."""
+class StateLock(FileLock):
+    """An exclusive lock on <state_dir>/lock, held while a scheduler runs (released by the OS on death)."""
 
     def __init__(self, state_dir: str | Path):
-        self.path = Path(state_dir) / "lock"
-        self.fd: int | None = None
+        super().__init__(Path(state_dir) / "lock")
 
-    def acquire(self) -> StateLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise SchedulerBusy(f"a scheduler already runs for {self.path.parent} ({holder}); stop it first, "
-                                f"or use another --state-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> StateLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def busy(self, holder: dict) -> Exception:
+        return SchedulerBusy(f"a scheduler already runs for {self.path.parent} ({describe(holder)}); stop it "
+                             "first, or use another --state-dir")
 
 
 def read_history(state_dir: str | Path) -> list[dict]:

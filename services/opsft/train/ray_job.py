@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from opsft.jobs.pipeline import driver_runtime_env
+from opsft.cluster import connect
 from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
@@ -154,8 +154,7 @@ def run_ray(cfg) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_length = resolve_max_length(cfg, AutoConfig.from_pretrained(model_path), tokenizer)
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, max_length)
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, runtime_env=driver_runtime_env())
+    connect(cfg.address, log_to_driver=True)  # the workers' progress lines reach this console
     datasets = {"train": ray.data.from_items(_to_rows(train))}
     if eval_ex:
         datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
