@@ -17,6 +17,7 @@ padding) and the loss over the whole global batch does not depend on the split.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,44 +52,67 @@ class PrepareStats:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def count_error(self, message: str) -> None:
+        self.error_rows += 1
+        key = message.split(":")[0][:60]  # the reason's first words: counts stay few
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
+OVERLONG = ("skip", "truncate")
+
+
+def tokenize_rows(rows: list[dict], sides_of: Callable[[dict], tuple[list[dict], list[str]]], tokenizer,
+                  max_length: int, overlong: str, stats: PrepareStats) -> list[list[TrainExample]]:
+    """The one tokenisation of `opsft train` (token losses and pairs): each row's chat and
+    response texts (`sides_of(row)`: one response, or chosen and rejected), each text a
+    TrainExample ending with the end-of-turn token; rows in order, the skipped ones left out.
+
+    Skipped and counted in `stats`: an invalid row (`sides_of` or the template raises RowError;
+    rows with an `error`), a row whose prompt is empty, and a row with a side longer than
+    max_length under overlong="skip". Under "truncate" such a side is cut to its first max_length
+    tokens (its end-of-turn token is lost), unless the prompt alone fills them (skipped)."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
+    eot = end_of_turn_id(tokenizer)
+    out = []
+    for row in rows:
+        try:
+            messages, texts = sides_of(row)
+            sides = [encode(tokenizer, messages, text, include_eos=True) for text in texts]
+        except RowError as exc:
+            stats.count_error(str(exc))
+            continue
+        if any(enc.response_start < 1 for enc in sides):  # no context for the first response token
+            stats.count_error("empty prompt")
+            continue
+        if any(len(enc.input_ids) > max_length for enc in sides):
+            if overlong == "skip" or any(enc.response_start >= max_length for enc in sides):
+                stats.too_long_skipped += 1
+                continue
+            stats.truncated += 1
+        examples = []
+        for enc in sides:
+            ids = list(enc.input_ids[:max_length])
+            examples.append(TrainExample(ids, enc.response_start,
+                                         has_eos=ids[-1] == eot and len(ids) == len(enc.input_ids)))
+            stats.tokens += len(ids)
+            stats.response_tokens += len(ids) - enc.response_start
+        out.append(examples)
+    stats.used = len(out)
+    return out
+
+
+def _prompt_and_response(row: dict) -> tuple[list[dict], list[str]]:
+    example = parse_row(row)
+    return example.messages, [example.response]
+
 
 def prepare_examples(rows: list[dict], tokenizer, max_length: int, overlong: str = "skip"
                      ) -> tuple[list[TrainExample], PrepareStats]:
-    """Tokenise rows with the chat template; the response ends with the end-of-turn token.
-
-    Rows with an `error`, or invalid, are skipped and counted. A row longer than
-    `max_length` is skipped (`overlong="skip"`) or cut to its first max_length tokens
-    ("truncate": the end-of-turn token is then lost; a row whose prompt alone leaves no
-    response token is skipped)."""
-    if overlong not in ("skip", "truncate"):
-        raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
-    stats, out = PrepareStats(rows=len(rows)), []
-    eot = end_of_turn_id(tokenizer)
-    for row in rows:
-        try:
-            ex = parse_row(row)
-            enc = encode(tokenizer, ex.messages, ex.response, include_eos=True)
-        except RowError as exc:
-            stats.error_rows += 1
-            key = str(exc).split(":")[0][:60]
-            stats.errors[key] = stats.errors.get(key, 0) + 1
-            continue
-        ids, start = enc.input_ids, enc.response_start
-        if start < 1:  # nothing precedes the first response token: it cannot be predicted
-            stats.error_rows += 1
-            stats.errors["empty prompt"] = stats.errors.get("empty prompt", 0) + 1
-            continue
-        if len(ids) > max_length:
-            if overlong == "skip" or start >= max_length:
-                stats.too_long_skipped += 1
-                continue
-            ids = ids[:max_length]
-            stats.truncated += 1
-        out.append(TrainExample(list(ids), start, has_eos=ids[-1] == eot and len(ids) == len(enc.input_ids)))
-        stats.tokens += len(ids)
-        stats.response_tokens += len(ids) - start
-    stats.used = len(out)
-    return out, stats
+    """Tokenise corpus rows with the chat template (tokenize_rows: what is skipped and counted)."""
+    stats = PrepareStats(rows=len(rows))
+    out = tokenize_rows(rows, _prompt_and_response, tokenizer, max_length, overlong, stats)
+    return [sides[0] for sides in out], stats
 
 
 def split_eval(examples: list, eval_rows: int, seed: int) -> tuple[list, list]:

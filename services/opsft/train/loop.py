@@ -235,20 +235,27 @@ def local_checkpointer(output_dir: str | Path) -> Callable:
     return checkpoint
 
 
+def load_for_training(cfg, device, model_source: str, checkpoint: str | None = None):
+    """(model, tokenizer, resume_state) on `device` in cfg.dtype, for one process or one worker:
+    from `checkpoint` (a restarted worker's last checkpoint) when given, else from
+    cfg.resume_from, with its trainer state; else `model_source` fresh (resume_state None)."""
+    from opsft.models import load_model
+
+    folder = checkpoint or cfg.resume_from
+    resume_state = load_trainer_state(folder) if folder else None
+    model, tokenizer = load_model(folder or model_source, dtype=torch_dtype(cfg.dtype), device=str(device))
+    return to_dtype(model.to(device), cfg.dtype), tokenizer, resume_state
+
+
 def run_local(cfg, model=None, tokenizer=None) -> dict:
     """Train in this process on one device (the `opsft train --local` path and the test
     reference). Resumes from cfg.resume_from when set. A `model` given is trained in place,
     moved to the device and to cfg.dtype. Returns a summary."""
-    from opsft.models import load_model
-
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    resume_state = None
-    if cfg.resume_from:
-        resume_state = load_trainer_state(cfg.resume_from)
-        model, tokenizer = load_model(cfg.resume_from, dtype=torch_dtype(cfg.dtype), device=str(device))
-    elif model is None:
-        model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), device=str(device))
-    to_dtype(model.to(device), cfg.dtype)
+    if model is None or cfg.resume_from:
+        model, tokenizer, resume_state = load_for_training(cfg, device, cfg.model)
+    else:
+        model, resume_state = to_dtype(model.to(device), cfg.dtype), None
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, resolve_max_length(cfg, model.config, tokenizer))
     runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None)
     last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)

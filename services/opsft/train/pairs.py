@@ -23,12 +23,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from opsft.chat import encode, end_of_turn_id
-from opsft.corpus import RowError
 from opsft.pairs import is_rewrite_output, parse_pair, preference_pairs
 from opsft.preference import pair_loss, sequence_logps
-from opsft.train.data import PrepareStats, TrainExample, collate
-from opsft.train.step import LossSpec, Reduce, no_reduce, response_logits
+from opsft.train.data import PrepareStats, TrainExample, collate, tokenize_rows
+from opsft.train.step import LossSpec, Reduce, evaluating, no_reduce, response_logits, shard_rounds
 
 
 @dataclass
@@ -53,41 +51,17 @@ def prepare_pairs(rows: list[dict], tokenizer, max_length: int, overlong: str = 
     Invalid rows are skipped and counted; a pair with a side longer than max_length is skipped
     (overlong="skip") or has that side cut to max_length ("truncate", the end-of-turn token is
     lost; skipped when the prompt alone fills it)."""
-    if overlong not in ("skip", "truncate"):
-        raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
     built = None
     if is_rewrite_output(rows):
         rows, built = preference_pairs(rows)
-    stats, out = PairStats(rows=len(rows), from_rewrite=built), []
-    eot = end_of_turn_id(tokenizer)
-    for row in rows:
-        try:
-            messages, chosen, rejected = parse_pair(row)
-            sides = [encode(tokenizer, messages, text, include_eos=True) for text in (chosen, rejected)]
-        except RowError as exc:
-            stats.error_rows += 1
-            key = str(exc).split(":")[0][:60]
-            stats.errors[key] = stats.errors.get(key, 0) + 1
-            continue
-        if sides[0].response_start < 1:
-            stats.error_rows += 1
-            stats.errors["empty prompt"] = stats.errors.get("empty prompt", 0) + 1
-            continue
-        if any(len(s.input_ids) > max_length for s in sides):
-            if overlong == "skip" or sides[0].response_start >= max_length:
-                stats.too_long_skipped += 1
-                continue
-            stats.truncated += 1
-        examples = []
-        for enc in sides:
-            ids = enc.input_ids[:max_length]
-            examples.append(TrainExample(list(ids), enc.response_start,
-                                         has_eos=ids[-1] == eot and len(ids) == len(enc.input_ids)))
-            stats.tokens += len(ids)
-            stats.response_tokens += len(ids) - enc.response_start
-        out.append(PairExample(*examples))
-    stats.used = len(out)
-    return out, stats
+    stats = PairStats(rows=len(rows), from_rewrite=built)
+    out = tokenize_rows(rows, _prompt_and_pair, tokenizer, max_length, overlong, stats)
+    return [PairExample(*sides) for sides in out], stats
+
+
+def _prompt_and_pair(row: dict) -> tuple[list[dict], list[str]]:
+    messages, chosen, rejected = parse_pair(row)
+    return messages, [chosen, rejected]
 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int, device="cpu") -> dict:
@@ -121,19 +95,14 @@ def reference_logps(model, pairs: list[PairExample], pad_id: int, device, *, mic
     Every worker runs the same number of forward passes."""
     autocast = autocast or contextlib.nullcontext()
     out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
-    mine = list(range(rank, len(pairs), world_size))
-    rounds = -(-len(pairs) // world_size)
-    was_training = model.training
-    model.eval()
-    for s in range(0, max(rounds, 1), micro_batch_size):
-        idx = mine[s:s + micro_batch_size]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, device)
-        logits, first = response_logits(model, batch, autocast)
-        sums, _ = sequence_logps(logits, batch["labels"][:, first:])
-        if idx:
-            n = len(idx)
-            out[idx] = torch.stack([sums[:n], sums[n:2 * n]], dim=1).double()
-    model.train(was_training)
+    with evaluating(model) as model:
+        for idx in shard_rounds(len(pairs), rank, world_size, micro_batch_size):
+            batch = collate_pairs([pairs[i] for i in idx], pad_id, device)
+            logits, first = response_logits(model, batch, autocast)
+            sums, _ = sequence_logps(logits, batch["labels"][:, first:])
+            if idx:
+                n = len(idx)
+                out[idx] = torch.stack([sums[:n], sums[n:2 * n]], dim=1).double()
     return reduce(out)
 
 
@@ -147,25 +116,20 @@ def evaluate_pairs(model, pairs: list[PairExample], spec: LossSpec, pad_id: int,
     """Held-out figures over all workers, means over the pairs: eval_loss (the training loss),
     eval_reward_accuracy, eval_margin, eval_logp_chosen, eval_logp_rejected; eval_rows (pairs)."""
     autocast = autocast or contextlib.nullcontext()
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    mine = sorted(pairs[rank::world_size], key=len, reverse=True)
-    rounds = -(-len(pairs) // world_size)
     sums = torch.zeros(len(EVAL_KEYS) + 1, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    for s in range(0, max(rounds, 1), micro_batch_size):
-        batch = collate_pairs(mine[s:s + micro_batch_size], pad_id, device)
-        logits, first = response_logits(model, batch, autocast)
-        n = batch["n_pairs"]
-        seq, counts = sequence_logps(logits, batch["labels"][:, first:])
-        ref = batch.get("ref_logps")
-        _, metrics = pair_loss(spec.name, seq[:n], seq[n:2 * n], counts[:n], counts[n:2 * n],
-                               None if ref is None else ref[:, 0], None if ref is None else ref[:, 1], **spec.params)
-        for k, key in enumerate(EVAL_KEYS):
-            sums[k] += metrics[key] * n
-        sums[-1] += n
-    model.train(was_training)
+    with evaluating(model) as model:
+        for idx in shard_rounds(len(pairs), rank, world_size, micro_batch_size, [len(p) for p in pairs]):
+            batch = collate_pairs([pairs[i] for i in idx], pad_id, device)
+            logits, first = response_logits(model, batch, autocast)
+            n = batch["n_pairs"]
+            seq, counts = sequence_logps(logits, batch["labels"][:, first:])
+            ref = batch.get("ref_logps")
+            _, metrics = pair_loss(spec.name, seq[:n], seq[n:2 * n], counts[:n], counts[n:2 * n],
+                                   None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
+                                   **spec.params)
+            for k, key in enumerate(EVAL_KEYS):
+                sums[k] += metrics[key] * n
+            sums[-1] += n
     sums = reduce(sums)
     total = max(float(sums[-1]), 1.0)
     return {**{f"eval_{key}": float(v) / total for key, v in zip(EVAL_KEYS, sums[:-1], strict=True)},

@@ -29,11 +29,9 @@ from pathlib import Path
 import torch
 
 from opsft.cluster import connect
-from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import TrainExample
-from opsft.train.loop import Runtime, _plain_state, prepare_data, resolve_max_length, train_loop
+from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
-from opsft.train.precision import to_dtype, torch_dtype
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
@@ -93,14 +91,6 @@ def _report_checkpoint(rank: int):
     return checkpoint
 
 
-def _load(folder_or_model, device, dtype: str):
-    """(model, tokenizer) in `dtype` (TrainConfig.dtype): a float64 checkpoint reloads as float64."""
-    from opsft.models import load_model
-
-    model, tokenizer = load_model(folder_or_model, dtype=torch_dtype(dtype), device=str(device))
-    return to_dtype(model, dtype), tokenizer
-
-
 def train_worker(config: dict) -> None:
     """The per-worker function of the TorchTrainer."""
     import ray.train
@@ -115,17 +105,12 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     train = _from_shard(ray.train.get_dataset_shard("train"))
     eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
-    resume_state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restart after a failure, or a rerun of the same output_dir
         with ckpt.as_directory() as folder:
-            resume_state = load_trainer_state(folder)
-            model, tokenizer = _load(folder, device, cfg.dtype)
-    elif cfg.resume_from:
-        resume_state = load_trainer_state(cfg.resume_from)
-        model, tokenizer = _load(cfg.resume_from, device, cfg.dtype)
+            model, tokenizer, resume_state = load_for_training(cfg, device, config["model"], folder)
     else:
-        model, tokenizer = _load(config["model"], device, cfg.dtype)
+        model, tokenizer, resume_state = load_for_training(cfg, device, config["model"])
     if resume_state is not None and cfg.scaling.strategy == "fsdp":
         raise ValueError("resuming is implemented for strategy 'ddp' only (FSDP optimiser state is sharded)")
     fsdp = cfg.scaling.strategy == "fsdp"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +195,33 @@ def _clip(model, max_norm: float) -> float:
 # ---------------------------------------------------------------------------- held-out evaluation
 
 
+def shard_rounds(n: int, rank: int, world_size: int, micro_batch_size: int,
+                 lengths: list[int] | None = None) -> Iterator[list[int]]:
+    """Worker `rank`'s share of n held-out items (indices rank, rank + W, ...), in micro-batches of
+    indices, longest first when `lengths` is given. Every worker gets the same number of
+    micro-batches, the last ones possibly empty: under FSDP each forward pass is a collective."""
+    mine = list(range(rank, n, world_size))
+    if lengths is not None:
+        mine.sort(key=lambda i: lengths[i], reverse=True)
+    rounds = -(-n // world_size)
+    for s in range(0, max(rounds, 1), micro_batch_size):
+        yield mine[s:s + micro_batch_size]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model to run held-out passes on: a DDP replica unwrapped (no collective in its
+    forward), in eval mode for the block, then back to the mode it had."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[TrainExample], spec: LossSpec, progress: float, pad_id: int, device, *,
              micro_batch_size: int = 8, rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce,
@@ -203,32 +230,33 @@ def evaluate(model, examples: list[TrainExample], spec: LossSpec, progress: floa
     (token mean of -log p), eval_cll (row mean of the per-row mean phi over the response
     without its end-of-turn token, the `cll` of opsft score), eval_rows, eval_tokens."""
     autocast = autocast or contextlib.nullcontext()
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # a plain replica: no collective in its forward
-    mine = sorted(examples[rank::world_size], key=len, reverse=True)
-    rounds = -(-len(examples) // world_size)  # the same number of forward passes on every worker (FSDP)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, nll sum, tokens, cll sum, cll rows
-    was_training = model.training
-    model.eval()
-    for s in range(0, max(rounds, 1), micro_batch_size):
-        group = mine[s:s + micro_batch_size]
-        batch = collate(group, pad_id, device)
-        logits, first = response_logits(model, batch, autocast)
-        labels = batch["labels"][:, first:]
-        _, metrics = losses.compute(spec.name, logits, labels, None, progress,
-                                    temperature=spec.temperature, **spec.params)
-        n = metrics["n_tokens"]
-        sums[0] += metrics["loss"] * n
-        sums[1] -= metrics["logprob_mean"] * n
-        sums[2] += n
-        mask = cll_mask(group, batch["labels"])[:, first:]
-        phi = token_phi(logits, labels, mask, spec.temperature)
-        rows = mask.sum(1)
-        keep = rows > 0
-        sums[3] += (phi.sum(1)[keep] / rows[keep]).double().sum()
-        sums[4] += float(keep.sum())
-    model.train(was_training)
+    with evaluating(model) as model:
+        for idx in shard_rounds(len(examples), rank, world_size, micro_batch_size, [len(e) for e in examples]):
+            sums += _eval_sums(model, [examples[i] for i in idx], spec, progress, pad_id, device, autocast)
     sums = reduce(sums)
     tokens, cll_rows = max(float(sums[2]), 1.0), max(float(sums[4]), 1.0)
     return {"eval_loss": float(sums[0]) / tokens, "eval_nll": float(sums[1]) / tokens,
             "eval_cll": float(sums[3]) / cll_rows, "eval_rows": len(examples), "eval_tokens": float(sums[2])}
+
+
+def _eval_sums(model, group: list[TrainExample], spec: LossSpec, progress: float, pad_id: int, device,
+               autocast) -> torch.Tensor:
+    """[loss sum, nll sum, tokens, cll sum, cll rows] of one held-out micro-batch (maybe empty)."""
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    batch = collate(group, pad_id, device)
+    logits, first = response_logits(model, batch, autocast)
+    labels = batch["labels"][:, first:]
+    _, metrics = losses.compute(spec.name, logits, labels, None, progress,
+                                temperature=spec.temperature, **spec.params)
+    n = metrics["n_tokens"]
+    sums[0] += metrics["loss"] * n
+    sums[1] -= metrics["logprob_mean"] * n
+    sums[2] += n
+    mask = cll_mask(group, batch["labels"])[:, first:]
+    phi = token_phi(logits, labels, mask, spec.temperature)
+    rows = mask.sum(1)
+    keep = rows > 0
+    sums[3] += (phi.sum(1)[keep] / rows[keep]).double().sum()
+    sums[4] += float(keep.sum())
+    return sums
