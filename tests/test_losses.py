@@ -167,3 +167,32 @@ def test_idft_defaults_are_one_decision_for_the_function_and_the_cli():
     labels = torch.randint(0, 11, (1, 6), generator=torch.Generator().manual_seed(1))
     _, metrics = losses.compute("idft", logits, labels, progress=0.0)
     assert metrics["lambda_mean"] == 1.0  # not the config file's 0 during a 20% warm-up
+
+
+def test_the_loss_registry_is_what_every_layer_uses():
+    """opsft.loss_registry names every loss once: the token functions registered in opsft.losses,
+    the pair losses of opsft.preference, LossConfig's names and params, the CLI's --loss choices,
+    and the metric keys each token loss reports."""
+    import argparse
+
+    from opsft import loss_registry, preference
+    from opsft.cli import train as train_cli
+    from opsft.config import LossConfig
+
+    assert losses.names() == sorted(loss_registry.TOKEN_LOSSES)
+    assert preference.PAIR_LOSSES == loss_registry.PAIR_LOSSES
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    choices = next(a.choices for g in parser._subparsers._group_actions for p in g.choices.values()
+                   for a in p._actions if a.dest == "loss")
+    assert tuple(choices) == loss_registry.NAMES
+    logits = torch.randn(1, 6, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 11, (1, 6), generator=torch.Generator().manual_seed(1))
+    common = {"loss", "n_tokens", "logprob_mean", "entropy_mean", "phi_mean", "weight_mean"}
+    for name, entry in loss_registry.LOSSES.items():
+        cfg = LossConfig(name=name)
+        assert cfg.pairs == (entry.kind == "pair")
+        assert cfg.params() == entry.defaults()  # every parameter it takes, at its registry default
+        if entry.kind == "token":
+            _, metrics = losses.compute(name, logits, labels, **cfg.params())
+            assert set(metrics) == common | set(entry.metrics), name

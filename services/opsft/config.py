@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from opsft import loss_registry
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -178,53 +180,44 @@ class ServeConfig(Strict):
 # ---------------------------------------------------------------------------- training (opsft train)
 
 
+def _loss_param(name: str, **bounds):
+    default, description = loss_registry.PARAMS[name]
+    return Field(default, description=description, **bounds)
+
+
 class LossConfig(Strict):
     """The loss of `opsft train` and its parameters: the token losses (method.md section 2) or the
     preference baselines dpo / simpo (opsft.preference), which train on pair rows."""
 
-    name: Literal["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy", "dpo", "simpo"] = "idft"
-    beta: float = Field(1.0, gt=0, description="idft: gamma_raw = clamp(exp(-phi / beta), gamma_min, gamma_max)")
-    gamma_min: float = Field(0.1, ge=0)
-    gamma_max: float = Field(2.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="idft lambda schedule: 0 while progress < this. "
-                                "0 = the released run scripts; the official config file says 0.2")
-    transition_ratio: float = Field(0.0, ge=0, le=1, description="idft lambda: linear rise length (config file: 0.1)")
-    bound: float = Field(5.0, gt=0, description="idft_hardmask: keep tokens with -bound < phi < bound")
+    name: Literal[loss_registry.NAMES] = "idft"  # the names of opsft.loss_registry.LOSSES
+    # each parameter's default and meaning: opsft.loss_registry.PARAMS
+    beta: float = _loss_param("beta", gt=0)
+    gamma_min: float = _loss_param("gamma_min", ge=0)
+    gamma_max: float = _loss_param("gamma_max", ge=0)
+    warmup_ratio: float = _loss_param("warmup_ratio", ge=0, le=1)
+    transition_ratio: float = _loss_param("transition_ratio", ge=0, le=1)
+    bound: float = _loss_param("bound", gt=0)
     temperature: float = Field(1.0, gt=0, description="softmax temperature of p in the loss (token losses; "
                                "dpo / simpo use the model's plain distribution and require 1)")
-    dpo_beta: float = Field(0.1, gt=0, description="dpo: scale of the implicit reward beta * (log pi - log ref); "
-                            "0.1 = the DPO paper's usual setting")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: conservative DPO, the probability that "
-                                   "a pair's label is flipped; 0 = plain DPO")
-    simpo_beta: float = Field(2.0, gt=0, description="simpo: reward = beta * mean token log-prob (SimPO paper: "
-                              "2.0-2.5)")
-    simpo_gamma: float = Field(1.0, ge=0, description="simpo: target reward margin (gamma / beta = 0.5, the SimPO "
-                               "paper's Llama-3-Base setting and recommended start)")
+    dpo_beta: float = _loss_param("dpo_beta", gt=0)
+    label_smoothing: float = _loss_param("label_smoothing", ge=0, lt=0.5)
+    simpo_beta: float = _loss_param("simpo_beta", gt=0)
+    simpo_gamma: float = _loss_param("simpo_gamma", ge=0)
 
     @model_validator(mode="after")
     def _pair_losses_use_temperature_one(self):
-        if self.name in ("dpo", "simpo") and self.temperature != 1.0:
+        if self.pairs and self.temperature != 1.0:
             raise ValueError(f"loss {self.name} uses the model's own log-probs: temperature must be 1")
         return self
 
     @property
     def pairs(self) -> bool:
         """True for the preference losses, which train on pair rows (prompt, chosen, rejected)."""
-        return self.name in ("dpo", "simpo")
+        return loss_registry.LOSSES[self.name].kind == "pair"
 
     def params(self) -> dict[str, float]:
         """Keyword arguments for opsft.losses.compute (token losses) or opsft.preference.pair_loss."""
-        if self.name in ("sft", "dft", "eaft"):
-            return {}
-        if self.name == "dpo":
-            return {"beta": self.dpo_beta, "label_smoothing": self.label_smoothing}
-        if self.name == "simpo":
-            return {"beta": self.simpo_beta, "gamma": self.simpo_gamma}
-        out = {"beta": self.beta, "gamma_min": self.gamma_min, "gamma_max": self.gamma_max,
-               "warmup_ratio": self.warmup_ratio, "transition_ratio": self.transition_ratio}
-        if self.name == "idft_hardmask":
-            out["bound"] = self.bound
-        return out
+        return {kw: getattr(self, name) for kw, name in loss_registry.LOSSES[self.name].params.items()}
 
 
 class TrainScaling(Strict):

@@ -37,18 +37,16 @@ from collections.abc import Callable
 
 import torch
 
+from opsft import loss_registry
 from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
 
 # name -> function(logp, entropy, vocab_size, progress, **params) -> (weight, extra metrics)
 WeightFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 _REGISTRY: dict[str, WeightFn] = {}
 
-# Official config defaults (the released run scripts set warmup_ratio = transition_ratio = 0).
-# The one set of IDFT defaults: opsft.config.LossConfig (and so `opsft train`) uses the same values
-# (tests/test_losses.py checks). beta / gamma are the official config's; the lambda schedule is that
-# of every released official run script, 0 / 0 (lambda = 1 throughout; the config file says 0.2 / 0.1).
-IDFT_DEFAULTS = dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, warmup_ratio=0.0, transition_ratio=0.0)
-HARDMASK_DEFAULTS = dict(bound=5.0)
+# Defaults from opsft.loss_registry, the one place (LossConfig and `opsft train` use the same).
+IDFT_DEFAULTS = loss_registry.LOSSES["idft"].defaults()
+HARDMASK_DEFAULTS = {"bound": loss_registry.LOSSES["idft_hardmask"].defaults()["bound"]}
 
 
 def register(name: str):
@@ -135,9 +133,6 @@ def _idft_hardmask(logp, entropy, vocab_size, progress, bound=HARDMASK_DEFAULTS[
     return weight * keep, {**metrics, "frac_kept": keep}
 
 
-_DETACHED_WEIGHT = {"sft", "dft", "eaft", "idft", "idft_hardmask"}
-
-
 def compute(
     name: str,
     logits: torch.Tensor,
@@ -165,7 +160,7 @@ def compute(
         valid = valid & mask.bool()
     logp, entropy = token_logprob_entropy(logits, labels, temperature, chunk_size)
     weight, extra = _REGISTRY[name](logp, entropy, vocab, progress, **params)
-    if name in _DETACHED_WEIGHT:
+    if loss_registry.LOSSES[name].detached:
         weight = weight.detach()
     validf = valid.to(logp.dtype)  # float32, or float64 for float64 logits (opsft.cll.compute_dtype)
     n_valid = validf.sum()

@@ -43,11 +43,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from opsft import loss_registry
 from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
 
-PAIR_LOSSES = ("dpo", "simpo")
-DPO_DEFAULTS = dict(beta=0.1, label_smoothing=0.0)
-SIMPO_DEFAULTS = dict(beta=2.0, gamma=1.0)
+PAIR_LOSSES = loss_registry.PAIR_LOSSES
+DPO_DEFAULTS = loss_registry.LOSSES["dpo"].defaults()
+SIMPO_DEFAULTS = loss_registry.LOSSES["simpo"].defaults()
 
 
 def is_pair_loss(name: str) -> bool:

@@ -13,6 +13,7 @@ The final checkpoint folder (printed) is a Hugging Face model folder; see docs/t
 
 from __future__ import annotations
 
+from opsft import loss_registry
 from opsft.cli.common import print_summary
 from opsft.corpus import refuse_overwrite
 
@@ -44,7 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-input", help="held-out corpus for eval loss / CLL")
     p.add_argument("--eval-rows", type=int, help="rows held out of --input when --eval-input is not given")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["sft", "dft", "eaft", "idft", "idft_hardmask", "idft_legacy", "dpo", "simpo"],
+    g.add_argument("--loss", choices=loss_registry.NAMES,
                    help="default idft; dpo / simpo train on pairs")
     g.add_argument("--beta", type=float, help="idft temperature of gamma (default 1)")
     g.add_argument("--gamma-min", type=float, help="default 0.1")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsft import losses
+from opsft import loss_registry, losses
 from opsft.cll import token_phi
 from opsft.preference import is_pair_loss, pair_loss, sequence_logps
 from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
@@ -81,8 +81,8 @@ def autocast_context(device: torch.device, mode: str):
 
 # ---------------------------------------------------------------------------- the step
 
-STEP_KEYS = ("loss", "phi_mean", "logprob_mean", "entropy_mean", "weight_mean", "gamma_mean", "lambda_mean",
-             "frac_gamma_min", "frac_gamma_max", "frac_kept")
+LOSS_METRICS = tuple(dict.fromkeys(k for loss in loss_registry.LOSSES.values() for k in loss.metrics))
+STEP_KEYS = ("loss", "phi_mean", "logprob_mean", "entropy_mean", "weight_mean", *LOSS_METRICS)
 PAIR_STEP_KEYS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen",
                   "logp_rejected")
 
@@ -170,11 +170,9 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: Los
     optimizer.zero_grad(set_to_none=True)
     sums = reduce(sums) / max(global_units, 1.0)
     out = {key: float(v) for key, v in zip(keys, sums, strict=True)}
-    if spec.name in ("sft", "dft", "eaft"):
-        for key in ("gamma_mean", "lambda_mean", "frac_gamma_min", "frac_gamma_max"):
-            out.pop(key)
-    if not pairs and spec.name != "idft_hardmask":
-        out.pop("frac_kept")
+    if not pairs:  # the loss's own metrics (opsft.loss_registry), not the other losses'
+        reported = loss_registry.LOSSES[spec.name].metrics
+        out = {k: v for k, v in out.items() if k not in LOSS_METRICS or k in reported}
     if pairs:
         out["pairs"] = global_units
     seconds = time.perf_counter() - start
