@@ -205,11 +205,16 @@ def _cfg(tmp_path, corpus, model_dir, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_kill_and_resume_continues_exactly(tmp_path, tiny_model, tokenizer):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_kill_and_resume_continues_exactly(tmp_path, tiny_model, tokenizer, dropout):
     """A crash after step 3, resumed from the step-2 checkpoint, gives the curve and the
     weights of the uninterrupted run, the IDFT lambda schedule included. In float64: the
-    checkpoints hold float64 weights and reload as float64 (a float32 reload would be ~1e-9 off)."""
-    model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    checkpoints hold float64 weights and reload as float64 (a float32 reload would be ~1e-9 off).
+    With attention dropout too: no RNG state is checkpointed, so the resumed run draws the same
+    dropout masks only because every step reseeds torch from (seed, step, rank)."""
+    model = copy.deepcopy(tiny_model)
+    model.config.attention_dropout = dropout
+    model_dir = save_tiny(model, tokenizer, tmp_path / "tiny")
     corpus = write_corpus(tmp_path / "c.jsonl", arithmetic_rows(12))
     full = run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "full"), dtype="float64"))
     crashed = tmp_path / "crashed"

@@ -11,7 +11,6 @@ the IDFT lambda schedule included (progress = step / total_steps is restored wit
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -24,20 +23,6 @@ DATA_KEYS = ("n_examples", "global_batch_size", "seed", "total_steps", "dtype")
 SAVED_DEFAULTS = {"dtype": "float32"}  # checkpoints written before the key existed
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(folder: str | Path, model, tokenizer, optimizer_state: dict, scheduler_state: dict,
                     trainer: dict, model_state: dict | None = None, extra: dict | None = None) -> Path:
     """Write the HF folder and the trainer state. `model` is the unwrapped HF model (its
@@ -47,8 +32,8 @@ def save_checkpoint(folder: str | Path, model, tokenizer, optimizer_state: dict,
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(folder)
-    torch.save({**(extra or {}), "optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state(),
-                "trainer": trainer}, folder / STATE_FILE)
+    torch.save({**(extra or {}), "optimizer": optimizer_state, "scheduler": scheduler_state, "trainer": trainer},
+               folder / STATE_FILE)
     (folder / STATE_JSON).write_text(json.dumps(trainer, indent=2, default=str))
     return folder
 
@@ -71,8 +56,11 @@ def check_compatible(saved: dict, current: dict) -> None:
 
 
 def restore_training(state: dict, optimizer, scheduler) -> int:
-    """Load optimiser, scheduler and RNG state; returns the optimiser steps already done."""
+    """Load optimiser and scheduler state; returns the optimiser steps already done. No RNG state
+    is saved or restored: the data order comes from seeded generators of its own (train/data.py),
+    and torch is reseeded at every step from (seed, step, rank) (loop.step_seed), so a resumed
+    run draws what the uninterrupted one drew (checkpoints of older versions hold an unused
+    `rng` entry)."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
     return int(state["trainer"]["step"])
