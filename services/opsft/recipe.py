@@ -92,6 +92,43 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
+@dataclass(frozen=True)
+class Todo:
+    """A valid row to rewrite: its example, reference answer (None: unverifiable) and prompt ids."""
+
+    example: object  # opsft.corpus.Example
+    reference: str | None
+    question: list[int]
+
+
+@dataclass
+class Rewrite:
+    """One rewrite_rows call: its output rows (updated in place by the stages) and what they share."""
+
+    out: list[dict]
+    todo: dict[int, Todo]  # row index -> the row's Todo, for the rows that are valid
+    engine: object
+    params: RewriteParams
+    verifier: Callable
+    report: Report
+
+    @property
+    def tok(self):
+        return self.engine.tokenizer
+
+    @property
+    def eos(self) -> int:
+        return end_of_turn_id(self.tok)
+
+    def accept(self, text: str, k: int) -> bool | None:
+        """The verifier's verdict on `text` for row k (None when the row has no reference)."""
+        reference = self.todo[k].reference
+        return None if reference is None else bool(self.verifier(text, reference, self.out[k]))
+
+    def keep_original(self, k: int, finish_reason: str, **fields) -> None:
+        self.out[k].update(source="original", verified=False, finish_reason=finish_reason, **fields)
+
+
 def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None = None, verifier=None,
                  hd_model=None, report: Report | None = None) -> list[dict]:
     """Every row rewritten per the policy, in input order (rows out == rows in).
@@ -101,15 +138,28 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     hd_model: the transformers model for hinted decoding (default: engine.model)."""
     if not isinstance(params, RewriteParams):
         params = RewriteParams.from_config(dict(params or {}))
-    verifier = verifier or make_verifier(params.verifier)
-    report = report or (lambda stage, done, total: None)
-    tok = engine.tokenizer
-    eos = end_of_turn_id(tok)
     model = hd_model if hd_model is not None else getattr(engine, "model", None)
     if model is None:
         raise ValueError("hinted decoding needs a transformers model: pass hd_model or use the hf engine")
+    out, todo = _prepare(rows, engine)
+    job = Rewrite(out, todo, engine, params, verifier or make_verifier(params.verifier),
+                  report or (lambda stage, done, total: None))
+    need_hd = _self_answers(job, list(todo)) if params.policy == "self-first" else list(todo)  # 1.
+    items, hd_rows = _hint_items(job, need_hd)  # 2.
+    _hinted_decoding(job, model, items, hd_rows)  # 3.
+    _add_cll(out, list(todo), engine)  # 4. CLL of the new and the original response under the plain model
+    if params.drop_unverified:
+        for row in out:
+            row["dropped"] = row["source"] == "original" and row["verified"] is False
+    return out
+
+
+def _prepare(rows: list[dict], engine) -> tuple[list[dict], dict[int, Todo]]:
+    """The output rows (copies with id and the new fields), and the valid rows' Todo; an invalid
+    row gets its `error` here and is left alone by the stages."""
+    tok = engine.tokenizer
     out = [with_id(dict(row)) for row in rows]
-    todo: dict[int, tuple] = {}  # row index -> (example, reference answer, the question's prompt ids)
+    todo: dict[int, Todo] = {}
     for k, row in enumerate(out):
         row.update({name: None for name in NEW_FIELDS})
         row["original_response"] = row.get("response")
@@ -125,91 +175,101 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
         reference = row.get("answer")
         if reference in (None, ""):
             reference = extract_final_answer(ex.response)
-        todo[k] = (ex, reference, question)
+        todo[k] = Todo(ex, reference, question)
+    return out, todo
 
-    def accept(text: str, k: int) -> bool | None:
-        reference = todo[k][1]
-        return None if reference is None else bool(verifier(text, reference, out[k]))
 
-    # 1. self-answers
-    need_hd = list(todo)
-    if params.policy == "self-first" and need_hd:
-        report("self-answer", 0, len(need_hd))
-        prompts = [todo[k][2] for k in need_hd]
-        gen = GenerationParams(max_new_tokens=params.hd.max_new_tokens, temperature=0.0,
-                               stop_token_ids=(eos,), seed=params.hd.seed)
-        answers = engine.generate(prompts, gen)
-        still = []
-        for k, tokens in zip(need_hd, answers, strict=True):
-            text = _text(tok, tokens)
-            verdict = accept(text, k)
-            out[k].update(self_response=text, self_verified=verdict)
-            if verdict:
-                out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, eos))
-            else:
-                still.append(k)
-        need_hd = still
-        report("self-answer", len(todo), len(todo))
+def _self_answers(job: Rewrite, rows: list[int]) -> list[int]:
+    """Stage 1 (self-first): the model's greedy answer to each row's question; an answer the
+    verifier accepts becomes the response (source self). Returns the rows still to rewrite."""
+    if not rows:
+        return rows
+    job.report("self-answer", 0, len(rows))
+    gen = GenerationParams(max_new_tokens=job.params.hd.max_new_tokens, temperature=0.0,
+                           stop_token_ids=(job.eos,), seed=job.params.hd.seed)
+    answers = job.engine.generate([job.todo[k].question for k in rows], gen)
+    still = []
+    for k, tokens in zip(rows, answers, strict=True):
+        text = _text(job.tok, tokens)
+        verdict = job.accept(text, k)
+        job.out[k].update(self_response=text, self_verified=verdict)
+        if verdict:
+            job.out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, job.eos))
+        else:
+            still.append(k)
+    job.report("self-answer", len(rows), len(rows))
+    return still
 
-    # 2. hints
+
+def _hint_items(job: Rewrite, rows: list[int]) -> tuple[list[HDItem], list[int]]:
+    """Stage 2: each row's greedy hint, cut to its analysis prefix, made a hinted-decoding item
+    (hinted prompt = question + reference + analysis; student prompt = the question). A row
+    without a usable hint, or with no room left, keeps its original response."""
+    if not rows:
+        return [], []
+    tok, engine, params = job.tok, job.engine, job.params
+    job.report("hint", 0, len(rows))
+    hint_prompts = {k: prompt_ids(tok, hint_messages(question_text(job.todo[k].example.messages),
+                                                     job.todo[k].example.response)) for k in rows}
+    for k in [k for k, hp in hint_prompts.items() if len(hp) >= engine.max_length]:  # no room for a hint
+        job.keep_original(k, "max_length", hd_tokens=0)
+        del hint_prompts[k]
+    hints = engine.generate(list(hint_prompts.values()), GenerationParams(
+        max_new_tokens=params.hint_max_new_tokens, temperature=0.0, stop_token_ids=(job.eos,))) if hint_prompts else []
     items, hd_rows = [], []
-    if need_hd:
-        report("hint", 0, len(need_hd))
-        hint_prompts = {k: prompt_ids(tok, hint_messages(question_text(todo[k][0].messages), todo[k][0].response))
-                        for k in need_hd}
-        for k in [k for k, hp in hint_prompts.items() if len(hp) >= engine.max_length]:  # no room for a hint
-            out[k].update(source="original", verified=False, finish_reason="max_length", hd_tokens=0)
-            del hint_prompts[k]
-        hints = engine.generate(list(hint_prompts.values()), GenerationParams(
-            max_new_tokens=params.hint_max_new_tokens, temperature=0.0, stop_token_ids=(eos,))) if hint_prompts else []
-        for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
-            out[k]["hint"] = tok.decode(hint, skip_special_tokens=True)
-            prefix = analysis_prefix(out[k]["hint"])
-            out[k]["hint_forced"] = prefix is None and params.missing_hint == "cot"
-            if out[k]["hint_forced"]:
-                prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
-            if prefix is None:
-                out[k].update(source="original", verified=False, finish_reason="no_hint")
-                continue
-            item = HDItem(hinted_prompt=hp + response_ids(tok, prefix),
-                          student_prompt=todo[k][2], seed=row_seed(out[k]["id"]))
-            if max(len(item.hinted_prompt), len(item.student_prompt)) >= engine.max_length:
-                out[k].update(source="original", verified=False, finish_reason="max_length", hd_tokens=0)
-                continue
-            items.append(item)
-            hd_rows.append(k)
-        report("hint", len(need_hd), len(need_hd))
+    for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
+        row = job.out[k]
+        row["hint"] = tok.decode(hint, skip_special_tokens=True)
+        prefix = analysis_prefix(row["hint"])
+        row["hint_forced"] = prefix is None and params.missing_hint == "cot"
+        if row["hint_forced"]:
+            prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
+        if prefix is None:
+            job.keep_original(k, "no_hint")
+            continue
+        item = HDItem(hinted_prompt=hp + response_ids(tok, prefix), student_prompt=job.todo[k].question,
+                      seed=row_seed(row["id"]))
+        if max(len(item.hinted_prompt), len(item.student_prompt)) >= engine.max_length:
+            job.keep_original(k, "max_length", hd_tokens=0)
+            continue
+        items.append(item)
+        hd_rows.append(k)
+    job.report("hint", len(rows), len(rows))
+    return items, hd_rows
 
-    # 3. hinted decoding, verified
-    if items:
-        decode_token, done = TokenText(tok), [0]
-        total = len(items) * params.hd.max_new_tokens
 
-        def tick(n):
-            done[0] += n
-            if done[0] % 256 < n:
-                report("hinted-decoding tokens (upper bound)", done[0], total)
+class TokenProgress:
+    """Reports hinted-decoding progress every 256 generated tokens (an upper bound as total)."""
 
-        for s in range(0, len(items), params.batch_size):
-            results = hinted_decode(model, items[s:s + params.batch_size], params.hd, {eos},
-                                    decode_token=decode_token, pad_id=tok.pad_token_id or 0,
-                                    max_positions=engine.max_length, on_token=tick)
-            for k, res in zip(hd_rows[s:s + params.batch_size], results, strict=True):
-                text = _text(tok, res.tokens)
-                out[k].update(hd_response=text, hd_tokens=len(res.tokens), finish_reason=res.finish_reason)
-                verdict = accept(text, k) if text else False
-                if verdict is False:
-                    out[k].update(source="original", verified=False)
-                else:
-                    out[k].update(response=text, source="hd", verified=verdict)
-        report("hinted-decoding", len(items), len(items))
+    def __init__(self, report: Report, total: int):
+        self.report, self.total, self.done = report, total, 0
 
-    # 4. CLL of the new and the original response under the plain model
-    _add_cll(out, list(todo), engine)
-    if params.drop_unverified:
-        for row in out:
-            row["dropped"] = row["source"] == "original" and row["verified"] is False
-    return out
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done % 256 < n:
+            self.report("hinted-decoding tokens (upper bound)", self.done, self.total)
+
+
+def _hinted_decoding(job: Rewrite, model, items: list[HDItem], hd_rows: list[int]) -> None:
+    """Stage 3: hinted decoding in batches; an output the verifier accepts (or cannot judge)
+    becomes the response (source hd), otherwise the row keeps its original response."""
+    if not items:
+        return
+    tok, params = job.tok, job.params
+    decode_token, tick = TokenText(tok), TokenProgress(job.report, len(items) * params.hd.max_new_tokens)
+    for s in range(0, len(items), params.batch_size):
+        results = hinted_decode(model, items[s:s + params.batch_size], params.hd, {job.eos},
+                                decode_token=decode_token, pad_id=tok.pad_token_id or 0,
+                                max_positions=job.engine.max_length, on_token=tick)
+        for k, res in zip(hd_rows[s:s + params.batch_size], results, strict=True):
+            text = _text(tok, res.tokens)
+            job.out[k].update(hd_response=text, hd_tokens=len(res.tokens), finish_reason=res.finish_reason)
+            verdict = job.accept(text, k) if text else False
+            if verdict is False:
+                job.out[k].update(source="original", verified=False)
+            else:
+                job.out[k].update(response=text, source="hd", verified=verdict)
+    job.report("hinted-decoding", len(items), len(items))
 
 
 def split_dropped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
