@@ -5,7 +5,7 @@ the model is on:
 - naive_phi: CLL the way the official scorer computes it: one sequence at a time, logits for
   every position, a full log_softmax over the vocabulary.
 - official_hinted_loop: hinted decoding the way the official code runs it: one item, no key/value
-  cache, both whole sequences through the model at every step (same per-step math as opsft.hinted).
+  cache, both whole sequences through the model at every step (same per-step math as opsft.method.hinted).
 - seconds_per_row: in-process scoring one row per call against many rows per call (the most a
   serving layer can gain by merging requests).
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from opsft.hinted import HDItem, HDParams, mixed_logprobs, pick_tokens
+from opsft.method.hinted import HDItem, HDParams, mixed_logprobs, pick_tokens
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ def corpus(n: int) -> list[tuple[str, str]]:
 def bf16_head_phis(engine, seqs, starts) -> list[np.ndarray]:
     """phi per response token with the head applied in bf16 (the logits rounded to bf16), row by row."""
     import torch
-    from opsft.cll import token_logprob_entropy
+    from opsft.method.cll import token_logprob_entropy
 
     out = []
     with torch.inference_mode():
@@ -62,7 +62,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from opsft.chat import encode
+    from opsft.data.chat import encode
     from opsft.engines.hf import HFEngine
 
     fp32 = HFEngine(None, device="cpu")

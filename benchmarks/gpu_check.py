@@ -7,7 +7,7 @@ against a reference computed from the same weights. Four measurements:
    official-style reference (one sequence at a time, full log_softmax), in fp32 and in bf16:
    response tokens/s, peak GPU memory, and max |dphi| of each against a float64 run of the same
    weights (first --exact-rows rows). Goal: at least 1.5x the naive reference.
-2. Hinted decoding at temperature 0.3 (the shipped default), in bf16, on the device: opsft.hinted
+2. Hinted decoding at temperature 0.3 (the shipped default), in bf16, on the device: opsft.method.hinted
    (batched, KV-cached; --hd-items is the recipe's batch) against the official loop (one item, no
    cache) and against plain batched sampling of the same model (transformers generate on the
    hinted prompts, the same top-p and temperature). Goals: >= 10x the official loop, and at
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from _baselines import naive_phi, official_hinted_loop, seconds_per_row  # noqa: E402
 from _results import Recorder  # noqa: E402
 from opsft.engines.hf import HFEngine  # noqa: E402
-from opsft.hinted import HDItem, HDParams, hinted_decode, item_generator  # noqa: E402
+from opsft.method.hinted import HDItem, HDParams, hinted_decode, item_generator  # noqa: E402
 from train_step import measure_steps  # noqa: E402
 
 GOAL_SOURCE = "issue 17"
@@ -144,7 +144,7 @@ def check_scoring(model, size: dict, device: torch.device) -> dict:
 
 
 def check_hinted(model, size: dict, device: torch.device) -> dict:
-    """Generated tokens/s: opsft.hinted batched+cached, the official loop, plain batched sampling."""
+    """Generated tokens/s: opsft.method.hinted batched+cached, the official loop, plain batched sampling."""
     gen = torch.Generator().manual_seed(2)
     vocab = model.config.vocab_size
     items = [HDItem(hinted_prompt=random_ids(gen, vocab, size["hint_len"] * 3 // 4, size["hint_len"]),

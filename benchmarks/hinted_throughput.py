@@ -1,4 +1,4 @@
-"""Generated tokens/s of hinted decoding: the batched, KV-cached decoder (opsft.hinted) against
+"""Generated tokens/s of hinted decoding: the batched, KV-cached decoder (opsft.method.hinted) against
 the official scheme (one item at a time, no cache: every step re-runs the whole hinted and
 student sequences through the model), on the embedded SmolLM2-135M-Instruct.
 
@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _baselines import official_hinted_loop  # noqa: E402
 from _results import Recorder  # noqa: E402
-from opsft.chat import prompt_ids, response_ids  # noqa: E402
-from opsft.datasets import gsm_symbolic_corpus  # noqa: E402
-from opsft.hinted import HDItem, HDParams, hint_messages, hinted_decode, item_generator  # noqa: E402
+from opsft.data.chat import prompt_ids, response_ids  # noqa: E402
+from opsft.data.datasets import gsm_symbolic_corpus  # noqa: E402
+from opsft.method.hinted import HDItem, HDParams, hint_messages, hinted_decode, item_generator  # noqa: E402
 from opsft.models import load_model  # noqa: E402
 
 

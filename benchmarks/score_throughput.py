@@ -47,8 +47,8 @@ def naive_scores(model, tokenizer, rows, dtype=None):
     """Official-style: one sequence at a time, logits for every position, full log_softmax
     (in float32, or in `dtype`: the float64 reference runs it on a float64 model)."""
     from _baselines import naive_phi
-    from opsft.chat import encode
-    from opsft.corpus import parse_row
+    from opsft.data.chat import encode
+    from opsft.data.corpus import parse_row
 
     out = []
     for row in rows:

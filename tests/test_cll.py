@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from opsft.cll import head_logprob_entropy, summarize, token_logprob_entropy, token_phi
+from opsft.method.cll import head_logprob_entropy, summarize, token_logprob_entropy, token_phi
 
 
 def brute_phi(logits, labels, temperature=1.0):

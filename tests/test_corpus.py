@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from opsft.corpus import RowError, parse_row, read_rows, stable_id, with_id, write_rows
+from opsft.data.corpus import RowError, parse_row, read_rows, stable_id, with_id, write_rows
 
 
 @pytest.mark.parametrize("row,fragment", [
@@ -139,7 +139,7 @@ def test_ids_are_strings(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    from opsft import corpus
+    from opsft.data import corpus
 
     path = tmp_path / "out.jsonl"
     write_rows([{"id": "old"}], path)
@@ -159,7 +159,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 
 def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch):
-    from opsft.corpus import refuse_overwrite, same_path
+    from opsft.data.corpus import refuse_overwrite, same_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").mkdir()

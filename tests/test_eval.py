@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from opsft.datasets import gsm_symbolic_corpus, question_key, task_corpus
+from opsft.data.datasets import gsm_symbolic_corpus, question_key, task_corpus
 from opsft.engines.hf import HFEngine
 from opsft.evaluation import (
     EvalTask,

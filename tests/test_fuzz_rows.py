@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opsft.corpus import apply_rows, jsonl_rows, read_rows, with_id, write_rows
+from opsft.data.corpus import apply_rows, jsonl_rows, read_rows, with_id, write_rows
 from opsft.scoring import score_rows
 
 # Scores of a row in a batch and alone differ only by float32 reduction order (the batch changes
@@ -169,7 +169,7 @@ def test_score_in_process_and_ray_stages_keep_every_row_and_score_good_rows_as_a
 @settings(max_examples=40, deadline=None)
 @given(corpus_files())
 def test_train_and_pairs_count_every_row(tokenizer, case):
-    from opsft.pairs import preference_pairs
+    from opsft.data.pairs import preference_pairs
     from opsft.train.data import prepare_examples
     from opsft.train.pairs import prepare_pairs
 

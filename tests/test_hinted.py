@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from opsft.hinted import (
+from opsft.method.hinted import (
     HDItem,
     HDParams,
     TokenText,

@@ -10,7 +10,7 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from opsft.corpus import rows_table
+from opsft.data.corpus import rows_table
 from opsft.jobs import files
 from opsft.jobs.stages import EngineActor, apply_rows, parse_jsonl_files, parse_table
 

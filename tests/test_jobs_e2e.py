@@ -187,8 +187,8 @@ def test_killed_job_resumes_without_duplicates(ray_local, tmp_path):
 
 def _own_answers(rows, engine, max_new_tokens):
     """A generation row function (like the rewrite recipe's): the model's own greedy answer."""
-    from opsft.chat import prompt_ids
-    from opsft.corpus import parse_row
+    from opsft.data.chat import prompt_ids
+    from opsft.data.corpus import parse_row
 
     prompts = [prompt_ids(engine.tokenizer, parse_row(r, need_response=False).messages) for r in rows]
     outs = engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from opsft import losses
+from opsft.method import losses
 
 V = 23
 
@@ -170,14 +170,14 @@ def test_idft_defaults_are_one_decision_for_the_function_and_the_cli():
 
 
 def test_the_loss_registry_is_what_every_layer_uses():
-    """opsft.loss_registry names every loss once: the token functions registered in opsft.losses,
-    the pair losses of opsft.preference, LossConfig's names and params, the CLI's --loss choices,
+    """opsft.method.loss_registry names every loss once: the token functions registered in opsft.method.losses,
+    the pair losses of opsft.method.preference, LossConfig's names and params, the CLI's --loss choices,
     and the metric keys each token loss reports."""
     import argparse
 
-    from opsft import loss_registry, preference
     from opsft.cli import train as train_cli
     from opsft.config import LossConfig
+    from opsft.method import loss_registry, preference
 
     assert losses.names() == sorted(loss_registry.TOKEN_LOSSES)
     assert preference.PAIR_LOSSES == loss_registry.PAIR_LOSSES

@@ -7,8 +7,8 @@ import json
 
 import pytest
 from opsft.cli import main as cli_main
-from opsft.corpus import RowError, read_rows, write_rows
-from opsft.pairs import parse_pair, preference_pairs
+from opsft.data.corpus import RowError, read_rows, write_rows
+from opsft.data.pairs import parse_pair, preference_pairs
 from opsft.train.data import IGNORE
 from opsft.train.pairs import collate_pairs, prepare_pairs
 

@@ -1,12 +1,12 @@
-"""DPO and SimPO (opsft.preference): hand-computed values, and value and gradient against a
+"""DPO and SimPO (opsft.method.preference): hand-computed values, and value and gradient against a
 brute-force per-pair computation in float64 from random logits; the pair-mean normalisation."""
 
 import math
 
 import pytest
 import torch
-from opsft import losses, preference
-from opsft.preference import dpo_loss, pair_loss, sequence_logps, simpo_loss
+from opsft.method import losses, preference
+from opsft.method.preference import dpo_loss, pair_loss, sequence_logps, simpo_loss
 
 V = 19
 

@@ -93,7 +93,7 @@ def test_lock_of_a_killed_process_is_recovered(tmp_path):
 
 
 def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(tmp_path):
-    from opsft.corpus import read_rows, write_rows
+    from opsft.data.corpus import read_rows, write_rows
     from opsft.realign.cycle import run_merge
 
     write_rows([{"id": str(i), "prompt": f"q{i}", "response": f"r{i}", "cll": -1.0} for i in range(4)],

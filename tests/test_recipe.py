@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from opsft.chat import prompt_ids
-from opsft.datasets import gsm_symbolic_corpus, train_eval_split
+from opsft.data.chat import prompt_ids
+from opsft.data.datasets import gsm_symbolic_corpus, train_eval_split
 from opsft.engines.base import GenerationParams
 from opsft.engines.hf import HFEngine
-from opsft.hinted import HINT_SYSTEM_PROMPT, HDParams
+from opsft.method.hinted import HINT_SYSTEM_PROMPT, HDParams
 from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
 from opsft.scoring import score_rows
 
@@ -139,8 +139,8 @@ def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer):
     out = rewrite_rows(ROWS[:2], engine, params, lambda text, ref, row: seen.append(text) or True)
     assert all(r["hint_forced"] is True and r["source"] == "hd" and r["finish_reason"] != "no_hint" for r in out)
     # the hinted stream is the hint chat + "# CoT": the same tokens as decoding by hand from that prompt
-    from opsft.chat import end_of_turn_id, response_ids
-    from opsft.hinted import HDItem, hint_messages, hinted_decode
+    from opsft.data.chat import end_of_turn_id, response_ids
+    from opsft.method.hinted import HDItem, hint_messages, hinted_decode
 
     row = ROWS[0]
     item = HDItem(hinted_prompt=prompt_ids(tokenizer, hint_messages(row["prompt"], row["response"]))

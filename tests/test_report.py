@@ -67,7 +67,7 @@ def test_report_files_and_figures(tmp_path):
 
 def test_cli_report_reads_files_and_job_folders(tmp_path):
     from opsft.cli import main
-    from opsft.corpus import write_rows
+    from opsft.data.corpus import write_rows
 
     rng = np.random.default_rng(2)
     write_rows(scored(rng, 20, 0.0, 0.0), tmp_path / "own.jsonl")

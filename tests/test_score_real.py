@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from opsft.chat import encode, prompt_ids, response_ids
+from opsft.data.chat import encode, prompt_ids, response_ids
 from opsft.engines.base import GenerationParams
 from opsft.scoring import score_rows
 

@@ -70,8 +70,8 @@ def test_merged_jobs_equal_score_rows_per_job_and_brute_force(tiny_engine, tiny_
             assert ("tokens" in got) == job.return_tokens
     assert answers[1]["results"][0]["id"] == "mine"
     # the per-token answer against an independent full log_softmax of the same sequence
-    from opsft.chat import encode
-    from opsft.corpus import parse_row
+    from opsft.data.chat import encode
+    from opsft.data.corpus import parse_row
 
     ex = parse_row(ROWS[1])
     enc = encode(tiny_engine.tokenizer, ex.messages, ex.response)

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from opsft import losses
 from opsft.cli import main as cli_main
 from opsft.config import TrainConfig
+from opsft.method import losses
 from opsft.train.data import (
     IGNORE,
     BatchPlan,

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from opsft import losses
 from opsft.cli import main as cli_main
 from opsft.config import TrainConfig
+from opsft.method import losses
 from opsft.train.checkpoint import load_trainer_state
 from opsft.train.data import worker_micro_batches
 from opsft.train.loop import InjectedFailure, run_local

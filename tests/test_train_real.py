@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from opsft.config import TrainConfig
-from opsft.corpus import write_rows
+from opsft.data.corpus import write_rows
 from opsft.train.data import prepare_examples
 from opsft.train.loop import run_local
 from opsft.train.step import LossSpec, evaluate

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from opsft.verify import (
+from opsft.data.verify import (
     AutoVerifier,
     ExactVerifier,
     NumericVerifier,

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from opsft.chat import encode, prompt_ids
-from opsft.corpus import read_rows
+from opsft.data.chat import encode, prompt_ids
+from opsft.data.corpus import read_rows
 from opsft.engines import GenerationParams
 from opsft.engines.vllm import entropy_from_topk, load_lm_head, token_groups
 from opsft.scoring import score_rows

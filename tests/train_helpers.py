@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from opsft.corpus import write_rows
+from opsft.data.corpus import write_rows
 from opsft.train.precision import to_dtype
 
 # SPLIT_TOL: the tolerance of every comparison between worker splits, micro-batch splits, a crash and
@@ -33,7 +33,7 @@ from opsft.train.precision import to_dtype
 # 3.4e-14 relative (ratio 7e-9; issue 13's float32 run: 2.3e-5), its weights 2.1e-7 -> 1.1e-15;
 # test_train_pairs_ray's weights 1.2e-5 -> 1.9e-14, margins 2.6e-5 -> 1.3e-14; the local resumes
 # are bitwise equal in both.
-# What keeps the float64 run float64 end to end: opsft.cll computes in the logits' dtype, and
+# What keeps the float64 run float64 end to end: opsft.method.cll computes in the logits' dtype, and
 # opsft.train.precision widens transformers' float32 RMSNorm (else a float32 rounding inside every
 # norm could land on either side of a boundary in two splits: a 6e-8 jump, amplified like float32 noise).
 SPLIT_TOL = 1e-9

@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 
 def held_out_accuracy(model: str, rows: list[dict], max_new_tokens: int) -> float:
     """Greedy answers to the held-out questions, checked by the verifier against `answer`."""
-    from opsft.chat import prompt_ids
+    from opsft.data.chat import prompt_ids
+    from opsft.data.verify import make_verifier
     from opsft.engines.base import GenerationParams
     from opsft.engines.hf import HFEngine
-    from opsft.verify import make_verifier
 
     engine = HFEngine(model, device="cpu", max_batch_size=8)
     prompts = [prompt_ids(engine.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
@@ -58,8 +58,8 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from opsft.config import RealignConfig, load_config
-    from opsft.corpus import write_rows
-    from opsft.datasets import train_eval_split
+    from opsft.data.corpus import write_rows
+    from opsft.data.datasets import train_eval_split
     from opsft.models import default_model_dir
     from opsft.realign.cycle import Cycle
 

@@ -39,11 +39,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from opsft.corpus import write_rows
-    from opsft.datasets import gsm_symbolic_corpus
+    from opsft.data.corpus import write_rows
+    from opsft.data.datasets import gsm_symbolic_corpus
+    from opsft.data.verify import make_verifier
     from opsft.engines.hf import HFEngine
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
-    from opsft.verify import make_verifier
 
     torch.set_num_threads(args.threads)
     rows = gsm_symbolic_corpus(args.rows, seed=args.seed)

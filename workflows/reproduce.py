@@ -83,10 +83,10 @@ def timed(stages: dict, name: str):
 
 
 def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
-    from opsft.corpus import read_rows, write_rows
-    from opsft.datasets import gsm_symbolic_corpus
+    from opsft.data.corpus import read_rows, write_rows
+    from opsft.data.datasets import gsm_symbolic_corpus
+    from opsft.data.pairs import preference_pairs
     from opsft.engines.hf import HFEngine
-    from opsft.pairs import preference_pairs
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
 
     if not (out / "corpus.jsonl").exists():
@@ -107,7 +107,7 @@ def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
 
 
 def evaluate(cfg: ReproduceConfig, model: str | None, out: Path, label: str) -> dict:
-    from opsft.corpus import read_rows, write_rows
+    from opsft.data.corpus import read_rows, write_rows
     from opsft.engines.hf import HFEngine
     from opsft.evaluation import EvalTask, evaluate_model
     from opsft.scoring import score_rows, summary

@@ -1,7 +1,7 @@
 """opsft: on-policy SFT (CLL scoring, IDFT, Hinted Decoding) on Ray.
 
-Method code (plain torch, no Ray/vLLM/FastAPI): opsft.cll, opsft.losses, opsft.chat,
-opsft.corpus, opsft.scoring, opsft.engines.hf. Ray layers: opsft.jobs (Ray Data),
+Method code (plain torch, no Ray/vLLM/FastAPI): opsft.method.cll, opsft.method.losses, opsft.data.chat,
+opsft.data.corpus, opsft.scoring, opsft.engines.hf. Ray layers: opsft.jobs (Ray Data),
 opsft.train (Ray Train), opsft.serve (Ray Serve), opsft.cli.
 """
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opsft import loss_registry
+from opsft.method import loss_registry
 
 
 class Strict(BaseModel):
@@ -187,10 +187,10 @@ def _loss_param(name: str, **bounds):
 
 class LossConfig(Strict):
     """The loss of `opsft train` and its parameters: the token losses (method.md section 2) or the
-    preference baselines dpo / simpo (opsft.preference), which train on pair rows."""
+    preference baselines dpo / simpo (opsft.method.preference), which train on pair rows."""
 
-    name: Literal[loss_registry.NAMES] = "idft"  # the names of opsft.loss_registry.LOSSES
-    # each parameter's default and meaning: opsft.loss_registry.PARAMS
+    name: Literal[loss_registry.NAMES] = "idft"  # the names of opsft.method.loss_registry.LOSSES
+    # each parameter's default and meaning: opsft.method.loss_registry.PARAMS
     beta: float = _loss_param("beta", gt=0)
     gamma_min: float = _loss_param("gamma_min", ge=0)
     gamma_max: float = _loss_param("gamma_max", ge=0)
@@ -216,7 +216,7 @@ class LossConfig(Strict):
         return loss_registry.LOSSES[self.name].kind == "pair"
 
     def params(self) -> dict[str, float]:
-        """Keyword arguments for opsft.losses.compute (token losses) or opsft.preference.pair_loss."""
+        """Keyword arguments for opsft.method.losses.compute (token losses) or opsft.method.preference.pair_loss."""
         return {kw: getattr(self, name) for kw, name in loss_registry.LOSSES[self.name].params.items()}
 
 
@@ -299,7 +299,7 @@ class ScheduleConfig(Strict):
 
 
 class RewriteConfig(Strict):
-    """The on-policy data recipe (opsft.recipe) and its hinted decoder (opsft.hinted)."""
+    """The on-policy data recipe (opsft.recipe) and its hinted decoder (opsft.method.hinted)."""
 
     input: str | None = None
     output: str | None = None

@@ -7,7 +7,7 @@
 
 Accuracy: every item is the task's question as the only user turn (the chat template, as in
 training), answered greedily by the engine (batched) and checked by reasoning-gym's own checker
-on the final answer opsft.verify extracts (\\boxed{}, "#### x", "the answer is x", else the last
+on the final answer opsft.data.verify extracts (\\boxed{}, "#### x", "the answer is x", else the last
 number). Items come from reasoning-gym with a fixed seed; questions that occur in `exclude`
 (the training corpora) are skipped and replaced by later items, so evaluation never sees a
 training question. A Wilson 95% interval goes with every accuracy: at a few dozen items the
@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opsft.chat import end_of_turn_id, prompt_ids
-from opsft.corpus import RowError, question_text, row_messages
-from opsft.datasets import question_key, task_corpus
+from opsft.data.chat import end_of_turn_id, prompt_ids
+from opsft.data.corpus import RowError, question_text, row_messages
+from opsft.data.datasets import question_key, task_corpus
+from opsft.data.verify import ReasoningGymVerifier, extract_final_answer
 from opsft.engines.base import GenerationParams
-from opsft.verify import ReasoningGymVerifier, extract_final_answer
 
-DEFAULT_SEED = 1234  # opsft's own training corpora (opsft.datasets) use seed 0
+DEFAULT_SEED = 1234  # opsft's own training corpora (opsft.data.datasets) use seed 0
 
 
 @dataclass(frozen=True)

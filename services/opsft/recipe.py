@@ -7,7 +7,7 @@ Policy `self-first` (default):
   2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint, cut after
      its last "# CoT" (no marker: finish reason `no_hint`; or, with missing_hint="cot", the
      hinted stream opened at "# CoT" without an analysis, `hint_forced` = true), then
-     opsft.hinted.hinted_decode;
+     opsft.method.hinted.hinted_decode;
   3. an HD output the verifier accepts replaces the response (`source` = hd); otherwise the row
      keeps its original response (`source` = original, `verified` = false), or, with
      drop_unverified, is marked `dropped` = true (split_dropped separates them; nothing is lost).
@@ -34,12 +34,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from opsft.chat import end_of_turn_id, prompt_ids, response_ids
-from opsft.corpus import RowError, parse_row, question_text, with_id
+from opsft.data.chat import end_of_turn_id, prompt_ids, response_ids
+from opsft.data.corpus import RowError, parse_row, question_text, with_id
+from opsft.data.verify import extract_final_answer, make_verifier
 from opsft.engines.base import GenerationParams
-from opsft.hinted import COT_MARKER, HDItem, HDParams, TokenText, analysis_prefix, hint_messages, hinted_decode
+from opsft.method.hinted import COT_MARKER, HDItem, HDParams, TokenText, analysis_prefix, hint_messages, hinted_decode
 from opsft.scoring import score_rows
-from opsft.verify import extract_final_answer, make_verifier
 
 POLICIES = ("self-first", "hd-all")
 NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
@@ -54,7 +54,7 @@ class RewriteParams:
     missing_hint: str = "skip"    # "skip" (official: finish_reason no_hint) or "cot" (hinted stream opens at "# CoT")
     batch_size: int = 16          # items per hinted-decoding batch
     drop_unverified: bool = False
-    verifier: str = "auto"        # opsft.verify.make_verifier name
+    verifier: str = "auto"        # opsft.data.verify.make_verifier name
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -96,7 +96,7 @@ def _text(tokenizer, tokens: list[int]) -> str:
 class Todo:
     """A valid row to rewrite: its example, reference answer (None: unverifiable) and prompt ids."""
 
-    example: object  # opsft.corpus.Example
+    example: object  # opsft.data.corpus.Example
     reference: str | None
     question: list[int]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opsft.corpus import atomic_path, write_text_atomic
+from opsft.data.corpus import atomic_path, write_text_atomic
 from opsft.jobs.files import read_output
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

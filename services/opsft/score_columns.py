@@ -1,6 +1,6 @@
 """The columns `opsft score` adds to each row, defined once (plain Python: no torch, no Arrow).
 
-`SequenceStats` is what opsft.cll.summarize computes for one sequence; a scored row holds those
+`SequenceStats` is what opsft.method.cll.summarize computes for one sequence; a scored row holds those
 fields, `exact_entropy` (True when H is over the full vocabulary: the hf engine and the vllm
 engine's default scorer; False when estimated: the vllm engine's scorer="topk"), and `error`
 (None on a scored row; on an error row every score is None). Every schema of a scored row is

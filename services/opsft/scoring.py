@@ -6,9 +6,9 @@ on each batch inside an actor, and the HTTP service calls it per request.
 
 from __future__ import annotations
 
-from opsft.chat import encode
-from opsft.cll import summarize
-from opsft.corpus import RowError, parse_row, with_id
+from opsft.data.chat import encode
+from opsft.data.corpus import RowError, parse_row, with_id
+from opsft.method.cll import summarize
 from opsft.score_columns import SCORE_FIELDS  # noqa: F401 - the score fields (opsft.score_columns)
 
 

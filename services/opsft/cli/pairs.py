@@ -1,6 +1,6 @@
 """`opsft pairs`: preference pairs for `opsft train --loss dpo|simpo` from an `opsft rewrite`
 output (policy self-first): chosen = the verified rewrite or the reference solution, rejected =
-the model's own wrong answer (opsft.pairs.preference_pairs says what happens to each row).
+the model's own wrong answer (opsft.data.pairs.preference_pairs says what happens to each row).
 
     opsft pairs --input rewritten.jsonl --output pairs.jsonl
     opsft train --input pairs.jsonl --output-dir runs/dpo --loss dpo --lr 5e-7
@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from opsft.corpus import check_corpus_paths, read_rows, write_rows
-    from opsft.pairs import preference_pairs
+    from opsft.data.corpus import check_corpus_paths, read_rows, write_rows
+    from opsft.data.pairs import preference_pairs
 
     check_corpus_paths(args.input, [args.output])
     rows = read_rows(args.input)

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from opsft.cli.common import print_summary
-    from opsft.corpus import refuse_overwrite
+    from opsft.data.corpus import refuse_overwrite
     from opsft.report import parse_input, report_from_paths
 
     refuse_overwrite([args.output], [parse_input(spec)[1] for spec in args.input])

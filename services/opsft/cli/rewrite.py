@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from opsft.cli.common import Progress, add_model_flags, print_summary
-from opsft.corpus import check_corpus_paths
+from opsft.data.corpus import check_corpus_paths
 
 
 def add_parser(sub) -> None:
@@ -68,7 +68,7 @@ def dropped_path(output: str) -> Path:
 
 
 def rewrite_in_process(cfg) -> dict:
-    from opsft.corpus import apply_rows, read_rows, write_rows
+    from opsft.data.corpus import apply_rows, read_rows, write_rows
     from opsft.engines import make_engine
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
 

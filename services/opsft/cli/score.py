@@ -16,7 +16,7 @@ import time
 
 from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
 from opsft.cli.jobflags import add_job_flags, job_overrides
-from opsft.corpus import check_corpus_paths
+from opsft.data.corpus import check_corpus_paths
 
 
 def add_parser(sub) -> None:
@@ -61,7 +61,7 @@ def score_distributed(cfg) -> dict:
 
 
 def score_in_process(cfg) -> dict:
-    from opsft.corpus import apply_rows, read_rows, write_rows
+    from opsft.data.corpus import apply_rows, read_rows, write_rows
     from opsft.engines import make_engine
     from opsft.scoring import score_rows, summary
 

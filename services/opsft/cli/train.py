@@ -13,9 +13,9 @@ The final checkpoint folder (printed) is a Hugging Face model folder; see docs/t
 
 from __future__ import annotations
 
-from opsft import loss_registry
 from opsft.cli.common import print_summary
-from opsft.corpus import refuse_overwrite
+from opsft.data.corpus import refuse_overwrite
+from opsft.method import loss_registry
 
 # flag -> dotted TrainConfig key
 FLAGS = {

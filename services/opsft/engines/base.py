@@ -1,6 +1,6 @@
 """The engine protocol: what scoring, rewriting and serving need from a model runner.
 
-Engines work on token ids; tokenization stays with the caller (opsft.chat).
+Engines work on token ids; tokenization stays with the caller (opsft.data.chat).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from opsft.chat import model_max_length
-from opsft.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
+from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
+from opsft.method.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
 from opsft.models import load_model, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -4,7 +4,7 @@
 Scoring, `scorer="exact"` (the default): vLLM's pooling runner returns the final hidden state
 (after the model's final norm) of every prompt token; the engine applies the LM head itself, in
 float32, to the response positions and computes log p and H over the full vocabulary with
-opsft.cll.head_logprob_entropy, chunk by chunk (never a [tokens x vocab] tensor for a row).
+opsft.method.cll.head_logprob_entropy, chunk by chunk (never a [tokens x vocab] tensor for a row).
 The head is read once per engine from the checkpoint (tied embeddings handled) onto the
 engine's device and kept in float32: a bf16 checkpoint's head values exactly, so the logits,
 the softmax, log p and H are float32 whatever `dtype` the body runs in. Temperatures are
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from opsft.chat import model_max_length
-from opsft.cll import DEFAULT_CHUNK
+from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
+from opsft.method.cll import DEFAULT_CHUNK
 from opsft.models import resolve_model
 
 SCORERS = ("exact", "topk")
@@ -256,7 +256,7 @@ class VLLMEngine:
     def _score_exact(self, sequences, starts, temperature) -> list[TokenScores]:
         import torch
 
-        from opsft.cll import head_logprob_entropy
+        from opsft.method.cll import head_logprob_entropy
 
         llm = self.runner("score")
         weight, bias = self.head()
@@ -328,11 +328,11 @@ def probe(request: dict) -> dict:
 
     request: model, options (VLLMEngine keywords), and any of: sequences + starts (+ temperatures,
     default [1.0]): per-token scores; prompts + generation (GenerationParams): generated ids;
-    rows, or input (a corpus file, read with opsft.corpus.read_rows) (+ score_kwargs):
+    rows, or input (a corpus file, read with opsft.data.corpus.read_rows) (+ score_kwargs):
     opsft.scoring.score_rows."""
     import time
 
-    from opsft.corpus import read_rows
+    from opsft.data.corpus import read_rows
     from opsft.scoring import score_rows
 
     start = time.monotonic()

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from opsft import score_columns
-from opsft.corpus import file_format, jsonl_line, jsonl_rows, rows_table
+from opsft.data.corpus import file_format, jsonl_line, jsonl_rows, rows_table
 
 PART_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"

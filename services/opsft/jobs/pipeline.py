@@ -22,7 +22,7 @@ import ray
 import ray.data
 
 from opsft.config import EngineConfig, PoolConfig
-from opsft.corpus import file_format
+from opsft.data.corpus import file_format
 from opsft.jobs import files
 from opsft.jobs.stages import EngineActor, PartsDatasink, parse_jsonl_files, parse_table
 

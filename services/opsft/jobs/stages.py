@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 from ray.data import Datasink
 
-from opsft.corpus import apply_rows, jsonl_rows, with_id
+from opsft.data.corpus import apply_rows, jsonl_rows, with_id
 from opsft.jobs import files
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opsft.corpus import read_rows, write_rows, write_text_atomic
+from opsft.data.corpus import read_rows, write_rows, write_text_atomic
 from opsft.realign.lock import OutputLock
 from opsft.score_columns import SCORED_COLUMNS
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opsft.chat import encode
-from opsft.corpus import RowError, parse_row
+from opsft.data.chat import encode
+from opsft.data.corpus import RowError, parse_row
 
 # opsft.scoring (and so torch) is imported where it is used: the HTTP ingress imports this
 # module for Job only and holds no model.

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsft.chat import encode, end_of_turn_id
-from opsft.corpus import RowError, parse_row
+from opsft.data.chat import encode, end_of_turn_id
+from opsft.data.corpus import RowError, parse_row
 
 IGNORE = -100
 

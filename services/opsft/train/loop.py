@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from opsft.chat import model_max_length
-from opsft.corpus import read_rows
+from opsft.data.chat import model_max_length
+from opsft.data.corpus import read_rows
 from opsft.train.checkpoint import check_compatible, load_trainer_state, restore_training, save_checkpoint
 from opsft.train.data import (
     BatchPlan,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opsft.corpus import write_text_atomic
+from opsft.data.corpus import write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -23,15 +23,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from opsft.pairs import is_rewrite_output, parse_pair, preference_pairs
-from opsft.preference import pair_loss, sequence_logps
+from opsft.data.pairs import is_rewrite_output, parse_pair, preference_pairs
+from opsft.method.preference import pair_loss, sequence_logps
 from opsft.train.data import PrepareStats, TrainExample, collate, tokenize_rows
 from opsft.train.step import LossSpec, Reduce, evaluating, no_reduce, response_logits, shard_rounds
 
 
 @dataclass
 class PairStats(PrepareStats):
-    from_rewrite: dict | None = None  # opsft.pairs.preference_pairs counts when the input was a rewrite output
+    from_rewrite: dict | None = None  # opsft.data.pairs.preference_pairs counts when the input was a rewrite output
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class PairExample:
 
 def prepare_pairs(rows: list[dict], tokenizer, max_length: int, overlong: str = "skip"
                   ) -> tuple[list[PairExample], PairStats]:
-    """Tokenise pair rows (opsft.pairs). Rows of an `opsft rewrite` output are first made into
-    pairs by opsft.pairs.preference_pairs (its counts: stats.from_rewrite; stats.rows counts pairs).
+    """Tokenise pair rows (opsft.data.pairs). Rows of an `opsft rewrite` output are first made into
+    pairs by opsft.data.pairs.preference_pairs (its counts: stats.from_rewrite; stats.rows counts pairs).
     Invalid rows are skipped and counted; a pair with a side longer than max_length is skipped
     (overlong="skip") or has that side cut to max_length ("truncate", the end-of-turn token is
     lost; skipped when the prompt alone fills it)."""

@@ -9,7 +9,7 @@ into weight differences of about 1e-5 after a few steps; in float64 (eps 2.2e-16
 amplification leaves them some 1e9 times smaller.
 
 float64 must hold end to end. Two parts compute in float32 whatever the model's dtype:
-opsft.cll (its compute_dtype follows the logits' dtype) and transformers' RMSNorm of the Llama
+opsft.method.cll (its compute_dtype follows the logits' dtype) and transformers' RMSNorm of the Llama
 family, which upcasts to float32 and back (`hidden_states.to(torch.float32)` in
 modeling_llama.py): for a float64 model that is a downcast, so every norm output would carry
 float32 rounding, and two splits whose inputs differ by 1e-16 would now and then round to

@@ -3,13 +3,13 @@
 No Ray here: a step takes this worker's micro-batches and a `reduce` function (sum over
 workers: torch.distributed.all_reduce under Ray Train, the identity in one process).
 
-Exact normalisation (opsft.losses docstring): before the step the valid-token count of
+Exact normalisation (opsft.method.losses docstring): before the step the valid-token count of
 the whole global batch is summed over workers; every micro-batch loss is divided by
 count / W, gradients add up over micro-batches (DDP no_sync on all but the last) and DDP
 averages over the W workers, so the gradient is that of the mean token loss of the
 global batch, whatever W and the number of micro-batches.
 
-Pair losses (dpo, simpo: opsft.preference) use the same mechanism with pairs for tokens: a
+Pair losses (dpo, simpo: opsft.method.preference) use the same mechanism with pairs for tokens: a
 pair batch (opsft.train.pairs.collate_pairs) holds its n chosen sequences then its n rejected
 ones and `n_pairs`; the normalizer is (pairs in the global batch) / W, so the loss is the mean
 over the pairs of the global batch, exact over workers and micro-batches.
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsft import loss_registry, losses
-from opsft.cll import token_phi
-from opsft.preference import is_pair_loss, pair_loss, sequence_logps
+from opsft.method import loss_registry, losses
+from opsft.method.cll import token_phi
+from opsft.method.preference import is_pair_loss, pair_loss, sequence_logps
 from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -170,7 +170,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: Los
     optimizer.zero_grad(set_to_none=True)
     sums = reduce(sums) / max(global_units, 1.0)
     out = {key: float(v) for key, v in zip(keys, sums, strict=True)}
-    if not pairs:  # the loss's own metrics (opsft.loss_registry), not the other losses'
+    if not pairs:  # the loss's own metrics (opsft.method.loss_registry), not the other losses'
         reported = loss_registry.LOSSES[spec.name].metrics
         out = {k: v for k, v in out.items() if k not in LOSS_METRICS or k in reported}
     if pairs:

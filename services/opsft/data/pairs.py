@@ -1,4 +1,4 @@
-"""Preference pairs for DPO / SimPO (opsft.preference): the row format, its validation, and
+"""Preference pairs for DPO / SimPO (opsft.method.preference): the row format, its validation, and
 the builder that turns the output of `opsft rewrite` (policy self-first) into pairs.
 
 A pair row: `prompt` (string) or `messages` (chat list ending with a user turn), `chosen` and
@@ -12,7 +12,7 @@ ignored by training. Both responses answer the same prompt.
 
 from __future__ import annotations
 
-from opsft.corpus import RowError, _check_text, row_messages, with_id
+from opsft.data.corpus import RowError, _check_text, row_messages, with_id
 
 # preference_pairs' skip reasons, in the order they are checked
 SKIP_REASONS = ("error", "self_correct", "self_unjudged", "empty_self_response", "no_chosen", "same_text")

@@ -37,14 +37,14 @@ from collections.abc import Callable
 
 import torch
 
-from opsft import loss_registry
-from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
+from opsft.method import loss_registry
+from opsft.method.cll import DEFAULT_CHUNK, token_logprob_entropy
 
 # name -> function(logp, entropy, vocab_size, progress, **params) -> (weight, extra metrics)
 WeightFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 _REGISTRY: dict[str, WeightFn] = {}
 
-# Defaults from opsft.loss_registry, the one place (LossConfig and `opsft train` use the same).
+# Defaults from opsft.method.loss_registry, the one place (LossConfig and `opsft train` use the same).
 IDFT_DEFAULTS = loss_registry.LOSSES["idft"].defaults()
 HARDMASK_DEFAULTS = {"bound": loss_registry.LOSSES["idft_hardmask"].defaults()["bound"]}
 
@@ -162,7 +162,7 @@ def compute(
     weight, extra = _REGISTRY[name](logp, entropy, vocab, progress, **params)
     if loss_registry.LOSSES[name].detached:
         weight = weight.detach()
-    validf = valid.to(logp.dtype)  # float32, or float64 for float64 logits (opsft.cll.compute_dtype)
+    validf = valid.to(logp.dtype)  # float32, or float64 for float64 logits (opsft.method.cll.compute_dtype)
     n_valid = validf.sum()
     denom = n_valid.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=logp.dtype)
     loss = -(weight * logp * validf).sum() / denom

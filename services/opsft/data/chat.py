@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opsft.corpus import RowError
+from opsft.data.corpus import RowError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ recipe rewrites, and held-out questions for evaluation.
 reasoning-gym builds item i from Random(seed + i) and picks its template from a prefix-stable
 list, so item i is the same whatever the dataset size: `offset` selects items offset..offset+n-1.
 For gsm_symbolic the response is the template-written worked solution `metadata["answer_cot"]`,
-which ends with "#### <answer>" (a final answer opsft.verify extracts).
+which ends with "#### <answer>" (a final answer opsft.data.verify extracts).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every training loss by name, once: its kind (token or pair), whether its token weight is a
 constant (stopgrad), its parameters and their defaults, and the metrics it adds. Plain Python
 (no torch): opsft.config (LossConfig: names, defaults, params()), the `--loss` choices of
-`opsft train`, opsft.losses, opsft.preference and the trainer's metric keys are derived from it.
+`opsft train`, opsft.method.losses, opsft.method.preference and the trainer's metric keys are derived from it.
 
 A parameter has a config name (a LossConfig field, e.g. `dpo_beta`) and the keyword name the
 loss function takes (`beta`); `PARAMS` holds each config name's default and meaning.

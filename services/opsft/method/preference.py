@@ -31,7 +31,7 @@ with margin > 0), margin (chosen reward - rejected reward), chosen_reward, rejec
 logp_chosen, logp_rejected (the log-probs the loss takes: sums for DPO, per-token means for
 SimPO).
 
-Normalisation, as in opsft.losses with pairs for tokens: the loss is the sum of the pair losses
+Normalisation, as in opsft.method.losses with pairs for tokens: the loss is the sum of the pair losses
 divided by `normalizer`, by default the number of pairs in this call. A trainer that splits a
 global batch over W workers and K micro-batches passes normalizer = (pairs in the global batch)
 / W to every micro-batch; accumulated gradients averaged over workers are then those of the
@@ -43,8 +43,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opsft import loss_registry
-from opsft.cll import DEFAULT_CHUNK, token_logprob_entropy
+from opsft.method import loss_registry
+from opsft.method.cll import DEFAULT_CHUNK, token_logprob_entropy
 
 PAIR_LOSSES = loss_registry.PAIR_LOSSES
 DPO_DEFAULTS = loss_registry.LOSSES["dpo"].defaults()
@@ -60,8 +60,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     """(sums, counts) per row: the sum of log p(label) over the row's valid positions and their
     number. logits [B, T, V] at t predict labels [B, T]; labels outside [0, V) (e.g. -100) and
     positions where mask is False do not count. sums is differentiable in the logits (float32,
-    float64 for float64 logits: opsft.cll.compute_dtype); computed in chunks of positions
-    (opsft.cll), never a full [B, T, V] log_softmax."""
+    float64 for float64 logits: opsft.method.cll.compute_dtype); computed in chunks of positions
+    (opsft.method.cll), never a full [B, T, V] log_softmax."""
     vocab = logits.shape[-1]
     valid = (labels >= 0) & (labels < vocab)
     if mask is not None:

@@ -42,7 +42,7 @@ LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
 # The hint prompt: our own wording of what the method asks (method.md section 3): analyse the
 # reference line by line under "# Analyze", then write one's own chain of thought under "# CoT"
 # without mentioning the reference. Short, so a small model's hinted stream stays cheap.
-HINT_SYSTEM_PROMPT = (Path(__file__).parent / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
+HINT_SYSTEM_PROMPT = (Path(__file__).parents[1] / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
 HINT_USER_TEMPLATE = "\n# Question:\n{question}\n\n# Answer:\n{answer}\n\n# CoT:\n"
 COT_MARKER = "# CoT"
 
