@@ -133,3 +133,58 @@ def test_float32_entropy_has_no_cancellation_when_logits_share_a_large_offset():
         logp, ent = token_logprob_entropy(logits, labels)
         assert float((ent.double() - want_h).abs().max()) < 1e-5
         assert float((logp.double() - want_lp).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (3, 0.7), (64, 1.3)])
+def test_linear_logprob_entropy_values_and_gradients_equal_float64_brute_force(chunk, temperature, with_bias):
+    """The memory-bounded fused head (chunks of positions, recomputed in the backward pass) against
+    a float64 brute force (full logits, log_softmax, autograd): log p, H and the gradients of a
+    weighted sum of log p for hidden, weight and bias, with ignored labels among the positions.
+    Both sides float64, so the bound is float64 reduction noise, not float32's."""
+    from opsft.method.cll import linear_logprob_entropy
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 5, 8, generator=g, dtype=torch.float64) * 2
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(13, generator=g, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    labels[0, 1] = labels[1, 4] = -100
+    upstream = torch.randn(2, 5, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_() if bias is not None else None
+        logp, ent = fn(h, w, b)
+        (logp * upstream).sum().backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad, None if b is None else b.grad
+
+    def brute(h, w, b):
+        logits = torch.nn.functional.linear(h, w, b) / temperature
+        logp_all = torch.log_softmax(logits, -1)
+        valid = labels >= 0
+        logp = logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, ent.detach()
+
+    got = run(lambda h, w, b: linear_logprob_entropy(h, w, labels, temperature, chunk, bias=b))
+    want = run(brute)
+    for a, b in zip(got, want, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_logprob_entropy_keeps_float32_logits_under_bf16_autocast():
+    """A float32 head under bf16 autocast still makes float32 logits (autocast is off inside), so
+    training with autocast computes log p and H as exactly as without it."""
+    from opsft.method.cll import linear_logprob_entropy
+
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 40, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = linear_logprob_entropy(hidden, weight, labels, chunk_size=4)
+    ref_lp, ref_ent = token_logprob_entropy(hidden @ weight.T, labels)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp, ref_lp, rtol=1e-5, atol=1e-5)  # float32 matmul blocking only
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)

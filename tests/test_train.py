@@ -171,6 +171,30 @@ def test_exact_normalisation_over_micro_batches_and_workers(tiny_model, tokenize
     assert float(got.detach()) == pytest.approx(float(-(logp[valid]).mean()), rel=SPLIT_TOL)
 
 
+@pytest.mark.parametrize("name,params", [("idft", {"warmup_ratio": 0.2, "transition_ratio": 0.5}), ("sft", {}),
+                                         ("eaft", {}), ("idft_hardmask", {"bound": 2.0})])
+def test_fused_head_loss_equals_the_logits_path_in_value_and_gradient(tiny_model, tokenizer, name, params):
+    """The memory-bounded path (final hidden states + LM head, chunked, recomputed in backward)
+    against the model's own logits: the loss, its metrics and every parameter's gradient, the tied
+    embedding included. float64 on both sides (SPLIT_TOL)."""
+    batch = collate(_batches(tokenizer, 6), tokenizer.pad_token_id)
+    off = torch.autocast("cpu", enabled=False)
+    results = []
+    for fused in (True, False):
+        model = float64_copy(tiny_model)
+        loss, metrics = forward_loss(model, batch, LossSpec(name, params, 0.8, fused=fused), 0.3, None, off)
+        loss.backward()
+        results.append((metrics, {k: p.grad for k, p in model.named_parameters()}))
+    (m_fused, g_fused), (m_plain, g_plain) = results
+    assert m_fused.keys() == m_plain.keys()
+    for key in m_plain:
+        assert m_fused[key] == pytest.approx(m_plain[key], rel=SPLIT_TOL, abs=SPLIT_TOL), key
+    assert tiny_model.config.tie_word_embeddings and g_fused.keys() == g_plain.keys()
+    for k in g_plain:
+        scale = float(g_plain[k].abs().max()) or 1.0
+        torch.testing.assert_close(g_fused[k], g_plain[k], rtol=SPLIT_TOL, atol=SPLIT_TOL * scale)
+
+
 def test_train_step_accumulation_gives_the_same_weights(tiny_model, tokenizer):
     """Two AdamW steps with one micro-batch of 8 rows or four of 2: the same curve and weights
     (float64, SPLIT_TOL)."""

@@ -241,6 +241,10 @@ class TrainConfig(Strict):
     model: str | None = Field(None, description="local HF folder; None = the embedded default")
     eval_input: str | None = Field(None, description="held-out corpus; else eval_rows are held out of input")
     eval_rows: int = Field(0, ge=0, description="rows held out of input (seeded) when eval_input is not given")
+    fused_head: bool = Field(True, description="the loss from the final hidden states and the LM head, chunk by "
+                             "chunk (memory-bounded: never [tokens x vocab] logits, float32 logits under bf16 "
+                             "autocast); false: the model's logits of the response positions, then chunked log p / H. "
+                             "FSDP uses the logits path")
     loss: LossConfig = LossConfig()
     scaling: TrainScaling = TrainScaling()
     lr: float = Field(6e-5, gt=0)

@@ -102,3 +102,28 @@ def load_model(model: str | os.PathLike | None = None, dtype=None, device: str =
     net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     net.to(device).eval()
     return net, tokenizer
+
+
+# Config fields that make a model's logits something other than hidden @ head.T (+ bias).
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def head_transform(config) -> str | None:
+    """`field=value` of the first HEAD_TRANSFORMS field a (text) config sets, else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in HEAD_TRANSFORMS:
+        value = getattr(text, field, None)
+        if value not in (None, 1, 1.0):
+            return f"{field}={value}"
+    return None
+
+
+def plain_lm_head(model):
+    """The LM head (a torch.nn.Linear) of a transformers causal LM whose logits are that head applied
+    to the final (normed) hidden state, else None: then only the model's own logits are right."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if not hasattr(model, "get_decoder") or not isinstance(head, torch.nn.Linear) or head_transform(model.config):
+        return None
+    return head

@@ -14,7 +14,7 @@ import torch
 from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.method.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
-from opsft.models import load_model, resolve_model
+from opsft.models import load_model, plain_lm_head, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,9 +71,8 @@ class HFEngine:
         decoder's last hidden state, else None (e.g. final_logit_softcapping: the model's own
         logits are used). A bf16 / fp16 head is cast per call (its values exactly), so the logits,
         log p and H are float32 whatever the weights' dtype; an fp32 head is used as it is."""
-        head = self.model.get_output_embeddings()
-        if (not hasattr(self.model, "get_decoder") or head is None or not isinstance(head, torch.nn.Linear)
-                or getattr(self.model.config, "final_logit_softcapping", None)):
+        head = plain_lm_head(self.model)
+        if head is None:
             return None
         bias = head.bias.float() if head.bias is not None else None
         return head.weight.float(), bias

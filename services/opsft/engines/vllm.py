@@ -38,11 +38,9 @@ import numpy as np
 from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.method.cll import DEFAULT_CHUNK
-from opsft.models import resolve_model
+from opsft.models import head_transform, resolve_model
 
 SCORERS = ("exact", "topk")
-# Config fields that make a model's logits something other than hidden @ head.T (+ bias).
-HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 CPU_MAX_MODEL_LEN = 1024  # what fits the CPU KV cache of the default settings
 
 
@@ -97,19 +95,17 @@ def load_lm_head(model_id: str, device="cpu"):
     Which tensor it is comes from the transformers model class, built on the meta device (no
     weights): the output embedding's weight, or, with tied word embeddings and no separate
     head in the checkpoint, the input embedding's. Models whose logits are not a plain linear
-    map of the final hidden state (HEAD_TRANSFORMS, e.g. Gemma's soft-capping) are refused."""
+    map of the final hidden state (opsft.models.HEAD_TRANSFORMS, e.g. Gemma's soft-capping) are refused."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = checkpoint_folder(model_id)
     config = AutoConfig.from_pretrained(str(folder))
-    text_config = config.get_text_config()
-    for field in HEAD_TRANSFORMS:
-        value = getattr(text_config, field, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{model_id}: its logits are transformed ({field}={value}); the exact vllm "
-                             "scorer applies a plain LM head: use the hf engine for this model")
+    transform = head_transform(config)
+    if transform:
+        raise ValueError(f"{model_id}: its logits are transformed ({transform}); the exact vllm "
+                         "scorer applies a plain LM head: use the hf engine for this model")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     module_names = {id(m): name for name, m in skeleton.named_modules()}
@@ -117,7 +113,7 @@ def load_lm_head(model_id: str, device="cpu"):
     if head is None or not isinstance(head, torch.nn.Linear):
         raise ValueError(f"{model_id}: no plain linear LM head; use the hf engine for this model")
     candidates = [module_names[id(head)] + ".weight"]
-    if getattr(text_config, "tie_word_embeddings", False) and embed is not None:
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) and embed is not None:
         candidates.append(module_names[id(embed)] + ".weight")
     files = _safetensors_names(folder)
     name = next((c for c in candidates if c in files), None)

@@ -98,6 +98,94 @@ def token_logprob_entropy(
     return logp.reshape(labels.shape), ent.reshape(labels.shape)
 
 
+class _LinearLogprobEntropy(torch.autograd.Function):
+    """log p(label) and H(p) from final hidden states and an LM head, chunk by chunk of
+    positions: the [chunk x V] logits of a chunk exist only while it is processed, in the forward
+    pass and again (recomputed) in the backward pass. Saves hidden, the head and logsumexp per
+    position: never [positions x V]. Gradients for hidden, weight and bias through log p (H carries
+    none, as in _LogprobEntropy). Logits are made in the weight's dtype with autocast off (an
+    fp32 head gives fp32 logits under bf16 autocast), softmax and log p in compute_dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size):
+        n = hidden.shape[0]
+        dtype = compute_dtype(weight.dtype)
+        logp = torch.empty(n, dtype=dtype, device=hidden.device)
+        ent = torch.empty(n, dtype=dtype, device=hidden.device)
+        lses = torch.empty(n, dtype=dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                z = torch.nn.functional.linear(hidden[sl].to(weight.dtype), weight, bias).to(dtype) / temperature
+                top = z.amax(-1, keepdim=True)  # shifted first: see _LogprobEntropy.forward
+                logp_all = z.sub_(top)
+                lse_shifted = torch.logsumexp(logp_all, dim=-1, keepdim=True)
+                logp_all.sub_(lse_shifted)
+                ent[sl] = -(torch.exp(logp_all) * logp_all).sum(-1)
+                logp[sl] = logp_all.gather(-1, labels[sl, None]).squeeze(-1)
+                lses[sl] = (top + lse_shifted).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lses)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        hidden, weight, bias, labels, lses = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk_size
+        dtype = lses.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                h = hidden[sl].to(weight.dtype)
+                z = torch.nn.functional.linear(h, weight, bias).to(dtype) / tau
+                # d log p / d z = (onehot - p) / tau, times the incoming gradient of each position
+                g = torch.exp(z.sub_(lses[sl].unsqueeze(-1))).mul_(-grad_logp[sl].unsqueeze(-1))
+                g.scatter_add_(-1, labels[sl, None], grad_logp[sl, None])
+                g.div_(tau)
+                if need_h:
+                    grad_h[sl] = (g @ weight.to(dtype)).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), h.to(dtype))
+                if need_b:
+                    grad_b += g.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels) and H(p) per position from final hidden states and an LM head, memory-bounded:
+    at most chunk_size x V logits exist at once, forward and backward (the fused linear +
+    log-softmax of the memory-bounded training losses; Liger's fused linear cross-entropy is the
+    same idea). log p is differentiable in hidden, weight and bias; H has no gradient.
+
+    hidden: [..., d] (the position predicts labels[...]); weight: [V, d]; bias: [V] or None;
+    labels outside [0, V) give log p 0 (mask them). The logits hidden @ weight.T (+ bias) are made
+    in the weight's dtype: a float32 weight gives float32 logits whatever the hidden dtype."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+    vocab = weight.shape[0]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    valid = (flat_labels >= 0) & (flat_labels < vocab)
+    safe = torch.where(valid, flat_labels, torch.zeros_like(flat_labels)).long()
+    logp, ent = _LinearLogprobEntropy.apply(flat, weight, bias, safe, float(temperature), int(chunk_size))
+    return logp.masked_fill(~valid, 0.0).reshape(labels.shape), ent.reshape(labels.shape)
+
+
 @torch.no_grad()
 def head_logprob_entropy(
     hidden: torch.Tensor,
@@ -107,26 +195,16 @@ def head_logprob_entropy(
     chunk_size: int = DEFAULT_CHUNK,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels) and H(p) per position from final hidden states and an LM head, without gradient.
-
-    hidden: [N, d] (position n predicts labels[n]); weight: [V, d]; bias: [V] or None. The logits
-    hidden @ weight.T (+ bias) are made in the weight's dtype, chunk_size positions at a time, so
-    at most chunk_size x V logits exist at once: give a float32 weight (and any hidden dtype) for
-    float32 logits, e.g. a bf16 model's head cast once to float32 (the bf16 values exactly).
-    """
+    """log p(labels) and H(p) per position from final hidden states and an LM head, without
+    gradient (scoring): linear_logprob_entropy under no_grad. hidden: [N, d]; weight: [V, d]; give
+    a float32 weight (and any hidden dtype) for float32 logits, e.g. a bf16 model's head cast once
+    to float32 (the bf16 values exactly)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
-    logps, ents = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        logits = torch.nn.functional.linear(hidden[sl].to(weight.dtype), weight, bias)
-        logp, ent = token_logprob_entropy(logits, labels[sl], temperature, chunk_size)
-        logps.append(logp)
-        ents.append(ent)
-    if not logps:
-        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+    if hidden.shape[0] == 0:
+        empty = torch.empty(0, dtype=compute_dtype(weight.dtype), device=hidden.device)
         return empty, empty.clone()
-    return torch.cat(logps), torch.cat(ents)
+    return linear_logprob_entropy(hidden, weight, labels, temperature, chunk_size, bias)
 
 
 def token_phi(

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from opsft.method import loss_registry
-from opsft.method.cll import DEFAULT_CHUNK, token_logprob_entropy
+from opsft.method.cll import DEFAULT_CHUNK, linear_logprob_entropy, token_logprob_entropy
 
 # name -> function(logp, entropy, vocab_size, progress, **params) -> (weight, extra metrics)
 WeightFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -152,13 +152,46 @@ def compute(
     (IDFT's lambda schedule). `normalizer`: see the module docstring. The loss is 0 (with
     a graph) when no token is valid.
     """
+    _check_name(name)
+    logp, entropy = token_logprob_entropy(logits, labels, temperature, chunk_size)
+    return weighted_nll(name, logp, entropy, labels, logits.shape[-1], mask, progress, normalizer, **params)
+
+
+def compute_from_hidden(
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    progress: float = 1.0,
+    *,
+    bias: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    **params,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`compute` from final hidden states [B, T, d] and the LM head (weight [V, d], bias), memory-
+    bounded: the logits exist chunk_size positions at a time, forward and backward
+    (opsft.method.cll.linear_logprob_entropy), never [B x T x V]. The same loss and gradients as
+    `compute` on the head's logits."""
+    _check_name(name)
+    logp, entropy = linear_logprob_entropy(hidden, weight, labels, temperature, chunk_size, bias)
+    return weighted_nll(name, logp, entropy, labels, weight.shape[0], mask, progress, normalizer, **params)
+
+
+def _check_name(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; choose one of {names()}")
-    vocab = logits.shape[-1]
+
+
+def weighted_nll(name: str, logp: torch.Tensor, entropy: torch.Tensor, labels: torch.Tensor, vocab: int,
+                 mask: torch.Tensor | None, progress: float, normalizer, **params) -> tuple[torch.Tensor, dict]:
+    """The loss and metrics of `name` from per-position log p (differentiable) and H."""
+    _check_name(name)
     valid = (labels >= 0) & (labels < vocab)
     if mask is not None:
         valid = valid & mask.bool()
-    logp, entropy = token_logprob_entropy(logits, labels, temperature, chunk_size)
     weight, extra = _REGISTRY[name](logp, entropy, vocab, progress, **params)
     if loss_registry.LOSSES[name].detached:
         weight = weight.detach()

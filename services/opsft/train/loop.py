@@ -126,9 +126,15 @@ def dpo_reference(cfg, train: list, eval_ex: list, model, pad_id: int, runtime: 
                              "corpus, eval split and max_length")
         return {k: v.to(runtime.device) for k, v in saved.items()}
     kw = dict(micro_batch_size=cfg.micro_batch_size, rank=runtime.rank, world_size=runtime.world_size,
-              reduce=runtime.reduce, autocast=autocast)
+              reduce=runtime.reduce, autocast=autocast, fused=fused_head(cfg))
     return {"train": reference_logps(model, train, pad_id, runtime.device, **kw),
             "eval": reference_logps(model, eval_ex, pad_id, runtime.device, **kw)}
+
+
+def fused_head(cfg) -> bool:
+    """The memory-bounded loss (hidden states + LM head, chunked), unless configured off or under
+    FSDP, whose wrapper holds the head's weight sharded outside its forward."""
+    return cfg.fused_head and cfg.scaling.strategy != "fsdp"
 
 
 def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
@@ -161,7 +167,7 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     if resume_state is not None:
         start = restore_training(resume_state, optimizer, scheduler)
         log.info("resumed at step %d of %d", start, total)
-    spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature)
+    spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature, fused_head(cfg))
     writer = MetricsWriter(cfg.output_dir, start) if rank == 0 and cfg.output_dir else None
     last: dict = {"step": start}
     try:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from opsft.data.pairs import is_rewrite_output, parse_pair, preference_pairs
-from opsft.method.preference import pair_loss, sequence_logps
+from opsft.method.preference import pair_loss
 from opsft.train.data import PrepareStats, TrainExample, collate, tokenize_rows
-from opsft.train.step import LossSpec, Reduce, evaluating, no_reduce, response_logits, shard_rounds
+from opsft.train.step import LossSpec, Reduce, evaluating, no_reduce, response_scores, shard_rounds
 
 
 @dataclass
@@ -88,7 +88,8 @@ def with_reference(pairs: list[PairExample], ref: torch.Tensor) -> list[PairExam
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[PairExample], pad_id: int, device, *, micro_batch_size: int = 8,
-                    rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce, autocast=None) -> torch.Tensor:
+                    rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce, autocast=None,
+                    fused: bool = True) -> torch.Tensor:
     """[n, 2] float64: the sequence log-prob sums of (chosen, rejected) under `model` as it is
     now (call it with the initial model, unwrapped, before training). Worker `rank` computes
     pairs rank, rank + W, ...; the sum over workers (`reduce`) gives every worker all of them.
@@ -98,8 +99,7 @@ def reference_logps(model, pairs: list[PairExample], pad_id: int, device, *, mic
     with evaluating(model) as model:
         for idx in shard_rounds(len(pairs), rank, world_size, micro_batch_size):
             batch = collate_pairs([pairs[i] for i in idx], pad_id, device)
-            logits, first = response_logits(model, batch, autocast)
-            sums, _ = sequence_logps(logits, batch["labels"][:, first:])
+            sums, _ = response_scores(model, batch, autocast, fused=fused).sequence_sums()
             if idx:
                 n = len(idx)
                 out[idx] = torch.stack([sums[:n], sums[n:2 * n]], dim=1).double()
@@ -120,9 +120,8 @@ def evaluate_pairs(model, pairs: list[PairExample], spec: LossSpec, pad_id: int,
     with evaluating(model) as model:
         for idx in shard_rounds(len(pairs), rank, world_size, micro_batch_size, [len(p) for p in pairs]):
             batch = collate_pairs([pairs[i] for i in idx], pad_id, device)
-            logits, first = response_logits(model, batch, autocast)
             n = batch["n_pairs"]
-            seq, counts = sequence_logps(logits, batch["labels"][:, first:])
+            seq, counts = response_scores(model, batch, autocast, fused=spec.fused).sequence_sums()
             ref = batch.get("ref_logps")
             _, metrics = pair_loss(spec.name, seq[:n], seq[n:2 * n], counts[:n], counts[n:2 * n],
                                    None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],

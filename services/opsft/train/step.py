@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from opsft.method import loss_registry, losses
-from opsft.method.cll import token_phi
-from opsft.method.preference import is_pair_loss, pair_loss, sequence_logps
+from opsft.method.cll import linear_logprob_entropy, token_logprob_entropy
+from opsft.method.preference import is_pair_loss, pair_loss
+from opsft.models import plain_lm_head
 from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -42,6 +43,7 @@ class LossSpec:
     name: str = "idft"
     params: dict = field(default_factory=dict)
     temperature: float = 1.0
+    fused: bool = True  # log p / H from hidden states and the LM head, chunked (response_scores)
 
 
 # ---------------------------------------------------------------------------- optimiser and schedule
@@ -87,32 +89,64 @@ PAIR_STEP_KEYS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejecte
                   "logp_rejected")
 
 
-def response_logits(model, batch: dict, autocast) -> tuple[torch.Tensor, int]:
-    """(logits, first): logits for label columns first.. only. The LM head skips the columns
-    before the earliest response token of the batch (prompt positions have no label)."""
+@dataclass
+class Scores:
+    """Per-position log p (differentiable) and H of a batch's label columns first.. on."""
+
+    logp: torch.Tensor  # [B, T - first]
+    entropy: torch.Tensor  # [B, T - first], no gradient
+    labels: torch.Tensor  # [B, T - first], IGNORE where no loss
+    vocab: int
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return (self.labels >= 0) & (self.labels < self.vocab)
+
+    def sequence_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of log p, number of label tokens) per row: a sequence's log-probability."""
+        validf = self.valid.to(self.logp.dtype)
+        return (self.logp * validf).sum(-1), validf.sum(-1)
+
+
+def response_scores(model, batch: dict, autocast, temperature: float = 1.0, fused: bool = True) -> Scores:
+    """log p and H at the label columns, from the earliest response token of the batch on (prompt
+    positions have no label). fused (and a plain linear LM head): the model's final hidden states
+    and its head through opsft.method.cll.linear_logprob_entropy, so no [tokens x vocab] logits
+    tensor exists, forward or backward, and the logits are float32 under bf16 autocast; else the
+    model's logits for those columns, then the chunked log p / H. The same values either way."""
     labels = batch["labels"]
     cols = (labels != IGNORE).any(0).nonzero()
     first = int(cols[0]) if len(cols) else labels.shape[1] - 1
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = plain_lm_head(inner) if fused else None
+    if head is not None:
+        with autocast:  # forward through the wrapper (DDP hooks); only the last position's logits
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                        output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, first:]  # after the final norm (transformers ties it to the output)
+        logp, ent = linear_logprob_entropy(hidden, head.weight, labels[:, first:], temperature, bias=head.bias)
+        return Scores(logp, ent, labels[:, first:], head.weight.shape[0])
     with autocast:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     logits_to_keep=labels.shape[1] - first)
-    return out.logits, first
+    logp, ent = token_logprob_entropy(out.logits, labels[:, first:], temperature)
+    return Scores(logp, ent, labels[:, first:], out.logits.shape[-1])
 
 
 def forward_loss(model, batch: dict, spec: LossSpec, progress: float, normalizer, autocast):
-    logits, first = response_logits(model, batch, autocast)
+    scores = response_scores(model, batch, autocast, spec.temperature, spec.fused)
     if is_pair_loss(spec.name):
-        return batch_pair_loss(logits, batch["labels"][:, first:], batch, spec, normalizer)
-    return losses.compute(spec.name, logits, batch["labels"][:, first:], None, progress, normalizer=normalizer,
-                          temperature=spec.temperature, **spec.params)
+        return batch_pair_loss(scores, batch, spec, normalizer)
+    return losses.weighted_nll(spec.name, scores.logp, scores.entropy, scores.labels, scores.vocab, None, progress,
+                               normalizer, **spec.params)
 
 
-def batch_pair_loss(logits, labels, batch: dict, spec: LossSpec, normalizer):
+def batch_pair_loss(scores: Scores, batch: dict, spec: LossSpec, normalizer):
     """The pair loss of a collate_pairs batch: rows [0, n) are the chosen responses, [n, 2n) the
     rejected ones, batch["ref_logps"] [n, 2] the reference sums (dpo). `n_tokens` in the metrics
     counts the response tokens of both sides."""
     n = int(batch["n_pairs"])
-    sums, counts = sequence_logps(logits, labels)
+    sums, counts = scores.sequence_sums()
     ref = batch.get("ref_logps")
     loss, metrics = pair_loss(spec.name, sums[:n], sums[n:2 * n], counts[:n], counts[n:2 * n],
                               None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
@@ -243,16 +277,16 @@ def _eval_sums(model, group: list[TrainExample], spec: LossSpec, progress: float
     """[loss sum, nll sum, tokens, cll sum, cll rows] of one held-out micro-batch (maybe empty)."""
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     batch = collate(group, pad_id, device)
-    logits, first = response_logits(model, batch, autocast)
-    labels = batch["labels"][:, first:]
-    _, metrics = losses.compute(spec.name, logits, labels, None, progress,
-                                temperature=spec.temperature, **spec.params)
+    scores = response_scores(model, batch, autocast, spec.temperature, spec.fused)
+    _, metrics = losses.weighted_nll(spec.name, scores.logp, scores.entropy, scores.labels, scores.vocab, None,
+                                     progress, None, **spec.params)
     n = metrics["n_tokens"]
     sums[0] += metrics["loss"] * n
     sums[1] -= metrics["logprob_mean"] * n
     sums[2] += n
+    first = batch["labels"].shape[1] - scores.labels.shape[1]
     mask = cll_mask(group, batch["labels"])[:, first:]
-    phi = token_phi(logits, labels, mask, spec.temperature)
+    phi = (scores.logp + scores.entropy).masked_fill(~mask.bool(), 0.0)
     rows = mask.sum(1)
     keep = rows > 0
     sums[3] += (phi.sum(1)[keep] / rows[keep]).double().sum()
