@@ -13,6 +13,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Ray Serve's controller declares a proxy actor that is not up within 5 s unhealthy and kills it
+# (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S), then serve.start fails with ActorDiedError. On a
+# 2-core machine at load 7 a fresh-clone `make test` saw exactly that: starting the proxy's
+# worker took longer. The tests wait for the proxy, not for a deadline made for idle servers; the
+# Ray processes inherit these from this process (ray.init starts them) and from the runtime env.
+SLOW_MACHINE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120"}
+for _key, _value in SLOW_MACHINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 # The property tests (tests/test_fuzz_rows.py) draw the same examples on every run, so CI cannot
 # fail on a new draw; HYPOTHESIS_PROFILE=explore draws new ones (run it to hunt, not in CI).
@@ -64,6 +72,6 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **SLOW_MACHINE_ENV}})
     yield ray
     ray.shutdown()
