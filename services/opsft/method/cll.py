@@ -26,6 +26,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _chunk_scores(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(label), H, logsumexp) per row of a chunk of scaled logits z [c, V] (a new tensor of
+    the compute dtype, shifted in place). The row max is subtracted first (each difference rounded
+    once, relative to its own size), so logsumexp and log p work on small numbers; then
+    H = -sum p log p has terms of one sign. (H = lse - sum p z cancels two large numbers: ~1e-4
+    lost on real logits.)"""
+    top = z.amax(-1, keepdim=True)
+    logp_all = z.sub_(top)
+    lse_shifted = torch.logsumexp(logp_all, dim=-1, keepdim=True)
+    logp_all.sub_(lse_shifted)  # log p over the vocabulary
+    ent = -(torch.exp(logp_all) * logp_all).sum(-1)
+    return logp_all.gather(-1, labels[:, None]).squeeze(-1), ent, (top + lse_shifted).squeeze(-1)
+
+
 class _LogprobEntropy(torch.autograd.Function):
     """Fused, chunked log p(label) and H(p), in compute_dtype(logits dtype). Saves only
     logsumexp per position; the backward pass recomputes the softmax chunk by chunk
@@ -41,17 +55,7 @@ class _LogprobEntropy(torch.autograd.Function):
         lses = torch.empty(n, dtype=dtype, device=flat.device)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            z = flat[sl].to(dtype) / temperature  # a new tensor: safe to shift in place
-            # Subtract the row max first (each difference rounded once, relative to its own size),
-            # so logsumexp and log p work on small numbers; then H = -sum p log p has terms of
-            # one sign. (H = lse - sum p z cancels two large numbers: ~1e-4 lost on real logits.)
-            top = z.amax(-1, keepdim=True)
-            logp_all = z.sub_(top)
-            lse_shifted = torch.logsumexp(logp_all, dim=-1, keepdim=True)
-            logp_all.sub_(lse_shifted)  # log p over the vocabulary
-            ent[sl] = -(torch.exp(logp_all) * logp_all).sum(-1)
-            logp[sl] = logp_all.gather(-1, labels[sl, None]).squeeze(-1)
-            lses[sl] = (top + lse_shifted).squeeze(-1)
+            logp[sl], ent[sl], lses[sl] = _chunk_scores(flat[sl].to(dtype) / temperature, labels[sl])
         ctx.save_for_backward(flat, labels, lses)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(ent)
@@ -117,13 +121,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
                 z = torch.nn.functional.linear(hidden[sl].to(weight.dtype), weight, bias).to(dtype) / temperature
-                top = z.amax(-1, keepdim=True)  # shifted first: see _LogprobEntropy.forward
-                logp_all = z.sub_(top)
-                lse_shifted = torch.logsumexp(logp_all, dim=-1, keepdim=True)
-                logp_all.sub_(lse_shifted)
-                ent[sl] = -(torch.exp(logp_all) * logp_all).sum(-1)
-                logp[sl] = logp_all.gather(-1, labels[sl, None]).squeeze(-1)
-                lses[sl] = (top + lse_shifted).squeeze(-1)
+                logp[sl], ent[sl], lses[sl] = _chunk_scores(z, labels[sl])
         ctx.save_for_backward(hidden, weight, bias, labels, lses)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(ent)

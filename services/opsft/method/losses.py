@@ -152,7 +152,6 @@ def compute(
     (IDFT's lambda schedule). `normalizer`: see the module docstring. The loss is 0 (with
     a graph) when no token is valid.
     """
-    _check_name(name)
     logp, entropy = token_logprob_entropy(logits, labels, temperature, chunk_size)
     return weighted_nll(name, logp, entropy, labels, logits.shape[-1], mask, progress, normalizer, **params)
 
@@ -175,20 +174,15 @@ def compute_from_hidden(
     bounded: the logits exist chunk_size positions at a time, forward and backward
     (opsft.method.cll.linear_logprob_entropy), never [B x T x V]. The same loss and gradients as
     `compute` on the head's logits."""
-    _check_name(name)
     logp, entropy = linear_logprob_entropy(hidden, weight, labels, temperature, chunk_size, bias)
     return weighted_nll(name, logp, entropy, labels, weight.shape[0], mask, progress, normalizer, **params)
-
-
-def _check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; choose one of {names()}")
 
 
 def weighted_nll(name: str, logp: torch.Tensor, entropy: torch.Tensor, labels: torch.Tensor, vocab: int,
                  mask: torch.Tensor | None, progress: float, normalizer, **params) -> tuple[torch.Tensor, dict]:
     """The loss and metrics of `name` from per-position log p (differentiable) and H."""
-    _check_name(name)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; choose one of {names()}")
     valid = (labels >= 0) & (labels < vocab)
     if mask is not None:
         valid = valid & mask.bool()
