@@ -216,3 +216,50 @@ def test_generation_row_function_runs_in_the_pool_and_cli_scores_it(ray_local, t
                  "--actors", "1", "--rows-per-batch", "4"]) == 0
     [scored] = files.read_output(str(tmp_path / "own_scored.parquet"))
     assert scored["cll"] > -0.1
+
+
+def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_drop_unverified(
+        ray_local, tmp_path, tokenizer):
+    """`opsft rewrite --ray` (the recipe's six stages as one Ray Data job, an actor pool per engine
+    stage) against `opsft rewrite` in one process, greedy: the same rows; rows in == rows out;
+    drop_unverified sends the same rows to the side output on both paths."""
+    import torch
+    from opsft.cli import main
+    from opsft.data.corpus import read_rows
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # a random model with room for the ~800-token hint prompt
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         initializer_range=0.1, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"id": f"n{i}", "prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}.", "answer": str(2 * i)}
+            for i in range(4)]  # verifiable: the random model's answers are wrong -> dropped
+    rows += [{"id": f"t{i}", "prompt": f"Say something about {w}.", "response": f"{w} is fine."}  # no reference:
+             for i, w in enumerate(["rain", "tea", "maps"])]                                         # kept (hd)
+    rows.insert(2, {"id": "bad", "prompt": "", "response": "no prompt"})
+    write_jsonl(tmp_path / "in.jsonl", rows, bad_line=False)
+    common = ["--input", str(tmp_path / "in.jsonl"), "--model", str(model_dir), "--temperature", "0",
+              "--max-new-tokens", "4", "--hint-max-new-tokens", "4", "--splitter", "", "--missing-hint", "cot",
+              "--drop-unverified"]
+    assert main(["rewrite", *common, "--output", str(tmp_path / "local.jsonl")]) == 0
+    assert main(["rewrite", *common, "--output", str(tmp_path / "ray.jsonl"), "--ray", "--cpus", "0.25",
+                 "--rows-per-batch", "3"]) == 0
+    local = {r["id"]: r for r in read_rows(tmp_path / "local.jsonl")}
+    local_dropped = {r["id"]: r for r in read_rows(tmp_path / "local.dropped.jsonl")}
+    ray_kept = {r["id"]: r for r in files.read_output(str(tmp_path / "ray.jsonl"))}
+    ray_dropped = {r["id"]: r for r in files.read_output(str(tmp_path / "ray.dropped.jsonl"))}
+    assert sorted(ray_kept) == sorted(local) == ["bad", "t0", "t1", "t2"]
+    assert sorted(ray_dropped) == sorted(local_dropped) == ["n0", "n1", "n2", "n3"]
+    for rid, want in {**local, **local_dropped}.items():
+        got = {**ray_kept, **ray_dropped}[rid]
+        for key in ("response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens",
+                    "self_response", "self_verified", "error", "dropped"):
+            assert got.get(key) == want.get(key), (rid, key)
+        for key in ("cll", "cll_original"):  # float32 scores from batches of other sizes
+            assert (got[key] is None) == (want[key] is None) and (got[key] is None or
+                                                                   got[key] == pytest.approx(want[key], abs=1e-5))
+    assert {r["source"] for r in ray_kept.values() if not r.get("error")} == {"hd"}

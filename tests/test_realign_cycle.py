@@ -50,7 +50,9 @@ def service():
 def make_cfg(tmp_path, name, model, corpus, promote_url=None, **overrides):
     return RealignConfig(
         corpus=corpus, output_dir=str(tmp_path / name), model=model, promote_url=promote_url,
-        engine=EngineConfig(max_batch_size=8), pool=PoolConfig(batch_size=8),
+        # a quarter CPU per engine actor: the rewrite's four stage pools and the light tasks fit the
+        # session's 2-CPU Ray (a cycle that starts its own local Ray sizes it: pipeline.local_num_cpus)
+        engine=EngineConfig(max_batch_size=8), pool=PoolConfig(batch_size=8, num_cpus=0.25),
         select=SelectConfig(mode="quantile", quantile=0.6),
         rewrite=RewriteConfig(max_new_tokens=10, hint_max_new_tokens=10, temperature=0.0, batch_size=4),
         train=TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-4, max_length=128,

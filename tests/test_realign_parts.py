@@ -110,5 +110,8 @@ def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(
 def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts():
     from opsft.config import RealignConfig
 
-    with pytest.raises(ValueError, match="cannot run the cycle's rewrite stage"):
+    with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
         RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})
+    # generation and scoring on vLLM, hinted decoding on hf: accepted
+    RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"},
+                  rewrite={"stages": {"hinted-decoding": {"engine": {"kind": "hf"}}}})

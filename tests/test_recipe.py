@@ -45,6 +45,9 @@ class ScriptedHints:
     def score_tokens(self, *args, **kwargs):
         return self.engine.score_tokens(*args, **kwargs)
 
+    def open_stream(self, *args, **kwargs):  # hinted decoding runs on the real engine
+        return self.engine.open_stream(*args, **kwargs)
+
 
 @pytest.fixture(scope="module")
 def tiny_lm(tokenizer):
@@ -162,6 +165,68 @@ def test_drop_unverified_marks_and_splits(tiny_engine):
     assert [r["id"] for r in dropped] == ["a", "b", "c"] and [r["id"] for r in kept] == ["bad"]
     with pytest.raises(ValueError, match="policy"):
         RewriteParams(policy="sometimes")
+
+
+def test_the_stages_one_batch_at_a_time_equal_rewrite_rows(tiny_engine):
+    """What the Ray job does: each stage over batches of rows, the rows pickled between stages
+    (as they travel between actors), against rewrite_rows over all rows in one process."""
+    import pickle
+
+    from opsft.recipe import rewrite_stage, stages_for
+
+    params = {"policy": "self-first", "temperature": 0, "max_new_tokens": 5, "splitter": None,
+              "hint_max_new_tokens": 4, "missing_hint": "cot"}
+    rows = ROWS + [{"id": f"x{i}", "prompt": f"What is {i} + 1?", "response": f"#### {i + 1}"} for i in range(3)]
+    def accept(text, reference, row):  # the self-answer of a, the hinted-decoding output of x1
+        return row["id"] == "a" or (row["id"] == "x1" and row.get("hd_response") is not None)
+
+    want = rewrite_rows(rows, ScriptedHints(tiny_engine, "# Analyze\n# CoT"), params, accept)
+    engine = ScriptedHints(tiny_engine, "# Analyze\n# CoT")
+    got = rows
+    for i, stage in enumerate(stages_for("self-first")):
+        batches = [got[:3], got[3:]]
+        got = [pickle.loads(pickle.dumps(r)) for b in batches
+               for r in rewrite_stage(b, None if stage.startswith("verify") else engine, stage, params,
+                                      first=i == 0, verifier=accept)]
+    cll = ("cll", "cll_original")  # float32 scores of other batches: equal to float32 rounding
+    assert [{k: v for k, v in r.items() if k not in cll} for r in got] == \
+        [{k: v for k, v in r.items() if k not in cll} for r in want]
+    for r, w in zip(got, want, strict=True):
+        if not r.get("error"):
+            assert [r[k] for k in cll] == pytest.approx([w[k] for k in cll], abs=1e-5)
+    assert all("_rewrite" not in r for r in got)
+    assert [r["source"] for r in got] == ["self", "original", "original", None, "original", "hd", "original"]
+
+
+def test_engine_capabilities_are_what_the_classes_can_do():
+    from opsft.engines.base import CAPABILITIES
+    from opsft.engines.vllm import VLLMEngine
+
+    methods = {"score": "score_tokens", "generate": "generate", "decode": "open_stream"}
+    for kind, cls in {"hf": HFEngine, "vllm": VLLMEngine}.items():
+        assert CAPABILITIES[kind] == {cap for cap, name in methods.items() if hasattr(cls, name)}, kind
+
+
+def test_a_stage_whose_engine_cannot_do_it_is_refused_before_anything_runs(tmp_path, capsys):
+    from opsft.cli import main
+    from opsft.config import REWRITE_STAGES, RewriteConfig
+    from opsft.recipe import STAGE_NEEDS
+
+    assert REWRITE_STAGES == tuple(s for s, need in STAGE_NEEDS.items() if need is not None)
+    with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
+        RewriteConfig(engine={"kind": "vllm"}).check_stages()
+    RewriteConfig(engine={"kind": "vllm"}, stages={"hinted-decoding": {"engine": {"kind": "hf"}}}).check_stages()
+    cfg = RewriteConfig(engine={"kind": "vllm", "model": "/m"}, stages={"hinted-decoding": {"engine": {"kind": "hf"}}})
+    assert cfg.stage_engine("hinted-decoding").kind == "hf" and cfg.stage_engine("hinted-decoding").model == "/m"
+    assert cfg.stage_engine("score").kind == "vllm"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n")
+    for extra in ([], ["--ray"]):  # refused in one line, before any model loads or Ray starts
+        code = main(["rewrite", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--engine", "vllm",
+                     *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "stage hinted-decoding needs an engine that can decode" in err, err
+        assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_corpus_generators_are_deterministic_and_disjoint():

@@ -30,6 +30,9 @@ class EngineConfig(Strict):
     max_batch_size: int = Field(16, ge=1, description="rows per forward pass")
     max_batch_tokens: int = Field(8192, ge=64, description="hf: padded tokens per forward pass; vllm: tokens "
                                   "per scoring call (bounds the hidden states held at once)")
+    score_batch_tokens: int | None = Field(None, ge=64, description="hf: padded tokens per scoring forward pass; "
+                                           "None = 1024 on CPU (there padding costs more than batching gains: "
+                                           "docs/data_jobs.md), max_batch_tokens on CUDA")
     # vLLM only
     scorer: Literal["exact", "topk"] = Field("exact", description="vllm: exact = full-vocabulary H from the "
                                              "pooling runner's hidden states (as hf); topk = H estimated from "
@@ -46,7 +49,7 @@ class EngineConfig(Strict):
         """Keyword arguments for opsft.engines.make_engine(kind, model, **options)."""
         if self.kind == "hf":
             return {"dtype": self.dtype, "device": self.device, "max_batch_size": self.max_batch_size,
-                    "max_batch_tokens": self.max_batch_tokens}
+                    "max_batch_tokens": self.max_batch_tokens, "score_batch_tokens": self.score_batch_tokens}
         return {"dtype": self.dtype, "scorer": self.scorer, "tensor_parallel_size": self.tensor_parallel_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization,
                 "score_memory_share": self.score_memory_share, "max_model_len": self.max_model_len,
@@ -302,6 +305,22 @@ class ScheduleConfig(Strict):
 # ---------------------------------------------------------------------------- rewriting (opsft rewrite)
 
 
+REWRITE_STAGES = ("self-answer", "hint", "hinted-decoding", "score")  # the engine stages of opsft.recipe.STAGES
+
+
+class RewriteStageConfig(Strict):
+    """Per-stage overrides of the rewrite job: the fields set here replace those of the job's
+    `engine` / `pool` for this stage (e.g. hinted-decoding: {engine: {kind: hf}})."""
+
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields for this stage")
+    pool: dict[str, Any] = Field(default_factory=dict, description="PoolConfig fields for this stage's actors")
+
+    @model_validator(mode="after")
+    def _valid_fields(self):
+        EngineConfig.model_validate(self.engine), PoolConfig.model_validate(self.pool)
+        return self
+
+
 class RewriteConfig(Strict):
     """The on-policy data recipe (opsft.recipe) and its hinted decoder (opsft.method.hinted)."""
 
@@ -309,7 +328,10 @@ class RewriteConfig(Strict):
     output: str | None = None
     engine: EngineConfig = EngineConfig()
     pool: PoolConfig = PoolConfig()
+    stages: dict[Literal[REWRITE_STAGES], RewriteStageConfig] = Field(
+        default_factory=dict, description="per-stage engine / pool overrides, keys: " + ", ".join(REWRITE_STAGES))
     address: str | None = Field(None, description="Ray cluster address (jobs that run the recipe on Ray)")
+    distributed: bool = Field(False, description="run as a Ray Data job, one actor pool per stage (else in-process)")
     policy: Literal["self-first", "hd-all"] = Field("self-first", description="self-first: keep verified "
                                                     "self-answers, hinted decoding for the rest; hd-all: HD every row")
     verifier: str = Field("auto", description="numeric | exact | auto | rg:<reasoning-gym task>")
@@ -330,6 +352,38 @@ class RewriteConfig(Strict):
     splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")
+
+    def recipe_params(self) -> dict:
+        """The recipe's own settings (flat; opsft.recipe.RewriteParams.from_config reads them): all
+        fields but where the job reads, writes and runs."""
+        return self.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address", "distributed",
+                                                     "stages"})
+
+    def stage_engine(self, stage: str, base: EngineConfig | None = None) -> EngineConfig:
+        """The engine of a stage: `base` (default: engine) with the stage's overrides."""
+        over = self.stages.get(stage)
+        base = base or self.engine
+        return EngineConfig.model_validate({**base.model_dump(), **over.engine}) if over else base
+
+    def stage_pool(self, stage: str, base: PoolConfig | None = None) -> PoolConfig:
+        over = self.stages.get(stage)
+        base = base or self.pool
+        return PoolConfig.model_validate({**base.model_dump(), **over.pool}) if over else base
+
+    def stage_pools(self, base: PoolConfig | None = None) -> list[PoolConfig]:
+        """The actor pool of each engine stage the policy runs."""
+        from opsft.recipe import STAGE_NEEDS, stages_for
+
+        return [self.stage_pool(s, base) for s in stages_for(self.policy) if STAGE_NEEDS[s] is not None]
+
+    def check_stages(self, base: EngineConfig | None = None) -> None:
+        """Refuse (ValueError, one line) a stage whose engine cannot do it, before any job starts."""
+        from opsft.engines.base import require
+        from opsft.recipe import STAGE_NEEDS, stages_for
+
+        for stage in stages_for(self.policy):
+            if STAGE_NEEDS[stage] is not None:
+                require(self.stage_engine(stage, base).kind, STAGE_NEEDS[stage], stage)
 
 
 # ---------------------------------------------------------------------------- realignment (opsft realign)
@@ -366,12 +420,10 @@ class RealignConfig(Strict):
     promote_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
-    def _rewrite_needs_hf(self):
-        # The cycle's one engine config serves scoring and the rewrite, and hinted decoding runs on a
-        # transformers model: refuse before any job starts, instead of erroring every row of the rewrite.
-        if self.engine.kind != "hf":
-            raise ValueError(f"engine.kind {self.engine.kind!r} cannot run the cycle's rewrite stage (hinted "
-                             "decoding needs the hf engine); set engine.kind: hf")
+    def _rewrite_stages_can_run(self):
+        # The cycle's engine serves scoring and the rewrite's stages (with rewrite.stages' overrides):
+        # refuse an engine that cannot do a stage before any job starts, instead of erroring every row.
+        self.rewrite.check_stages(self.engine)
         return self
 
 

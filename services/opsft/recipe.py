@@ -92,22 +92,30 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-@dataclass(frozen=True)
-class Todo:
-    """A valid row to rewrite: its example, reference answer (None: unverifiable) and prompt ids."""
+# The recipe as stages, each rows -> rows (same rows, same order): what `opsft rewrite` runs in one
+# process and what its --ray job (opsft.jobs.rewrite) runs as one Ray Data pipeline, one actor pool or
+# task per stage. A row's progress lives in the row itself: its new fields, and until the last
+# stage a private `_rewrite` dict (its reference answer and the self-answer's finish reason).
+STAGES = ("self-answer", "verify-self", "hint", "hinted-decoding", "verify", "score")
+# The engine capability each stage needs (opsft.engines.base.CAPABILITIES); None: a CPU task, no engine.
+STAGE_NEEDS = {"self-answer": "generate", "verify-self": None, "hint": "generate", "hinted-decoding": "decode",
+               "verify": None, "score": "score"}
+PRIVATE = "_rewrite"
 
-    example: object  # opsft.data.corpus.Example
-    reference: str | None
-    question: list[int]
+
+def stages_for(policy: str) -> tuple[str, ...]:
+    """The stages a policy runs, in order (hd-all has no self-answer)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    return STAGES if policy == "self-first" else STAGES[2:]
 
 
 @dataclass
 class Rewrite:
-    """One rewrite_rows call: its output rows (updated in place by the stages) and what they share."""
+    """One stage call: its output rows (updated in place) and what the stage functions share."""
 
     out: list[dict]
-    todo: dict[int, Todo]  # row index -> the row's Todo, for the rows that are valid
-    engine: object
+    engine: object  # None for the CPU stages
     params: RewriteParams
     verifier: Callable
     report: Report
@@ -120,52 +128,78 @@ class Rewrite:
     def eos(self) -> int:
         return end_of_turn_id(self.tok)
 
+    def pending(self) -> list[int]:
+        """Rows that are valid and not yet decided (no source yet)."""
+        return [k for k, row in enumerate(self.out)
+                if PRIVATE in row and row.get("source") is None and not row.get("error")]
+
+    def question(self, k: int) -> list[int]:
+        return prompt_ids(self.tok, parse_row(self.out[k]).messages)
+
     def accept(self, text: str, k: int) -> bool | None:
         """The verifier's verdict on `text` for row k (None when the row has no reference)."""
-        reference = self.todo[k].reference
+        reference = self.out[k][PRIVATE]["reference"]
         return None if reference is None else bool(self.verifier(text, reference, self.out[k]))
 
     def keep_original(self, k: int, finish_reason: str, **fields) -> None:
         self.out[k].update(source="original", verified=False, finish_reason=finish_reason, **fields)
 
 
+def _params(params: RewriteParams | dict | None) -> RewriteParams:
+    return params if isinstance(params, RewriteParams) else RewriteParams.from_config(dict(params or {}))
+
+
 def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None = None, verifier=None,
-                 hd_model=None, report: Report | None = None) -> list[dict]:
-    """Every row rewritten per the policy, in input order (rows out == rows in).
+                 hd_engine=None, report: Report | None = None, engines: dict | None = None) -> list[dict]:
+    """Every row rewritten per the policy, in input order (rows out == rows in): the stages of
+    `stages_for(policy)` one after the other, in this process.
 
     engine: generates the self-answers and hints and scores CLL (opsft.engines);
     params: RewriteParams, or flat RewriteConfig fields; verifier: a callable (default: params.verifier);
-    hd_model: the transformers model for hinted decoding (default: engine.model)."""
-    if not isinstance(params, RewriteParams):
-        params = RewriteParams.from_config(dict(params or {}))
-    model = hd_model if hd_model is not None else getattr(engine, "model", None)
-    if model is None:
-        raise ValueError("hinted decoding needs a transformers model: pass hd_model or use the hf engine")
-    out, todo = _prepare(rows, engine)
-    job = Rewrite(out, todo, engine, params, verifier or make_verifier(params.verifier),
+    hd_engine: the engine that runs hinted decoding (the decode capability; default: engine);
+    engines: {stage: engine} for any engine stage (wins over engine / hd_engine)."""
+    params = _params(params)
+    chosen = {stage: engine for stage, need in STAGE_NEEDS.items() if need is not None}
+    if hd_engine is not None:
+        chosen["hinted-decoding"] = hd_engine
+    chosen.update(engines or {})
+    if not hasattr(chosen["hinted-decoding"], "open_stream"):
+        raise ValueError(f"hinted decoding needs an engine that can decode (hf); engine "
+                         f"{getattr(chosen['hinted-decoding'], 'name', '?')!r} cannot: pass hd_engine")
+    verifier = verifier or make_verifier(params.verifier)
+    for i, stage in enumerate(stages_for(params.policy)):
+        rows = rewrite_stage(rows, chosen.get(stage), stage, params, first=i == 0, verifier=verifier, report=report)
+    return rows
+
+
+def rewrite_stage(rows: list[dict], engine, stage: str, params: RewriteParams | dict | None = None,
+                  first: bool = False, verifier=None, report: Report | None = None) -> list[dict]:
+    """One stage of the recipe over a batch of rows (copies; rows out == rows in). `first`: the
+    rows come from the corpus (the first stage adds the new fields and checks each row); the
+    last stage (score) removes the private state. `engine` is None for the CPU stages."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown rewrite stage {stage!r} (stages: {', '.join(STAGES)})")
+    params = _params(params)
+    out = [dict(row) for row in rows]
+    if first:
+        _prepare(out, engine)
+    job = Rewrite(out, engine, params, verifier or make_verifier(params.verifier),
                   report or (lambda stage, done, total: None))
-    need_hd = _self_answers(job, list(todo)) if params.policy == "self-first" else list(todo)  # 1.
-    items, hd_rows = _hint_items(job, need_hd)  # 2.
-    _hinted_decoding(job, model, items, hd_rows)  # 3.
-    _add_cll(out, list(todo), engine)  # 4. CLL of the new and the original response under the plain model
-    if params.drop_unverified:
-        for row in out:
-            row["dropped"] = row["source"] == "original" and row["verified"] is False
+    _STAGE_FUNCTIONS[stage](job)
     return out
 
 
-def _prepare(rows: list[dict], engine) -> tuple[list[dict], dict[int, Todo]]:
-    """The output rows (copies with id and the new fields), and the valid rows' Todo; an invalid
-    row gets its `error` here and is left alone by the stages."""
-    tok = engine.tokenizer
-    out = [with_id(dict(row)) for row in rows]
-    todo: dict[int, Todo] = {}
+def _prepare(out: list[dict], engine) -> None:
+    """Rows fresh from the corpus: ids, the new fields (None), and for each valid row its private
+    state; an invalid row gets its `error` here and is left alone by the stages."""
     for k, row in enumerate(out):
+        row = out[k] = with_id(row)
+        row.pop(PRIVATE, None)
         row.update({name: None for name in NEW_FIELDS})
         row["original_response"] = row.get("response")
         try:
             ex = parse_row(row)
-            question = prompt_ids(tok, ex.messages)
+            question = prompt_ids(engine.tokenizer, ex.messages)
             if len(question) >= engine.max_length:
                 raise RowError(f"too long for the model: the prompt has {len(question)} tokens >= max length "
                                f"{engine.max_length}")
@@ -175,67 +209,81 @@ def _prepare(rows: list[dict], engine) -> tuple[list[dict], dict[int, Todo]]:
         reference = row.get("answer")
         if reference in (None, ""):
             reference = extract_final_answer(ex.response)
-        todo[k] = Todo(ex, reference, question)
-    return out, todo
+        row[PRIVATE] = {"reference": reference}
 
 
-def _self_answers(job: Rewrite, rows: list[int]) -> list[int]:
-    """Stage 1 (self-first): the model's greedy answer to each row's question; an answer the
-    verifier accepts becomes the response (source self). Returns the rows still to rewrite."""
+def _self_answers(job: Rewrite) -> None:
+    """Stage self-answer (self-first): the model's greedy answer to each row's question."""
+    rows = job.pending()
     if not rows:
-        return rows
+        return
     job.report("self-answer", 0, len(rows))
     gen = GenerationParams(max_new_tokens=job.params.hd.max_new_tokens, temperature=0.0,
                            stop_token_ids=(job.eos,), seed=job.params.hd.seed)
-    answers = job.engine.generate([job.todo[k].question for k in rows], gen)
-    still = []
+    answers = job.engine.generate([job.question(k) for k in rows], gen)
     for k, tokens in zip(rows, answers, strict=True):
-        text = _text(job.tok, tokens)
-        verdict = job.accept(text, k)
-        job.out[k].update(self_response=text, self_verified=verdict)
-        if verdict:
-            job.out[k].update(response=text, source="self", verified=True, finish_reason=_finish(tokens, job.eos))
-        else:
-            still.append(k)
+        job.out[k]["self_response"] = _text(job.tok, tokens)
+        job.out[k][PRIVATE]["self_finish"] = _finish(tokens, job.eos)
     job.report("self-answer", len(rows), len(rows))
-    return still
 
 
-def _hint_items(job: Rewrite, rows: list[int]) -> tuple[list[HDItem], list[int]]:
-    """Stage 2: each row's greedy hint, cut to its analysis prefix, made a hinted-decoding item
-    (hinted prompt = question + reference + analysis; student prompt = the question). A row
-    without a usable hint, or with no room left, keeps its original response."""
+def _verify_self(job: Rewrite) -> None:
+    """Stage verify-self (CPU): a self-answer the verifier accepts becomes the response (source
+    self: it is already on-policy); the other rows go on to the hint."""
+    for k in job.pending():
+        row = job.out[k]
+        if row.get("self_response") is None:
+            continue
+        verdict = job.accept(row["self_response"], k)
+        row["self_verified"] = verdict
+        if verdict:
+            row.update(response=row["self_response"], source="self", verified=True,
+                       finish_reason=row[PRIVATE].get("self_finish"))
+
+
+def _hd_item(job: Rewrite, k: int, hint_prompt: list[int] | None = None) -> HDItem | None:
+    """Row k's hinted-decoding item from its hint (hinted prompt = question + reference + the
+    hint's analysis prefix; student prompt = the question); None when the hint has no '# CoT'."""
+    row = job.out[k]
+    prefix = analysis_prefix(row["hint"])
+    if prefix is None and row.get("hint_forced"):
+        prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
+    if prefix is None:
+        return None
+    hint_prompt = hint_prompt if hint_prompt is not None else _hint_prompt(job, k)
+    return HDItem(hinted_prompt=hint_prompt + response_ids(job.tok, prefix), student_prompt=job.question(k),
+                  seed=row_seed(row["id"]))
+
+
+def _hint_prompt(job: Rewrite, k: int) -> list[int]:
+    ex = parse_row(job.out[k])
+    return prompt_ids(job.tok, hint_messages(question_text(ex.messages), ex.response))
+
+
+def _hints(job: Rewrite) -> None:
+    """Stage hint: each row's greedy "# Analyze ... # CoT" hint. A row without a usable hint, or
+    with no room left for hinted decoding, keeps its original response."""
+    rows = job.pending()
     if not rows:
-        return [], []
-    tok, engine, params = job.tok, job.engine, job.params
+        return
     job.report("hint", 0, len(rows))
-    hint_prompts = {k: prompt_ids(tok, hint_messages(question_text(job.todo[k].example.messages),
-                                                     job.todo[k].example.response)) for k in rows}
-    for k in [k for k, hp in hint_prompts.items() if len(hp) >= engine.max_length]:  # no room for a hint
+    hint_prompts = {k: _hint_prompt(job, k) for k in rows}
+    for k in [k for k, hp in hint_prompts.items() if len(hp) >= job.engine.max_length]:  # no room for a hint
         job.keep_original(k, "max_length", hd_tokens=0)
         del hint_prompts[k]
-    hints = engine.generate(list(hint_prompts.values()), GenerationParams(
-        max_new_tokens=params.hint_max_new_tokens, temperature=0.0, stop_token_ids=(job.eos,))) if hint_prompts else []
-    items, hd_rows = [], []
+    hints = job.engine.generate(list(hint_prompts.values()), GenerationParams(
+        max_new_tokens=job.params.hint_max_new_tokens, temperature=0.0,
+        stop_token_ids=(job.eos,))) if hint_prompts else []
     for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
         row = job.out[k]
-        row["hint"] = tok.decode(hint, skip_special_tokens=True)
-        prefix = analysis_prefix(row["hint"])
-        row["hint_forced"] = prefix is None and params.missing_hint == "cot"
-        if row["hint_forced"]:
-            prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
-        if prefix is None:
+        row["hint"] = job.tok.decode(hint, skip_special_tokens=True)
+        row["hint_forced"] = analysis_prefix(row["hint"]) is None and job.params.missing_hint == "cot"
+        item = _hd_item(job, k, hp)
+        if item is None:
             job.keep_original(k, "no_hint")
-            continue
-        item = HDItem(hinted_prompt=hp + response_ids(tok, prefix), student_prompt=job.todo[k].question,
-                      seed=row_seed(row["id"]))
-        if max(len(item.hinted_prompt), len(item.student_prompt)) >= engine.max_length:
+        elif max(len(item.hinted_prompt), len(item.student_prompt)) >= job.engine.max_length:
             job.keep_original(k, "max_length", hd_tokens=0)
-            continue
-        items.append(item)
-        hd_rows.append(k)
     job.report("hint", len(rows), len(rows))
-    return items, hd_rows
 
 
 class TokenProgress:
@@ -250,26 +298,50 @@ class TokenProgress:
             self.report("hinted-decoding tokens (upper bound)", self.done, self.total)
 
 
-def _hinted_decoding(job: Rewrite, model, items: list[HDItem], hd_rows: list[int]) -> None:
-    """Stage 3: hinted decoding in batches; an output the verifier accepts (or cannot judge)
-    becomes the response (source hd), otherwise the row keeps its original response."""
-    if not items:
+def _hinted_decoding(job: Rewrite) -> None:
+    """Stage hinted-decoding, in batches of params.batch_size items, on an engine that can decode."""
+    rows = job.pending()
+    if not rows:
         return
     tok, params = job.tok, job.params
+    items = [_hd_item(job, k) for k in rows]
     decode_token, tick = TokenText(tok), TokenProgress(job.report, len(items) * params.hd.max_new_tokens)
     for s in range(0, len(items), params.batch_size):
-        results = hinted_decode(model, items[s:s + params.batch_size], params.hd, {job.eos},
-                                decode_token=decode_token, pad_id=tok.pad_token_id or 0,
-                                max_positions=job.engine.max_length, on_token=tick)
-        for k, res in zip(hd_rows[s:s + params.batch_size], results, strict=True):
-            text = _text(tok, res.tokens)
-            job.out[k].update(hd_response=text, hd_tokens=len(res.tokens), finish_reason=res.finish_reason)
-            verdict = job.accept(text, k) if text else False
-            if verdict is False:
-                job.out[k].update(source="original", verified=False)
-            else:
-                job.out[k].update(response=text, source="hd", verified=verdict)
+        results = hinted_decode(job.engine, items[s:s + params.batch_size], params.hd, {job.eos},
+                                decode_token=decode_token, max_positions=job.engine.max_length, on_token=tick)
+        for k, res in zip(rows[s:s + params.batch_size], results, strict=True):
+            job.out[k].update(hd_response=_text(tok, res.tokens), hd_tokens=len(res.tokens),
+                              finish_reason=res.finish_reason)
     job.report("hinted-decoding", len(items), len(items))
+
+
+def _verify_hd(job: Rewrite) -> None:
+    """Stage verify (CPU): a hinted-decoding output the verifier accepts (or cannot judge) becomes
+    the response (source hd); otherwise the row keeps its original response."""
+    for k in job.pending():
+        row = job.out[k]
+        text = row.get("hd_response")
+        if text is None:
+            continue
+        verdict = job.accept(text, k) if text else False
+        if verdict is False:
+            row.update(source="original", verified=False)
+        else:
+            row.update(response=text, source="hd", verified=verdict)
+
+
+def _score(job: Rewrite) -> None:
+    """Stage score: CLL of the new and the original response under the plain model; with
+    drop_unverified, rows that kept their original response are marked `dropped`."""
+    valid = [k for k, row in enumerate(job.out) if row.pop(PRIVATE, None) is not None and not row.get("error")]
+    _add_cll(job.out, valid, job.engine)
+    if job.params.drop_unverified:
+        for row in job.out:
+            row["dropped"] = row["source"] == "original" and row["verified"] is False
+
+
+_STAGE_FUNCTIONS = {"self-answer": _self_answers, "verify-self": _verify_self, "hint": _hints,
+                    "hinted-decoding": _hinted_decoding, "verify": _verify_hd, "score": _score}
 
 
 def split_dropped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -290,16 +362,31 @@ def _add_cll(out: list[dict], valid: list[int], engine) -> None:
         out[k]["cll"], out[k]["cll_original"] = scored[2 * j]["cll"], scored[2 * j + 1]["cll"]
 
 
-def recipe_summary(rows: list[dict]) -> dict:
-    """Corpus-level figures: sources, finish reasons, verified fraction, mean CLL new vs original."""
-    ok = [r for r in rows if not r.get("error")]
-    both = [r for r in ok if r.get("cll") is not None and r.get("cll_original") is not None]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
+SUMMARY_COLUMNS = ["error", "dropped", "source", "finish_reason", "verified", "cll", "cll_original"]
+
+
+def recipe_summary(rows) -> dict:
+    """Corpus-level figures: sources, finish reasons, verified fraction, mean CLL new vs original.
+    `rows`: any iterable (one pass; the Ray job streams its output's SUMMARY_COLUMNS through it)."""
+    n = errors = dropped = verified = 0
+    sources, reasons = Counter(), Counter()
+    cll_sum = orig_sum = 0.0
+    both = 0
+    for r in rows:
+        n += 1
+        dropped += bool(r.get("dropped"))
+        if r.get("error"):
+            errors += 1
+            continue
+        sources[r.get("source")] += 1
+        reasons[r.get("finish_reason")] += 1
+        verified += bool(r.get("verified"))
+        if r.get("cll") is not None and r.get("cll_original") is not None:
+            both += 1
+            cll_sum, orig_sum = cll_sum + r["cll"], orig_sum + r["cll_original"]
+    ok = n - errors
     return {
-        "rows": len(rows), "error_rows": len(rows) - len(ok), "dropped": sum(bool(r.get("dropped")) for r in rows),
-        "sources": dict(Counter(r["source"] for r in ok)),
-        "finish_reasons": dict(Counter(r["finish_reason"] for r in ok)),
-        "verified_fraction": mean([1.0 if r["verified"] else 0.0 for r in ok]),
-        "cll_mean": mean([r["cll"] for r in both]),
-        "cll_original_mean": mean([r["cll_original"] for r in both]),
+        "rows": n, "error_rows": errors, "dropped": dropped, "sources": dict(sources),
+        "finish_reasons": dict(reasons), "verified_fraction": verified / ok if ok else None,
+        "cll_mean": cll_sum / both if both else None, "cll_original_mean": orig_sum / both if both else None,
     }

@@ -49,15 +49,26 @@ def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool
     return out
 
 
-def summary(rows: list[dict]) -> dict:
-    """Corpus-level figures: rows, error rows, token-weighted and row-mean CLL."""
-    ok = [r for r in rows if not r.get("error") and r.get("cll") is not None]
-    n_tok = sum(r["n_tokens"] for r in ok)
+SUMMARY_COLUMNS = ["error", "cll", "cll_sum", "n_tokens", "cll_frac_pos"]
+
+
+def summary(rows) -> dict:
+    """Corpus-level figures: rows, error rows, token-weighted and row-mean CLL. `rows`: any
+    iterable (one pass; the Ray job streams its output's SUMMARY_COLUMNS through it)."""
+    n = ok = n_tok = 0
+    cll = cll_sum = frac = 0.0
+    for r in rows:
+        n += 1
+        if r.get("error") or r.get("cll") is None:
+            continue
+        ok += 1
+        n_tok += r["n_tokens"]
+        cll, cll_sum, frac = cll + r["cll"], cll_sum + r["cll_sum"], frac + r["cll_frac_pos"]
     return {
-        "rows": len(rows),
-        "error_rows": len(rows) - len(ok),
+        "rows": n,
+        "error_rows": n - ok,
         "tokens": n_tok,
-        "cll_mean": sum(r["cll"] for r in ok) / len(ok) if ok else None,
-        "cll_token_mean": sum(r["cll_sum"] for r in ok) / n_tok if n_tok else None,
-        "cll_frac_pos_mean": sum(r["cll_frac_pos"] for r in ok) / len(ok) if ok else None,
+        "cll_mean": cll / ok if ok else None,
+        "cll_token_mean": cll_sum / n_tok if n_tok else None,
+        "cll_frac_pos_mean": frac / ok if ok else None,
     }

@@ -3,10 +3,18 @@
     opsft rewrite --input corpus.jsonl --output rewritten.jsonl [--policy self-first|hd-all] [--beta 3]
                   [--lambda-mode linear] [--temperature 0.3] [--top-p 0.95] [--max-new-tokens N]
                   [--splitter '\\boxed{'] [--seed S] [--verifier auto] [--drop-unverified]
+                  [--engine hf|vllm] [--hd-engine hf] [--ray [--address A] [--actors N] [--gpus G]]
 
 Every input row is written with `response` replaced and `original_response`, `source`,
 `verified`, `finish_reason`, `cll`, `cll_original` added. With --drop-unverified the rows whose
 rewrite failed verification go to <output stem>.dropped.<ext> instead (nothing is lost).
+
+In-process by default. `--ray` (or `--address`) runs the recipe's stages as one Ray Data job, one
+actor pool per engine stage (self-answer, hint, hinted-decoding, score) and CPU tasks for the
+verify stages; the output (and the dropped side output) is then a folder of part files and a
+re-run resumes by id. `--engine` picks the engine of every stage, `--hd-engine` the one of
+hinted decoding (which needs an engine that can decode: hf); config `stages:` sets any stage's
+engine and pool.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import time
 from pathlib import Path
 
 from opsft.cli.common import Progress, add_model_flags, print_summary
+from opsft.cli.jobflags import add_job_flags, job_overrides
 from opsft.data.corpus import check_corpus_paths
 
 
@@ -24,6 +33,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--output", help="JSONL or Parquet file to write (by extension)")
     add_model_flags(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], help="engine of every stage (default hf)")
+    parser.add_argument("--hd-engine", choices=["hf", "vllm"], help="engine of the hinted-decoding stage "
+                        "(default: --engine; it must be able to decode: hf)")
     parser.add_argument("--policy", choices=["self-first", "hd-all"], help="default self-first")
     parser.add_argument("--verifier", help="numeric | exact | auto | rg:<task> (default auto)")
     parser.add_argument("--drop-unverified", action="store_true", default=None,
@@ -40,6 +52,7 @@ def add_parser(sub) -> None:
                                            "'' = never)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int, help="items per hinted-decoding batch (default 16)")
+    add_job_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -48,6 +61,7 @@ def run(args) -> int:
 
     cfg = load_config(RewriteConfig, args.config, {
         "input": args.input, "output": args.output, "engine.model": args.model, "engine.dtype": args.dtype,
+        "engine.kind": args.engine, "stages.hinted-decoding.engine.kind": args.hd_engine, **job_overrides(args),
         "policy": args.policy, "verifier": args.verifier, "drop_unverified": args.drop_unverified,
         "beta": args.beta, "lambda_mode": args.lambda_mode, "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
@@ -56,9 +70,11 @@ def run(args) -> int:
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
     check_corpus_paths(cfg.input, [cfg.output, dropped_path(cfg.output)])
-    if cfg.engine.kind != "hf":
-        raise ValueError("opsft rewrite runs hinted decoding on a transformers model: engine.kind must be 'hf'")
-    print_summary("rewrite", rewrite_in_process(cfg))
+    cfg.check_stages()  # an engine that cannot do a stage is refused here, before any model loads
+    if cfg.distributed or cfg.address:
+        print_summary("rewrite (Ray Data)", rewrite_distributed(cfg))
+    else:
+        print_summary("rewrite", rewrite_in_process(cfg))
     return 0
 
 
@@ -67,15 +83,37 @@ def dropped_path(output: str) -> Path:
     return path.with_name(f"{path.stem}.dropped{path.suffix}")
 
 
+def rewrite_distributed(cfg) -> dict:
+    """The recipe as one Ray Data job (opsft.jobs.pipeline.rewrite_spec, as the realignment cycle runs it)."""
+    from opsft.cluster import connect
+    from opsft.jobs.files import iter_rows
+    from opsft.jobs.pipeline import engine_pools, local_num_cpus, rewrite_spec, run_job
+    from opsft.recipe import SUMMARY_COLUMNS, recipe_summary
+
+    dropped = str(dropped_path(cfg.output)) if cfg.drop_unverified else None
+    spec = rewrite_spec(cfg, cfg.input, cfg.output, dropped_output=dropped)
+    connect(cfg.address, num_cpus=local_num_cpus(engine_pools(spec)))  # a local cluster fits every stage pool
+    result = run_job(spec)
+    outputs = [cfg.output] + ([dropped] if dropped else [])
+    return {**result, **recipe_summary(row for out in outputs for row in iter_rows(out, SUMMARY_COLUMNS))}
+
+
 def rewrite_in_process(cfg) -> dict:
     from opsft.data.corpus import apply_rows, read_rows, write_rows
     from opsft.engines import make_engine
-    from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
+    from opsft.recipe import STAGE_NEEDS, recipe_summary, rewrite_rows, split_dropped
 
     rows = read_rows(cfg.input)
-    params = RewriteParams.from_config(cfg.model_dump(mode="json", exclude={"input", "output", "engine", "pool",
-                                                                            "address"}))
-    engine = make_engine("hf", cfg.engine.model, **cfg.engine.options())
+    engines: dict[str, object] = {}  # one engine per distinct engine config
+
+    def engine_of(stage: str):
+        ecfg = cfg.stage_engine(stage)
+        key = ecfg.model_dump_json()
+        if key not in engines:
+            engines[key] = make_engine(ecfg.kind, ecfg.model, **ecfg.options())
+        return engines[key]
+
+    stage_engines = {stage: engine_of(stage) for stage, need in STAGE_NEEDS.items() if need is not None}
     bars: dict[str, Progress] = {}
 
     def report(stage: str, done: int, total: int) -> None:
@@ -83,13 +121,15 @@ def rewrite_in_process(cfg) -> dict:
         bar.update(done - bar.done)
 
     start = time.monotonic()
-    out = apply_rows(rewrite_rows, rows, engine, {"params": params, "report": report})
+    out = apply_rows(rewrite_rows, rows, stage_engines["score"], {"params": cfg.recipe_params(), "report": report,
+                                                                  "engines": stage_engines})
     kept, dropped = split_dropped(out)
     write_rows(kept, cfg.output)
     if dropped:
         write_rows(dropped, dropped_path(cfg.output))
     result = recipe_summary(out)
-    result.update(model=engine.model_id, output=cfg.output, seconds=round(time.monotonic() - start, 1))
+    result.update(model=stage_engines["score"].model_id, output=cfg.output,
+                  seconds=round(time.monotonic() - start, 1))
     if dropped:
         result["dropped_output"] = str(dropped_path(cfg.output))
     return result

@@ -1,9 +1,10 @@
 """`opsft score`: add CLL statistics to every row of a corpus.
 
 In-process by default (one engine, one output file: the reference path, fine on a laptop).
-`--ray` runs it as a Ray Data job (actor pool of engines, output folder of part files,
-resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster; either of them
-alone also selects the Ray path):
+`--ray` (or `--address`) runs it as a Ray Data job (actor pool of engines, output folder of
+part files, resume by id; local Ray unless `--address` / RAY_ADDRESS names a cluster). Only
+these flags (or `distributed` / `address` in the config) choose the Ray path: a RAY_ADDRESS in
+the environment alone does not. Both paths print the same summary (opsft.scoring.summary).
 
     opsft score --input corpus.jsonl --output scored.parquet
     opsft score --input s3://bucket/corpus.parquet --output s3://bucket/scored.parquet --ray --actors 2-8 --gpus 1
@@ -11,7 +12,6 @@ alone also selects the Ray path):
 
 from __future__ import annotations
 
-import os
 import time
 
 from opsft.cli.common import Progress, add_engine_flags, add_model_flags, engine_overrides, print_summary
@@ -41,7 +41,7 @@ def run(args) -> int:
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
     check_corpus_paths(cfg.input, [cfg.output])
-    if cfg.distributed or cfg.address or os.environ.get("RAY_ADDRESS"):
+    if cfg.distributed or cfg.address:
         print_summary("score (Ray Data)", score_distributed(cfg))
     else:
         print_summary("score", score_in_process(cfg))
@@ -50,14 +50,17 @@ def run(args) -> int:
 
 def score_distributed(cfg) -> dict:
     from opsft.cluster import connect
-    from opsft.jobs.files import SCORE_TYPES
+    from opsft.jobs.files import SCORE_TYPES, iter_rows
     from opsft.jobs.pipeline import run_job, spec_from_config
+    from opsft.scoring import SUMMARY_COLUMNS, summary
 
     connect(cfg.address)
     spec = spec_from_config(cfg, "opsft.scoring:score_rows", name="score", column_types=SCORE_TYPES,
                             fn_kwargs={"include_eos": cfg.include_eos, "tokens": cfg.tokens,
                                        "temperature": cfg.temperature})
-    return run_job(spec)
+    result = run_job(spec)
+    # the same corpus figures as in-process, streamed from the output folder part by part
+    return {**result, **summary(iter_rows(cfg.output, SUMMARY_COLUMNS))}
 
 
 def score_in_process(cfg) -> dict:

@@ -42,3 +42,41 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
         """New token ids for each prompt (without the prompt; stop token included if hit)."""
+
+
+class DecodeStream(Protocol):
+    """A batch of sequences decoded one token per step, rows tagged by item index (each of the
+    two streams of hinted decoding). `last_logits` [rows, V] are each row's next-token logits."""
+
+    items: list[int]
+    last_logits: object  # a torch.Tensor on the engine's device
+
+    def step(self, tokens: list[int]) -> object:
+        """Append one given token per row; returns the new next-token logits [rows, V]."""
+
+    def keep(self, items: set[int]) -> None:
+        """Drop every row whose item is not in `items` (its cache is freed)."""
+
+
+class DecodeEngine(Engine, Protocol):
+    """An engine with the decode capability that hinted decoding needs: the caller picks every
+    token (mixing two streams), the engine runs the model step by step with its cache."""
+
+    def open_stream(self, prompts: list[list[int]], items: list[int]) -> DecodeStream:
+        """Prefill the prompts (one row per item index) and return the stream."""
+
+
+# What each engine kind can do; a job refuses a stage whose engine lacks the capability before it
+# starts (tests/test_recipe.py checks this table against the classes).
+CAPABILITIES = {"hf": frozenset({"score", "generate", "decode"}), "vllm": frozenset({"score", "generate"})}
+
+
+def require(kind: str, capability: str, stage: str) -> None:
+    """Refuse (ValueError, one line) a stage whose engine kind lacks the capability it needs."""
+    have = CAPABILITIES.get(kind)
+    if have is None:
+        raise ValueError(f"stage {stage}: unknown engine kind {kind!r} (known: {sorted(CAPABILITIES)})")
+    if capability not in have:
+        able = sorted(k for k, caps in CAPABILITIES.items() if capability in caps)
+        raise ValueError(f"stage {stage} needs an engine that can {capability}; engine {kind!r} cannot "
+                         f"(use {' or '.join(repr(k) for k in able)} for this stage)")

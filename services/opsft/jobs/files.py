@@ -65,10 +65,13 @@ def remove_temporaries(path: str) -> int:
 
 
 def _read_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None) -> list[dict]:
+    """A part's rows (only `columns` when given; a column the part lacks reads as None)."""
     if part.endswith(".parquet"):
         with fs.open_input_file(part) as handle:
-            table = pq.read_table(handle, columns=columns)
-        return table.to_pylist()
+            pfile = pq.ParquetFile(handle)
+            have = [c for c in columns if c in pfile.schema_arrow.names] if columns else None
+            rows = pfile.read(columns=have).to_pylist()
+        return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
     with fs.open_input_stream(part) as handle:
         rows = jsonl_rows(handle.read())
     return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
@@ -80,6 +83,16 @@ def read_output(path: str) -> list[dict]:
     if fs.get_file_info(root).type == pafs.FileType.File:
         return _read_part(fs, root)
     return [row for part in part_files(path) for row in _read_part(fs, part)]
+
+
+def iter_rows(path: str, columns: list[str] | None = None):
+    """The rows of a job's output folder part by part (or of a single file), only `columns` when
+    given: what a driver reads to summarise an output without holding it whole."""
+    fs, root = filesystem(path)
+    info = fs.get_file_info(root)
+    parts = [root] if info.type == pafs.FileType.File else part_files(path)
+    for part in parts:
+        yield from _read_part(fs, part, columns)
 
 
 def output_ids(path: str) -> list[str]:

@@ -52,6 +52,24 @@ def load_function(ref):
     return getattr(importlib.import_module(module), name)
 
 
+def apply_batch(batch: pa.Table, fn, fn_kwargs: dict, engine) -> pa.Table:
+    """fn over the rows of a carrier batch that are not skipped (row errors isolated: apply_rows)."""
+    skip = batch.column("skip").to_pylist()
+    todo = [k for k, s in enumerate(skip) if not s]
+    if not todo:
+        return batch
+    blobs = batch.column("row").to_pylist()
+    out = apply_rows(fn, [pickle.loads(blobs[k]) for k in todo], engine, fn_kwargs)
+    for k, row in zip(todo, out, strict=True):
+        blobs[k] = pickle.dumps(row, protocol=5)
+    return pa.table({"row": pa.array(blobs, pa.binary()), "id": batch.column("id"), "skip": batch.column("skip")})
+
+
+def task_batch(batch: pa.Table, fn, fn_kwargs: dict | None = None) -> pa.Table:
+    """A stage without an engine (a Ray Data task, e.g. verification): fn(rows, None, **fn_kwargs)."""
+    return apply_batch(batch, load_function(fn), dict(fn_kwargs or {}), None)
+
+
 class EngineActor:
     """A Ray Data callable class: builds the engine once per actor, then maps batches."""
 
@@ -64,22 +82,17 @@ class EngineActor:
         log.info("engine %s on %s ready in %.1fs", engine["kind"], self.engine.model_id, time.monotonic() - start)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        skip = batch.column("skip").to_pylist()
-        todo = [k for k, s in enumerate(skip) if not s]
-        if not todo:
-            return batch
-        blobs = batch.column("row").to_pylist()
-        out = apply_rows(self.fn, [pickle.loads(blobs[k]) for k in todo], self.engine, self.fn_kwargs)
-        for k, row in zip(todo, out, strict=True):
-            blobs[k] = pickle.dumps(row, protocol=5)
-        return pa.table({"row": pa.array(blobs, pa.binary()), "id": batch.column("id"), "skip": batch.column("skip")})
+        return apply_batch(batch, self.fn, self.fn_kwargs, self.engine)
 
 
 class PartsDatasink(Datasink):
-    """Writes each write task's rows as one part file; counts rows, errors and tokens."""
+    """Writes each write task's rows as one part file; counts rows, errors and tokens. With
+    `dropped_output`, rows marked `dropped` (rewrite's drop_unverified) go to parts of that folder."""
 
-    def __init__(self, output: str, column_types: dict | None = None, rows_per_file: int | None = None):
+    def __init__(self, output: str, column_types: dict | None = None, rows_per_file: int | None = None,
+                 dropped_output: str | None = None):
         self.output, self.column_types, self.rows_per_file = output, column_types, rows_per_file
+        self.dropped_output = dropped_output
         self.result: dict | None = None
 
     @property
@@ -94,13 +107,17 @@ class PartsDatasink(Datasink):
                     skipped += 1
                 else:
                     rows.append(pickle.loads(blob))
-        if rows:
-            files.write_part(self.output, rows, self.column_types)
+        dropped = [r for r in rows if r.get("dropped")] if self.dropped_output else []
+        kept = [r for r in rows if not r.get("dropped")] if self.dropped_output else rows
+        if kept:
+            files.write_part(self.output, kept, self.column_types)
+        if dropped:
+            files.write_part(self.dropped_output, dropped, self.column_types)
         return {"rows": len(rows), "skipped": skipped, "error_rows": sum(1 for r in rows if r.get("error")),
-                "tokens": sum(int(r.get("n_tokens") or 0) for r in rows)}
+                "dropped": len(dropped), "tokens": sum(int(r.get("n_tokens") or 0) for r in rows)}
 
     def on_write_complete(self, write_result) -> None:
-        total = {"rows": 0, "skipped": 0, "error_rows": 0, "tokens": 0}
+        total = {"rows": 0, "skipped": 0, "error_rows": 0, "dropped": 0, "tokens": 0}
         for part in write_result.write_returns:
             for key in total:
                 total[key] += part[key]

@@ -21,8 +21,8 @@ Pure torch over token ids: the caller tokenizes (see `build_hint_prompt`, `hinte
 and opsft.recipe). The only text the decoder sees is through `decode_token(id) -> str`, used
 to spot the splitter exactly as the official code does (concatenated per-token decodes).
 
-    results = hinted_decode(model, [HDItem(hinted_ids, student_ids)], HDParams(beta=3.0), eos_ids={2},
-                            decode_token=TokenText(tokenizer))
+    results = hinted_decode(engine, [HDItem(hinted_ids, student_ids)], HDParams(beta=3.0), eos_ids={2},
+                            decode_token=TokenText(tokenizer))   # an hf engine, or a transformers model
 """
 
 from __future__ import annotations
@@ -229,6 +229,19 @@ class Stream:
                 layer.keys, layer.values = layer.keys[..., first_used:, :], layer.values[..., first_used:, :]
 
 
+class ModelStreams:
+    """The decode capability (opsft.engines.base.DecodeEngine) over a transformers model:
+    `open_stream(prompts, items)` prefills a Stream. The hf engine decodes through this; a bare
+    model handed to hinted_decode is wrapped in it."""
+
+    def __init__(self, model, pad_id: int = 0, prefill_rows: int = 4):
+        self.model, self.pad_id, self.prefill_rows = model, pad_id, prefill_rows
+        self.max_length = getattr(model.config, "max_position_embeddings", None) or 10**9
+
+    def open_stream(self, prompts: list[list[int]], items: list[int]) -> Stream:
+        return Stream(self.model, prompts, items, self.pad_id, self.prefill_rows)
+
+
 def _concat_caches(caches: list[DynamicCache], config) -> DynamicCache:
     merged = DynamicCache(config=config)
     for layer_idx in range(len(caches[0].layers)):
@@ -239,17 +252,22 @@ def _concat_caches(caches: list[DynamicCache], config) -> DynamicCache:
 
 
 @torch.inference_mode()
-def hinted_decode(model, items: list[HDItem], params: HDParams, eos_ids: set[int] | Sequence[int],
+def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[int] | Sequence[int],
                   decode_token: Callable[[int], str] | None = None, pad_id: int = 0, prefill_rows: int = 4,
                   max_positions: int | None = None, on_token: Callable[[int], None] | None = None) -> list[HDResult]:
     """Hinted decoding of all items in one shrinking batch; results in input order.
 
+    decoder: an engine with the decode capability (`open_stream(prompts, items)` -> a stream with
+    `items`, `last_logits`, `step(tokens)`, `keep(items)`; opsft.engines.base.DecodeEngine), or a
+    transformers model (wrapped in ModelStreams with pad_id and prefill_rows);
     decode_token maps one id to its text (needed only when params.splitter is set);
-    max_positions bounds prompt + generated tokens (default: the model's position limit);
+    max_positions bounds prompt + generated tokens (default: the decoder's max_length);
     on_token(n) is called with the number of tokens produced at each step (progress)."""
     if params.splitter and decode_token is None:
         raise ValueError("a splitter needs decode_token (id -> text) to find it in the generated text")
-    limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 10**9
+    if not hasattr(decoder, "open_stream"):
+        decoder = ModelStreams(decoder, pad_id, prefill_rows)
+    limit = max_positions or getattr(decoder, "max_length", None) or 10**9
     for k, item in enumerate(items):
         longest = max(len(item.hinted_prompt), len(item.student_prompt))
         if not item.hinted_prompt or not item.student_prompt:
@@ -267,8 +285,8 @@ def hinted_decode(model, items: list[HDItem], params: HDParams, eos_ids: set[int
     room = [min(params.max_new_tokens, limit - max(len(it.hinted_prompt), len(it.student_prompt))) for it in items]
 
     everyone = list(range(len(items)))
-    hinted = Stream(model, [it.hinted_prompt for it in items], everyone, pad_id, prefill_rows)
-    student = Stream(model, [it.student_prompt for it in items], everyone, pad_id, prefill_rows)
+    hinted = decoder.open_stream([it.hinted_prompt for it in items], everyone)
+    student = decoder.open_stream([it.student_prompt for it in items], everyone)
     # First token from the hinted stream alone.
     scores = F.log_softmax(hinted.last_logits, dim=-1)
     rows = everyone

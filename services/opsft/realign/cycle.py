@@ -229,13 +229,21 @@ def _engine_for(cycle: Cycle, model: str):
     return cycle.cfg.engine.model_copy(update={"model": model})
 
 
+def _connect(cycle: Cycle) -> None:
+    """Join the cycle's cluster, or start a local one that holds the largest job (the rewrite's
+    stage pools): the first stage that needs Ray calls this, the later calls are no-ops."""
+    from opsft.cluster import connect
+    from opsft.jobs.pipeline import local_num_cpus
+
+    connect(cycle.cfg.address, num_cpus=local_num_cpus(cycle.cfg.rewrite.stage_pools(cycle.cfg.pool)))
+
+
 def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,
               out_name: str = "scored.parquet") -> dict:
-    from opsft.cluster import connect
     from opsft.jobs import files
     from opsft.jobs.pipeline import JobSpec, run_job
 
-    connect(cycle.cfg.address)
+    _connect(cycle)
     spec = JobSpec(input=corpus or str(cycle.cfg.corpus), output=str(folder / out_name),
                    fn="opsft.scoring:score_rows", engine=_engine_for(cycle, model or state["model"]),
                    pool=cycle.cfg.pool, column_types=files.SCORE_TYPES, name=out_name)
@@ -256,17 +264,16 @@ def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 
 def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.cluster import connect
-    from opsft.jobs.pipeline import JobSpec, run_job
+    from opsft.jobs.pipeline import rewrite_spec, run_job
 
     if not read_rows(folder / "selected.parquet"):
         fresh(folder / "rewritten.parquet").mkdir()
         return {"rows_in": 0, "rows_written": 0}
-    connect(cycle.cfg.address)
-    params = cycle.cfg.rewrite.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address"})
-    spec = JobSpec(input=str(folder / "selected.parquet"), output=str(folder / "rewritten.parquet"),
-                   fn="opsft.recipe:rewrite_rows", engine=_engine_for(cycle, state["model"]), pool=cycle.cfg.pool,
-                   fn_kwargs={"params": params}, name="rewrite")
+    _connect(cycle)
+    # the same job as `opsft rewrite --ray`: one Ray Data pipeline, a map step per recipe stage; the rows
+    # marked dropped stay in rewritten.parquet and the merge stage sets them aside
+    spec = rewrite_spec(cycle.cfg.rewrite, str(folder / "selected.parquet"), str(folder / "rewritten.parquet"),
+                        model=state["model"], engine=cycle.cfg.engine, pool=cycle.cfg.pool)
     maybe_crash("rewrite")
     return run_job(spec)
 
