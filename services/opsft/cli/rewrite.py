@@ -6,8 +6,8 @@
                   [--engine hf|vllm] [--hd-engine hf] [--ray [--address A] [--actors N] [--gpus G]]
 
 Every input row is written with `response` replaced and `original_response`, `source`,
-`verified`, `finish_reason`, `cll`, `cll_original` added. With --drop-unverified the rows whose
-rewrite failed verification go to <output stem>.dropped.<ext> instead (nothing is lost).
+`verified`, `finish_reason`, `cll`, `cll_original`, `exact_entropy` added. With --drop-unverified the
+rows whose rewrite failed verification go to <output stem>.dropped.<ext> instead (nothing is lost).
 
 In-process by default. `--ray` (or `--address`) runs the recipe's stages as one Ray Data job, one
 actor pool per engine stage (self-answer, hint, hinted-decoding, score) and CPU tasks for the

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +272,91 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
         else:
             with open(tmp, "wb") as handle:
                 handle.writelines(jsonl_line(row) for row in rows)
+
+
+def write_rows_chunked(make_rows: Callable[[], Iterable[dict]], path: str | Path, chunk_rows: int = 50_000) -> int:
+    """write_rows for more rows than memory holds: `make_rows()` returns a fresh iterator of the rows
+    each time it is called. JSONL is written in one pass. Parquet takes two: the first finds each
+    column's type over all chunks of `chunk_rows` rows (types Arrow can widen are widened, int to
+    double say; any other disagreement makes the column text, as rows_table does within one
+    table), the second writes each chunk as a row group of that one schema. The file reads back as
+    write_rows would have written it. Atomic like write_rows; returns the rows written."""
+    import pyarrow as pa
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if file_format(path) != "parquet":
+            n = 0
+            with open(tmp, "wb") as handle:
+                for row in make_rows():
+                    handle.write(jsonl_line(row))
+                    n += 1
+            return n
+        types: dict = {}
+        for chunk in _chunks(make_rows(), chunk_rows):
+            for field in rows_table(chunk).schema:
+                types[field.name] = _widen(types.get(field.name), field.type)
+        while True:  # a chunk whose values do not convert to the widened type makes that column text
+            try:
+                return _write_parquet_chunks(make_rows, tmp, chunk_rows, types)
+            except _ColumnMismatch as exc:
+                types[exc.column] = pa.string()
+
+
+class _ColumnMismatch(Exception):
+    def __init__(self, column: str):
+        super().__init__(column)
+        self.column = column
+
+
+def _widen(old, new):
+    """The one type of a column that is `old` in some chunks and `new` in another (None: unseen)."""
+    import pyarrow as pa
+
+    if old is None or old == new or pa.types.is_null(new):
+        return new if old is None else old
+    if pa.types.is_null(old):
+        return new
+    try:
+        return pa.unify_schemas([pa.schema([("c", old)]), pa.schema([("c", new)])],
+                                promote_options="permissive").field("c").type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pa.string()
+
+
+def _write_parquet_chunks(make_rows, tmp: Path, chunk_rows: int, types: dict) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, t) for name, t in types.items()])
+    n = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for chunk in _chunks(make_rows(), chunk_rows):
+            table = rows_table(chunk, types)
+            arrays = []
+            for field in schema:
+                if field.name not in table.column_names:
+                    arrays.append(pa.nulls(len(chunk), field.type))
+                    continue
+                column = table.column(field.name)
+                if column.type != field.type:
+                    raise _ColumnMismatch(field.name)
+                arrays.append(column)
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            n += len(chunk)
+    return n
+
+
+def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 @contextmanager

@@ -64,17 +64,30 @@ def remove_temporaries(path: str) -> int:
     return len(stale)
 
 
-def _read_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None) -> list[dict]:
-    """A part's rows (only `columns` when given; a column the part lacks reads as None)."""
+def _iter_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None, batch_rows: int = 8192):
+    """A part's (or a single corpus file's) rows, only `columns` when given (a column the file lacks
+    reads as None). Parquet is read a record batch at a time, so a large file is never held whole;
+    a JSONL part is read whole (parts are bounded by the job's batch size)."""
+    columns = columns or None
     if part.endswith(".parquet"):
         with fs.open_input_file(part) as handle:
             pfile = pq.ParquetFile(handle)
             have = [c for c in columns if c in pfile.schema_arrow.names] if columns else None
-            rows = pfile.read(columns=have).to_pylist()
-        return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
+            if have == []:  # none of the columns exist: one all-None row per row of the file
+                for _ in range(pfile.metadata.num_rows):
+                    yield dict.fromkeys(columns)
+                return
+            for batch in pfile.iter_batches(batch_size=batch_rows, columns=have):
+                for r in batch.to_pylist():
+                    yield {c: r.get(c) for c in columns} if columns else r
+        return
     with fs.open_input_stream(part) as handle:
         rows = jsonl_rows(handle.read())
-    return [{c: r.get(c) for c in columns} for r in rows] if columns else rows
+    yield from ({c: r.get(c) for c in columns} for r in rows) if columns else rows
+
+
+def _read_part(fs: pafs.FileSystem, part: str, columns: list[str] | None = None) -> list[dict]:
+    return list(_iter_part(fs, part, columns))
 
 
 def read_output(path: str) -> list[dict]:
@@ -92,7 +105,21 @@ def iter_rows(path: str, columns: list[str] | None = None):
     info = fs.get_file_info(root)
     parts = [root] if info.type == pafs.FileType.File else part_files(path)
     for part in parts:
-        yield from _read_part(fs, part, columns)
+        yield from _iter_part(fs, part, columns)
+
+
+def count_rows(path: str) -> int:
+    """Rows of a job's output folder or of a single corpus file (Parquet: from the footers)."""
+    fs, root = filesystem(path)
+    parts = [root] if fs.get_file_info(root).type == pafs.FileType.File else part_files(path)
+    total = 0
+    for part in parts:
+        if part.endswith(".parquet"):
+            with fs.open_input_file(part) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        else:
+            total += sum(1 for _ in _iter_part(fs, part))
+    return total
 
 
 def output_ids(path: str) -> list[str]:

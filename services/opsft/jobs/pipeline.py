@@ -215,6 +215,7 @@ def run_job(spec: JobSpec) -> dict:
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(res["tokens"] / elapsed, 1) if elapsed > 0 else None,
         "output": spec.output,
+        "steps": [f"{st.name}:{st.engine.kind}" if st.engine else st.name for st in spec.all_steps()],
     }
     if spec.dropped_output:
         summary.update(dropped=res["dropped"], dropped_output=spec.dropped_output)

@@ -8,7 +8,7 @@ Stages, each writing into the cycle's folder `<output_dir>/cycles/vNNNN/`:
     select    rows that drifted off-policy (CLL threshold or bottom quantile)
                                                                -> selected.parquet, kept.parquet
     rewrite   the selected rows (self-first hinted decoding)   -> rewritten.parquet/
-    merge     kept + rewritten, in the corpus's order          -> corpus.parquet (the new corpus)
+    merge     kept rows, then the rewritten ones               -> corpus.parquet (the new corpus)
     train     fine-tune the current model on it (IDFT)         -> train/       (Ray Train)
     rescore   the new corpus under the new model               -> rescored.parquet/
     report    before/after CLL, counts by source, training     -> report/summary.json + PNGs
@@ -26,17 +26,19 @@ folder keeps two cycles from running at once.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 
-from opsft.data.corpus import read_rows, write_rows, write_text_atomic
+from opsft.data.corpus import write_rows_chunked, write_text_atomic
 from opsft.realign.lock import OutputLock
-from opsft.score_columns import SCORED_COLUMNS
+from opsft.score_columns import SCORE_FIELDS, SCORED_COLUMNS
 
 log = logging.getLogger(__name__)
 STAGES = ("score", "select", "rewrite", "merge", "train", "rescore", "report", "promote")
@@ -50,38 +52,52 @@ class InjectedCrash(RuntimeError):
 # ---------------------------------------------------------------------------- selection
 
 
-def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
-    """Ids of rows to rewrite: cll < value (mode 'threshold') or the lowest `value` fraction
-    by cll (mode 'quantile'; ties broken by id so the choice is deterministic). Rows with an
-    error or no score are never selected."""
-    scored = sorted((r["cll"], str(r["id"])) for r in rows if not r.get("error") and r.get("cll") is not None)
+def drift_key(row: dict) -> tuple[float, str] | None:
+    """(cll, id): the order in which rows drifted off-policy (ties broken by id); None for a row
+    that is never selected (an error, no score, a NaN score)."""
+    cll = row.get("cll")
+    if row.get("error") or cll is None or cll != cll:
+        return None
+    return (cll, str(row["id"]))
+
+
+def drift_rule(make_rows: Callable[[], Iterable[dict]], mode: str, value: float) -> Callable[[dict], bool]:
+    """Which rows to rewrite: cll < value (mode 'threshold'), or the lowest `value` fraction by
+    (cll, id) (mode 'quantile': deterministic under ties). `make_rows()` gives a fresh pass over the
+    scored rows (only id, cll and error are read); a quantile takes two passes and holds only the
+    selected rows' keys, never the corpus."""
     if mode == "threshold":
-        return {rid for cll, rid in scored if cll < value}
-    if mode == "quantile":
-        if not 0 <= value <= 1:
-            raise ValueError(f"quantile must be in [0, 1], got {value}")
-        return {rid for _, rid in scored[: int(round(value * len(scored)))]}
-    raise ValueError(f"select mode must be 'threshold' or 'quantile', got {mode!r}")
+        return lambda row: (key := drift_key(row)) is not None and key[0] < value
+    if mode != "quantile":
+        raise ValueError(f"select mode must be 'threshold' or 'quantile', got {mode!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"quantile must be in [0, 1], got {value}")
+    n_scored = sum(drift_key(row) is not None for row in make_rows())
+    count = int(round(value * n_scored))
+    if count == 0:
+        return lambda row: False
+    cutoff = heapq.nsmallest(count, (k for k in map(drift_key, make_rows()) if k is not None))[-1]
+    return lambda row: (key := drift_key(row)) is not None and key <= cutoff
 
 
+def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
+    """Ids of the rows drift_rule selects."""
+    rule = drift_rule(lambda: rows, mode, value)
+    return {str(r["id"]) for r in rows if rule(r)}
 
 
-def merge_corpus(scored: list[dict], rewritten: list[dict]) -> list[dict]:
-    """The new corpus: every scored row in order, with rewritten responses where a rewrite
-    exists; score columns of the old model are dropped (they describe the old corpus)."""
-    by_id = {str(r["id"]): r for r in rewritten}
-    out = []
-    for row in scored:
-        new = by_id.get(str(row["id"]))
-        base = {k: v for k, v in (new or row).items() if k not in SCORED_COLUMNS}
-        if new is None:
-            base.setdefault("source", "kept")
+def merge_corpus(kept: Iterable[dict], rewritten: Iterable[dict]) -> Iterator[dict]:
+    """The new corpus, streamed: the kept rows (source 'kept' unless they carry one), then the
+    rewritten rows; the score columns of the old model are dropped (they describe the old corpus),
+    a row's own error is kept."""
+    tagged = chain(((row, "kept") for row in kept), ((row, None) for row in rewritten))
+    for row, default_source in tagged:
+        base = {k: v for k, v in row.items() if k not in SCORED_COLUMNS}
+        if default_source:
+            base.setdefault("source", default_source)
         if row.get("error"):
             base["error"] = row["error"]
-        elif new is not None and new.get("error"):
-            base["error"] = new["error"]
-        out.append(base)
-    return out
+        yield base
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -252,21 +268,24 @@ def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = N
 
 
 def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import read_output
+    from opsft.jobs.files import iter_rows
 
-    rows = read_output(str(folder / "scored.parquet"))
+    scored = str(folder / "scored.parquet")
     sel = cycle.cfg.select
-    chosen = select_drifted(rows, sel.mode, sel.threshold if sel.mode == "threshold" else sel.quantile)
+    drifted = drift_rule(lambda: iter_rows(scored, ["id", "cll", "error"]), sel.mode,
+                         sel.threshold if sel.mode == "threshold" else sel.quantile)
     maybe_crash("select")
-    write_rows([r for r in rows if str(r["id"]) in chosen], folder / "selected.parquet")
-    write_rows([r for r in rows if str(r["id"]) not in chosen], folder / "kept.parquet")
-    return {"selected": len(chosen), "kept": len(rows) - len(chosen)}
+    # streamed: each output is written chunk by chunk from passes over the scored parts
+    selected = write_rows_chunked(lambda: (r for r in iter_rows(scored) if drifted(r)), folder / "selected.parquet")
+    kept = write_rows_chunked(lambda: (r for r in iter_rows(scored) if not drifted(r)), folder / "kept.parquet")
+    return {"selected": selected, "kept": kept}
 
 
 def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
+    from opsft.jobs.files import count_rows
     from opsft.jobs.pipeline import rewrite_spec, run_job
 
-    if not read_rows(folder / "selected.parquet"):
+    if not count_rows(str(folder / "selected.parquet")):
         fresh(folder / "rewritten.parquet").mkdir()
         return {"rows_in": 0, "rows_written": 0}
     _connect(cycle)
@@ -279,20 +298,20 @@ def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 
 def run_merge(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import read_output
-    from opsft.recipe import split_dropped
+    from opsft.jobs.files import iter_rows
 
-    scored = read_output(str(folder / "scored.parquet"))
-    rewritten = read_output(str(folder / "rewritten.parquet"))
-    corpus, dropped = split_dropped(merge_corpus(scored, rewritten))  # rewrite.drop_unverified: not trained on
+    def merged():
+        return merge_corpus(iter_rows(str(folder / "kept.parquet")), iter_rows(str(folder / "rewritten.parquet")))
+
     maybe_crash("merge")
-    write_rows(corpus, folder / "corpus.parquet")
-    write_rows(dropped, folder / "dropped.parquet")  # nothing is lost: corpus + dropped = every row
+    # rewrite.drop_unverified: the dropped rows are not trained on; corpus + dropped = every row
+    rows = write_rows_chunked(lambda: (r for r in merged() if not r.get("dropped")), folder / "corpus.parquet")
+    dropped = write_rows_chunked(lambda: (r for r in merged() if r.get("dropped")), folder / "dropped.parquet")
     sources: dict[str, int] = {}
-    for row in corpus:
-        key = row.get("source") or "kept"
+    for row in iter_rows(str(folder / "corpus.parquet"), ["source"]):
+        key = row["source"] or "kept"
         sources[key] = sources.get(key, 0) + 1
-    return {"rows": len(corpus), "dropped": len(dropped), "sources": sources}
+    return {"rows": rows, "dropped": dropped, "sources": sources}
 
 
 def run_train(cycle: Cycle, folder: Path, state: dict) -> dict:
@@ -314,12 +333,14 @@ def run_rescore(cycle: Cycle, folder: Path, state: dict) -> dict:
 
 
 def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import read_output
+    from opsft.jobs.files import iter_rows
     from opsft.report import build_report
 
-    before = read_output(str(folder / "scored.parquet"))
-    after = read_output(str(folder / "rescored.parquet"))
-    selected = _ids(folder / "selected.parquet")
+    # the score columns only (no text): a few numbers a row, not the corpus
+    columns = ["id", "error", *SCORE_FIELDS, "token_phi"]
+    before = list(iter_rows(str(folder / "scored.parquet"), columns))
+    after = list(iter_rows(str(folder / "rescored.parquet"), columns))
+    selected = {str(r["id"]) for r in iter_rows(str(folder / "selected.parquet"), ["id"])}
     maybe_crash("report")
     summary = build_report([("before", before), ("after", after)], fresh(folder / "report"))
     compact = {
@@ -346,10 +367,6 @@ def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
     maybe_crash("promote")
     with urllib.request.urlopen(request, timeout=cycle.cfg.promote_timeout_s) as response:
         return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}")}
-
-
-def _ids(path: Path) -> set[str]:
-    return {str(r["id"]) for r in read_rows(path)}
 
 
 def _mean_cll(rows: list[dict]) -> float | None:
