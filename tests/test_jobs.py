@@ -109,7 +109,7 @@ def test_job_flags_and_submission_request():
 @pytest.mark.slow
 def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_path):
     from opsft.config import ScoreConfig, load_config
-    from opsft.jobs.pipeline import build_plan, spec_from_config
+    from opsft.jobs.pipeline import build_plan, score_spec
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
@@ -117,7 +117,7 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
     cfg_file.write_text("engine: {kind: vllm, tensor_parallel_size: 1}\n"
                         "pool: {min_size: 2, max_size: 8, num_gpus: 1, num_cpus: 4, batch_size: 256}\n")
     cfg = load_config(ScoreConfig, cfg_file, {"input": str(corpus), "output": str(tmp_path / "o.parquet")})
-    plan = build_plan(spec_from_config(cfg, "opsft.scoring:score_rows", name="score"))
+    plan = build_plan(score_spec(cfg.input, cfg.output, cfg.engine, cfg.pool))
     assert [s.kind for s in plan.stages] == ["read", "task", "task", "actors", "write"]
     actors = plan.stages[3]
     assert (actors.min_actors, actors.max_actors, actors.batch_size) == (2, 8, 256)

@@ -111,30 +111,32 @@ def _killed_once(rows, engine, fn, tickets, kill_at, fn_kwargs):
     return load_function(fn)(rows, engine, **fn_kwargs)
 
 
-JOBS = {  # row function and its kwargs: the score job, and the rewrite job of the realignment cycle
-    "score": ("opsft.scoring:score_rows", {}, files.SCORE_TYPES),
-    "rewrite": ("opsft.recipe:rewrite_rows", {"params": {"policy": "hd-all", "missing_hint": "cot",
-                                                         "max_new_tokens": 6, "hint_max_new_tokens": 6}}, None),
-}
-
-
-@pytest.mark.parametrize("job", list(JOBS))
+@pytest.mark.parametrize("job", ["score", "rewrite"])
 def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupted_run(ray_local, tmp_path,
                                                                                         tiny_dir, job):
-    from opsft.jobs.pipeline import JobSpec, run_job
+    """The score job, and the rewrite job of `opsft rewrite --ray` and the cycle (rewrite_spec: six
+    stages), with the engine actor of one stage (score; hinted decoding) killed mid-stage."""
+    from opsft.config import RewriteConfig
+    from opsft.jobs.pipeline import rewrite_spec, run_job, score_spec
 
-    fn, fn_kwargs, types = JOBS[job]
     rows = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}.",
              "answer": str(2 * i)} for i in range(8)]
     write_jsonl(tmp_path / "in.jsonl", rows, bad_line=False)
     tickets = tmp_path / "tickets"
     tickets.mkdir()
+    engine = EngineConfig(model=tiny_dir)
+    pool = PoolConfig(num_cpus=0.25, batch_size=2, max_restarts=2, max_task_retries=2)
+    recipe = RewriteConfig(policy="hd-all", missing_hint="cot", max_new_tokens=6, hint_max_new_tokens=6)
 
     def run(name: str, kill_at: int | None) -> list[dict]:
-        wrapped = {"fn": fn, "tickets": str(tickets), "kill_at": kill_at, "fn_kwargs": fn_kwargs}
-        spec = JobSpec(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / name), fn=_killed_once,
-                       fn_kwargs=wrapped, column_types=types, name=job, engine=EngineConfig(model=tiny_dir),
-                       pool=PoolConfig(num_cpus=0.25, batch_size=2, max_restarts=2, max_task_retries=2))
+        inp, out = str(tmp_path / "in.jsonl"), str(tmp_path / name)
+        spec = score_spec(inp, out, engine, pool) if job == "score" else rewrite_spec(recipe, inp, out, engine=engine,
+                                                                                      pool=pool)
+        step = next(s for s in spec.all_steps() if s.name == ("hinted-decoding" if job == "rewrite" else "score"))
+        step.fn, step.fn_kwargs = _killed_once, {"fn": step.fn, "tickets": str(tickets), "kill_at": kill_at,
+                                                 "fn_kwargs": step.fn_kwargs}
+        if spec.steps is None:  # a one-step job: its step is made from the spec's own fn
+            spec.fn, spec.fn_kwargs = step.fn, step.fn_kwargs
         summary = run_job(spec)
         assert summary["rows_in"] == summary["rows_out_total"] == len(rows)
         return sorted(files.read_output(str(tmp_path / name)), key=lambda r: r["id"])

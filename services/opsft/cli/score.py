@@ -50,15 +50,13 @@ def run(args) -> int:
 
 def score_distributed(cfg) -> dict:
     from opsft.cluster import connect
-    from opsft.jobs.files import SCORE_TYPES, iter_rows
-    from opsft.jobs.pipeline import run_job, spec_from_config
+    from opsft.jobs.files import iter_rows
+    from opsft.jobs.pipeline import run_job, score_spec
     from opsft.scoring import SUMMARY_COLUMNS, summary
 
     connect(cfg.address)
-    spec = spec_from_config(cfg, "opsft.scoring:score_rows", name="score", column_types=SCORE_TYPES,
-                            fn_kwargs={"include_eos": cfg.include_eos, "tokens": cfg.tokens,
-                                       "temperature": cfg.temperature})
-    result = run_job(spec)
+    result = run_job(score_spec(cfg.input, cfg.output, cfg.engine, cfg.pool, include_eos=cfg.include_eos,
+                                tokens=cfg.tokens, temperature=cfg.temperature))
     # the same corpus figures as in-process, streamed from the output folder part by part
     return {**result, **summary(iter_rows(cfg.output, SUMMARY_COLUMNS))}
 

@@ -1,6 +1,6 @@
 """Build and run a Ray Data corpus job: read -> parse (ids, resume) -> one or more map steps
 (an actor pool holding an engine that applies a row function, or CPU tasks) -> part files.
-Generic over the row functions: `opsft score` runs one step (opsft.scoring.score_rows),
+Generic over the row functions: `opsft score` runs one step (score_spec below: opsft.scoring.score_rows),
 `opsft rewrite --ray` and the realignment cycle run the recipe's stages (rewrite_spec below).
 
     spec = JobSpec(input="corpus.jsonl", output="scored.parquet", fn="opsft.scoring:score_rows",
@@ -222,14 +222,14 @@ def run_job(spec: JobSpec) -> dict:
     return summary
 
 
-def spec_from_config(cfg, fn: str, *, name: str, fn_kwargs: dict | None = None,
-                     column_types: dict | None = None) -> JobSpec:
-    """A JobSpec from a command's config (anything with input, output, engine and pool):
-    the hook `opsft rewrite` uses with its own row function."""
-    if not cfg.input or not cfg.output:
-        raise ValueError("a job needs input and output")
-    return JobSpec(input=cfg.input, output=cfg.output, fn=fn, engine=cfg.engine, pool=cfg.pool,
-                   fn_kwargs=dict(fn_kwargs or {}), column_types=column_types, name=name)
+
+def score_spec(input: str, output: str, engine: EngineConfig, pool: PoolConfig, *, include_eos: bool = False,
+               tokens: bool = False, temperature: float = 1.0, name: str = "score") -> JobSpec:
+    """The Ray Data job of `opsft score`: what `opsft score --ray` and the realignment cycle's score and
+    rescore stages run (opsft.scoring.score_rows on an actor pool, the score columns' fixed types)."""
+    return JobSpec(input=input, output=output, fn="opsft.scoring:score_rows", engine=engine, pool=pool,
+                   fn_kwargs={"include_eos": include_eos, "tokens": tokens, "temperature": temperature},
+                   column_types=files.SCORE_TYPES, name=name)
 
 
 def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engine: EngineConfig | None = None,

@@ -256,13 +256,12 @@ def _connect(cycle: Cycle) -> None:
 
 def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,
               out_name: str = "scored.parquet") -> dict:
-    from opsft.jobs import files
-    from opsft.jobs.pipeline import JobSpec, run_job
+    from opsft.jobs.pipeline import run_job, score_spec
 
     _connect(cycle)
-    spec = JobSpec(input=corpus or str(cycle.cfg.corpus), output=str(folder / out_name),
-                   fn="opsft.scoring:score_rows", engine=_engine_for(cycle, model or state["model"]),
-                   pool=cycle.cfg.pool, column_types=files.SCORE_TYPES, name=out_name)
+    # the same job as `opsft score --ray`
+    spec = score_spec(corpus or str(cycle.cfg.corpus), str(folder / out_name),
+                      _engine_for(cycle, model or state["model"]), cycle.cfg.pool, name=out_name)
     maybe_crash("score" if out_name == "scored.parquet" else "rescore")
     return run_job(spec)  # resumes by id from the part files already written
 
