@@ -194,3 +194,7 @@ def test_tasks_with_generator_settings_and_labels(tiny_engine):
     assert {r["task_label"] for r in records} == {"chain_sum", "chain_sum_easy"}
     with pytest.raises(ValueError, match="given twice"):
         evaluate_model(Scripted(tiny_engine, ["1"] * 4), [tasks[0], tasks[0]], passages=0)
+    # settings the task refuses (here only when it makes its first item) name the task and the settings
+    refused = r"task 'simple_equations' with settings .*'operators'.*: The number of weights"
+    with pytest.raises(ValueError, match=refused):
+        task_items("simple_equations", 2, config={"operators": ["+", "-"]})

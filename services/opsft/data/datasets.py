@@ -25,11 +25,15 @@ def _rows_from(task: str, n: int, seed: int, offset: int, response_of, config: d
         raise ValueError("n and offset must be >= 0")
     if n == 0:
         return []
-    ds = reasoning_gym.create_dataset(task, size=offset + n, seed=seed, **(config or {}))
+    try:  # settings the task refuses fail here or at its first item: say which task and settings
+        ds = reasoning_gym.create_dataset(task, size=offset + n, seed=seed, **(config or {}))
+        first = ds[offset]
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
+        raise ValueError(f"reasoning-gym task {task!r} with settings {config or {}}: {exc}") from exc
     tag = f"-c{config_key(config)}" if config else ""
     rows = []
     for idx in range(offset, offset + n):
-        entry = ds[idx]
+        entry = first if idx == offset else ds[idx]
         rows.append({
             "id": f"{task}{tag}-s{seed}-{idx}",
             "prompt": entry["question"],
