@@ -5,6 +5,7 @@ recipe rewrites, and held-out questions for evaluation.
     train, held_out = train_eval_split(200, 100, seed=0)  # disjoint questions
     rows = task_corpus("basic_arithmetic", 50, seed=0)   # any reasoning-gym task (response = answer)
     rows = task_corpus("chain_sum", 50, config={"max_terms": 2})  # with the task's generator settings
+    rows = addition_corpus(160, seed=0)                 # the demo's family: sums, column-method solutions
 
 reasoning-gym builds item i from Random(seed + i) and picks its template from a prefix-stable
 list, so item i is the same whatever the dataset size: `offset` selects items offset..offset+n-1.
@@ -61,6 +62,45 @@ def task_corpus(task: str, n: int, seed: int = 0, offset: int = 0, config: dict 
     `config`: the task's own generator settings (e.g. chain_sum max_terms=2), passed to
     reasoning_gym.create_dataset; the rows' ids then carry a short hash of it."""
     return _rows_from(task, n, seed, offset, lambda entry: str(entry["answer"]), config)
+
+
+# Two-term addition of 1- and 2-digit numbers (reasoning-gym basic_arithmetic): the demo's task family.
+# The embedded 135M model answers 28/80 of them right (workflows/demo_task_survey.yaml: a task it can
+# partly do, so self-first has own answers to keep and hinted decoding has wrong ones to rewrite).
+ADDITION = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"],
+            "allow_parentheses": False, "allow_negation": False}
+
+
+def column_addition(expression: str) -> str:
+    """A worked solution of "a + b" (non-negative integers) in a style that is not the model's: the
+    column method, terse, one line per column; an off-policy reference that ends with "#### <sum>"."""
+    a, b = (int(t) for t in expression.split(" + "))
+    if a < 0 or b < 0:
+        raise ValueError(f"column_addition needs non-negative terms, got {expression!r}")
+    lines, carry, digits = [f"Column method for {a} + {b}."], 0, []
+    for col in range(max(len(str(a)), len(str(b)))):
+        da, db = a // 10 ** col % 10, b // 10 ** col % 10
+        total = da + db + carry
+        name = COLUMN_NAMES[col] if col < len(COLUMN_NAMES) else f"10^{col}"
+        lines.append(f"{name} column: {da} + {db} + {carry} = {total}; write {total % 10}, carry {total // 10}.")
+        digits.append(total % 10)
+        carry = total // 10
+    if carry:
+        lines.append(f"The last carry {carry} is the leading digit.")
+        digits.append(carry)
+    result = int("".join(map(str, reversed(digits))))
+    if result != a + b:  # the method, checked against Python's sum
+        raise AssertionError(f"column_addition({expression!r}) gave {result}")
+    return "\n".join(lines + [f"Reading the columns gives {result}.", f"#### {result}"])
+
+
+COLUMN_NAMES = ("Ones", "Tens", "Hundreds", "Thousands")
+
+
+def addition_corpus(n: int, seed: int = 0, offset: int = 0) -> list[dict]:
+    """n addition rows (ADDITION settings): question, off-policy column-method solution, answer."""
+    return _rows_from("basic_arithmetic", n, seed, offset,
+                      lambda entry: column_addition(entry["metadata"]["expression"]), ADDITION)
 
 
 def config_key(config: dict) -> str:
