@@ -222,7 +222,6 @@ def run_job(spec: JobSpec) -> dict:
     return summary
 
 
-
 def score_spec(input: str, output: str, engine: EngineConfig, pool: PoolConfig, *, include_eos: bool = False,
                tokens: bool = False, temperature: float = 1.0, name: str = "score") -> JobSpec:
     """The Ray Data job of `opsft score`: what `opsft score --ray` and the realignment cycle's score and
