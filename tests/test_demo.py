@@ -56,8 +56,8 @@ def test_the_demo_held_out_items_never_appear_in_the_corpus():
 @pytest.mark.slow
 def test_self_first_on_the_demo_family_keeps_right_self_answers_and_moves_the_corpus_on_policy(real_engine):
     """The real model on 8 demo rows: a row whose greedy self-answer verifies keeps exactly that answer
-    (source self); the others are rewritten; the rewritten corpus's CLL under the same (base) model
-    is closer to 0 than the original off-policy references'."""
+    (source self); the others are rewritten; under the same (base) model the references are
+    off-policy by the paper's line (mean CLL < -0.1) and the realigned rows on-policy (> -0.05)."""
     from opsft.config import RewriteConfig
     from opsft.data.chat import prompt_ids
     from opsft.engines import GenerationParams
@@ -81,4 +81,4 @@ def test_self_first_on_the_demo_family_keeps_right_self_answers_and_moves_the_co
     new = sum(r["cll"] for r in out) / len(out)
     original = sum(r["cll_original"] for r in out) / len(out)
     print(f"demo rows: sources {[r['source'] for r in out]}; mean CLL original {original:.3f} -> {new:.3f}")
-    assert original < new and abs(new) < abs(original)
+    assert original < -0.1 and new > -0.05  # seen: -0.525 and +0.456, far from either line

@@ -67,14 +67,12 @@ def corpus_cll(model: str, path: str) -> float | None:
 
 def rewritten_cll(folder: Path) -> tuple[float | None, float | None]:
     """Mean CLL under the base model (the rewrite's score stage) of the rewritten rows: their
-    original responses, and what they became."""
+    original responses, and what they became (opsft.recipe.recipe_summary over the rewrite's output)."""
     from opsft.jobs.files import iter_rows
+    from opsft.recipe import SUMMARY_COLUMNS, recipe_summary
 
-    rows = [r for r in iter_rows(str(folder / "rewritten.parquet"), ["cll", "cll_original", "error"])
-            if not r["error"] and r["cll"] is not None and r["cll_original"] is not None]
-    if not rows:
-        return None, None
-    return sum(r["cll_original"] for r in rows) / len(rows), sum(r["cll"] for r in rows) / len(rows)
+    summary = recipe_summary(iter_rows(str(folder / "rewritten.parquet"), SUMMARY_COLUMNS))
+    return summary["cll_original_mean"], summary["cll_mean"]
 
 
 def accuracy_cell(task: dict) -> str:

@@ -93,8 +93,8 @@ def _text(tokenizer, tokens: list[int]) -> str:
 
 
 # The recipe as stages, each rows -> rows (same rows, same order): what `opsft rewrite` runs in one
-# process and what its --ray job (opsft.jobs.rewrite) runs as one Ray Data pipeline, one actor pool or
-# task per stage. A row's progress lives in the row itself: its new fields, and until the last
+# process and what its --ray job (opsft.jobs.pipeline.rewrite_spec) runs as one Ray Data pipeline, one
+# actor pool or task per stage. A row's progress lives in the row itself: its new fields, and until the last
 # stage a private `_rewrite` dict (its reference answer and the self-answer's finish reason).
 STAGES = ("self-answer", "verify-self", "hint", "hinted-decoding", "verify", "score")
 # The engine capability each stage needs (opsft.engines.base.CAPABILITIES); None: a CPU task, no engine.

@@ -94,8 +94,7 @@ def rewrite_distributed(cfg) -> dict:
     spec = rewrite_spec(cfg, cfg.input, cfg.output, dropped_output=dropped)
     connect(cfg.address, num_cpus=local_num_cpus(engine_pools(spec)))  # a local cluster fits every stage pool
     result = run_job(spec)
-    outputs = [cfg.output] + ([dropped] if dropped else [])
-    return {**result, **recipe_summary(row for out in outputs for row in iter_rows(out, SUMMARY_COLUMNS))}
+    return {**result, **recipe_summary(row for out in spec.outputs() for row in iter_rows(out, SUMMARY_COLUMNS))}
 
 
 def rewrite_in_process(cfg) -> dict:

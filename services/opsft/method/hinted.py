@@ -231,8 +231,8 @@ class Stream:
 
 class ModelStreams:
     """The decode capability (opsft.engines.base.DecodeEngine) over a transformers model:
-    `open_stream(prompts, items)` prefills a Stream. The hf engine decodes through this; a bare
-    model handed to hinted_decode is wrapped in it."""
+    `open_stream(prompts, items)` prefills a Stream, as HFEngine.open_stream does for its own model;
+    a bare model handed to hinted_decode is wrapped in it."""
 
     def __init__(self, model, pad_id: int = 0, prefill_rows: int = 4):
         self.model, self.pad_id, self.prefill_rows = model, pad_id, prefill_rows
