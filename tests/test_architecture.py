@@ -14,6 +14,7 @@ LAYER = {
     "cli/serve.py", "cli/submit.py",                      # start Serve, submit Ray jobs
     "cluster.py",                                         # Ray start-up and runtime envs
     "engines/vllm.py",                                    # the vLLM engine (imported only when asked for)
+    "engines/vllm_hd.py",                                 # hinted decoding on vLLM: its logits processor
     "jobs/pipeline.py", "jobs/stages.py",                 # Ray Data corpus jobs
     "realign/schedule.py",                                # Ray job submission of scheduled cycles
     "serve/app.py", "serve/deployments.py", "serve/http.py",  # Ray Serve + FastAPI

@@ -19,6 +19,7 @@ from opsft.method.hinted import (
     HDParams,
     TokenText,
     analysis_prefix,
+    forced_prefix,
     hinted_decode,
     is_repeating,
     item_generator,
@@ -272,8 +273,30 @@ def test_repetition_rule():
 
 
 def test_analysis_prefix():
-    assert analysis_prefix("# Analyze\nx\n# CoT\nsome\n# CoT\nmore") == "# Analyze\nx\n# CoT\nsome\n# CoT"
+    hint = "# Analyze\nx\n# CoT\nsome\n# CoT\nmore"
+    assert analysis_prefix(hint, "marker") == "# Analyze\nx\n# CoT\nsome\n# CoT"   # the official rule
+    assert analysis_prefix(hint) == "# Analyze\nx\n# CoT\nsome\n# CoT\n"             # default: the whole line
     assert analysis_prefix("no marker here") is None
+    assert analysis_prefix("no marker here", "marker") is None
+
+
+@pytest.mark.parametrize(("hint", "line", "marker"), [
+    ("# Analyze\n1 + 2\n# CoT:\nThe sum", "# Analyze\n1 + 2\n# CoT:\n", "# Analyze\n1 + 2\n# CoT"),
+    ("a\n# CoT : \n\nb", "a\n# CoT : \n", "a\n# CoT"),             # one newline only: a blank line stays
+    ("a\n# CoT: The sum is 3", "a\n# CoT: ", "a\n# CoT"),               # text on the marker's line stays
+    ("a\n# CoT", "a\n# CoT", "a\n# CoT"),                              # hint ends at the marker
+    ("a\n# CoT::\nb", "a\n# CoT:", "a\n# CoT"),                         # only one colon belongs to the marker
+])
+def test_analysis_prefix_cuts(hint, line, marker):
+    assert analysis_prefix(hint, "line") == line
+    assert analysis_prefix(hint, "marker") == marker
+
+
+def test_forced_prefix_and_bad_cut():
+    assert forced_prefix("line") == "# CoT:\n"
+    assert forced_prefix("marker") == "# CoT"
+    with pytest.raises(ValueError, match="hint cut"):
+        analysis_prefix("# CoT", "after")
 
 
 # ------------------------------------------------------------------ tests: equivalence

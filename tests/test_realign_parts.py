@@ -127,9 +127,13 @@ def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(
     assert out["sources"] == {"kept": 2, "hd": 1} and "cll" not in corpus[0]
 
 
-def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts():
+def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts(monkeypatch):
     from opsft.config import RealignConfig
+    from opsft.engines import base
 
+    RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})  # vllm can do every stage
+    # an engine kind without the decode capability (as vllm was before opsft.engines.vllm_hd)
+    monkeypatch.setitem(base.CAPABILITIES, "vllm", frozenset({"score", "generate"}))
     with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
         RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})
     # generation and scoring on vLLM, hinted decoding on hf: accepted

@@ -125,29 +125,31 @@ def test_self_first_routes_rows_and_keeps_every_row(tiny_engine, tokenizer):
 
 def test_hd_all_and_no_hint(tiny_engine):
     engine = ScriptedHints(tiny_engine, "an analysis that never gives the marker")
-    out = rewrite_rows(ROWS[:2], engine, RewriteParams(policy="hd-all", hd=FAST, hint_max_new_tokens=4),
-                       lambda *a: True)
+    out = rewrite_rows(ROWS[:2], engine, RewriteParams(policy="hd-all", hd=FAST, hint_max_new_tokens=4,
+                                                       missing_hint="skip"), lambda *a: True)
     assert engine.self_calls == 0 and engine.hint_calls == 2
     assert all(r["self_response"] is None and r["self_verified"] is None for r in out)
-    assert all(r["hint_forced"] is False for r in out)  # the default: the row is skipped (official rule)
+    assert all(r["hint_forced"] is False for r in out)  # skip, the official rule: the row keeps its reference
     assert all(r["finish_reason"] == "no_hint" and r["source"] == "original" and r["verified"] is False for r in out)
     assert [r["response"] for r in out] == [r["response"] for r in ROWS[:2]]
 
 
-def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer):
+@pytest.mark.parametrize(("cut", "opening"), [("line", "# CoT:\n"), ("marker", "# CoT")])
+def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer, cut, opening):
     engine = ScriptedHints(tiny_engine, "an analysis that never gives the marker")
     params = RewriteParams(policy="hd-all", hd=HDParams(temperature=0.0, max_new_tokens=5, splitter=None),
-                           hint_max_new_tokens=4, missing_hint="cot")
+                           hint_max_new_tokens=4, missing_hint="cot", hint_cut=cut)
     seen = []
     out = rewrite_rows(ROWS[:2], engine, params, lambda text, ref, row: seen.append(text) or True)
     assert all(r["hint_forced"] is True and r["source"] == "hd" and r["finish_reason"] != "no_hint" for r in out)
-    # the hinted stream is the hint chat + "# CoT": the same tokens as decoding by hand from that prompt
+    # the hinted stream is the hint chat + the marker line as the cut leaves it: the same tokens as
+    # decoding by hand from that prompt
     from opsft.data.chat import end_of_turn_id, response_ids
     from opsft.method.hinted import HDItem, hint_messages, hinted_decode
 
     row = ROWS[0]
     item = HDItem(hinted_prompt=prompt_ids(tokenizer, hint_messages(row["prompt"], row["response"]))
-                  + response_ids(tokenizer, "# CoT"),
+                  + response_ids(tokenizer, opening),
                   student_prompt=prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}]))
     expect = hinted_decode(tiny_engine.model, [item], params.hd, {end_of_turn_id(tokenizer)},
                            pad_id=tokenizer.pad_token_id or 0)[0]
@@ -202,16 +204,20 @@ def test_engine_capabilities_are_what_the_classes_can_do():
     from opsft.engines.base import CAPABILITIES
     from opsft.engines.vllm import VLLMEngine
 
-    methods = {"score": "score_tokens", "generate": "generate", "decode": "open_stream"}
+    methods = {"score": ("score_tokens",), "generate": ("generate",), "decode": ("open_stream", "hinted_decode")}
     for kind, cls in {"hf": HFEngine, "vllm": VLLMEngine}.items():
-        assert CAPABILITIES[kind] == {cap for cap, name in methods.items() if hasattr(cls, name)}, kind
+        assert CAPABILITIES[kind] == {cap for cap, names in methods.items() if any(hasattr(cls, n) for n in names)}
 
 
-def test_a_stage_whose_engine_cannot_do_it_is_refused_before_anything_runs(tmp_path, capsys):
+def test_a_stage_whose_engine_cannot_do_it_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
     from opsft.cli import main
     from opsft.config import REWRITE_STAGES, RewriteConfig
+    from opsft.engines import base
     from opsft.recipe import STAGE_NEEDS
 
+    RewriteConfig(engine={"kind": "vllm"}).check_stages()  # vllm can do every stage
+    # an engine kind without the decode capability (as vllm was before opsft.engines.vllm_hd)
+    monkeypatch.setitem(base.CAPABILITIES, "vllm", frozenset({"score", "generate"}))
     assert REWRITE_STAGES == tuple(s for s, need in STAGE_NEEDS.items() if need is not None)
     with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
         RewriteConfig(engine={"kind": "vllm"}).check_stages()

@@ -239,7 +239,8 @@ def test_cli_rewrite_ray_with_a_vllm_score_stage_equals_the_hf_rewrite(model_dir
     runner), generation and hinted decoding on hf actors (config stages: and --hd-engine). Against
     `opsft rewrite` in one process on hf, in the same venv: rows in == rows out, the same hints and
     responses (greedy hf on both sides), CLL within 1e-3 (the exact scorer's bound), and the
-    score stage's rows say exact_entropy."""
+    score stage's rows say exact_entropy. Then `opsft rewrite --engine vllm`: every stage on vLLM,
+    hinted decoding included, equal to the in-process hf rewrite in the same way."""
     (q0, a0), (q1, a1) = texts()[:2]
     rows = [{"id": "g0", "prompt": q0, "response": a0}, {"id": "bad", "prompt": "", "response": "x"},
             {"id": "g1", "prompt": q1, "response": a1}]
@@ -273,3 +274,99 @@ def test_cli_rewrite_ray_with_a_vllm_score_stage_equals_the_hf_rewrite(model_dir
         for key in ("cll", "cll_original"):
             assert got[key] == pytest.approx(want[key], abs=TOL), (rid, key)
         assert got["exact_entropy"] is True and want["exact_entropy"] is True
+
+    # the whole recipe on one vllm engine, in-process: hints from the generate runner, hinted
+    # decoding paired on it (opsft.engines.vllm_hd), CLL from the pooling runner
+    run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "vllm.jsonl", "--engine", "vllm"], tmp_path,
+                     "opsft rewrite --engine vllm (in-process)")
+    on_vllm = {r["id"]: r for r in read_rows(tmp_path / "vllm.jsonl")}
+    assert sorted(on_vllm) == ["bad", "g0", "g1"] and on_vllm["bad"]["error"] == local["bad"]["error"]
+    for rid in ("g0", "g1"):
+        got, want = on_vllm[rid], local[rid]
+        for key in ("response", "hint", "hd_response", "source", "verified", "finish_reason", "hd_tokens"):
+            assert got.get(key) == want.get(key), (rid, key)
+        for key in ("cll", "cll_original"):
+            assert got[key] == pytest.approx(want[key], abs=TOL), (rid, key)
+
+
+# ---------------------------------------------------------------------------- hinted decoding on vLLM
+
+# Greedy runs that between them exercise the splitter and every stop reason (checked below, so a
+# change of model or prompts cannot quietly stop exercising one): HDParams fields.
+HD_RUNS = {
+    "beta3": {"beta": 3.0, "temperature": 0.0, "max_new_tokens": 40, "splitter": " is"},
+    "beta0": {"beta": 0.0, "temperature": 0.0, "max_new_tokens": 12, "splitter": " is"},
+    "beta0.7": {"beta": 0.7, "temperature": 0.0, "max_new_tokens": 40, "splitter": None,
+                "repeat_window": 2, "repeat_times": 3, "repeat_every": 4},
+}
+
+
+def hd_items(tokenizer, n: int):
+    """n items of the demo's family: hinted prompt = hint chat (question + column-method reference)
+    + an analysis prefix; student prompt = the question; seeds 0..n-1."""
+    from opsft.data.corpus import parse_row, question_text
+    from opsft.data.datasets import addition_corpus
+    from opsft.method.hinted import HDItem, hint_messages
+
+    items = []
+    for k, row in enumerate(addition_corpus(n, seed=0)):
+        ex = parse_row(row)
+        question = question_text(ex.messages)
+        hinted = prompt_ids(tokenizer, hint_messages(question, ex.response)) + tokenizer(
+            "# Analyze\n", add_special_tokens=False)["input_ids"]
+        items.append(HDItem(hinted, prompt_ids(tokenizer, [{"role": "user", "content": question}]), seed=k))
+    return items
+
+
+def hf_reference(engine, items, fields: dict, eos: set[int]):
+    from opsft.method.hinted import HDParams, TokenText, hinted_decode
+
+    return hinted_decode(engine, items, HDParams(**fields), eos, decode_token=TokenText(engine.tokenizer))
+
+
+def hinted_request(model_dir, items, eos, runs, options=None) -> dict:
+    return {"model": model_dir, "options": {"dtype": "float32", **(options or {})},
+            "hinted": {"items": [{"hinted_prompt": it.hinted_prompt, "student_prompt": it.student_prompt,
+                                  "seed": it.seed} for it in items], "eos": sorted(eos), "runs": runs}}
+
+
+@pytest.mark.slow
+def test_vllm_hinted_decoding_equals_the_hf_decoder(model_dir, real_engine, tmp_path):
+    """The issue's bound: greedy, fp32, the same responses as the hf decoder (token for token, with
+    the same finish reason and the same switch point), for beta 0, 0.7 and 3, the splitter and
+    every stop reason exercised; no pair fell out of step."""
+    from opsft.data.chat import end_of_turn_id
+
+    items = hd_items(real_engine.tokenizer, 6)
+    eos = {end_of_turn_id(real_engine.tokenizer)}
+    got = run_engine(hinted_request(model_dir, items, eos, HD_RUNS), tmp_path)["hinted"]
+    reasons, switched = set(), 0
+    for name, fields in HD_RUNS.items():
+        want = hf_reference(real_engine, items, fields, eos)
+        for k, (g, w) in enumerate(zip(got[name]["results"], want, strict=True)):
+            assert (g["tokens"], g["finish_reason"], g["switched_at"]) == (w.tokens, w.finish_reason, w.switched_at), \
+                (name, k, real_engine.tokenizer.decode(g["tokens"]), real_engine.tokenizer.decode(w.tokens))
+            reasons.add(w.finish_reason)
+            switched += w.switched_at is not None
+        assert got[name]["stats"] == {}, name  # every pair stayed in step
+        tokens = sum(len(r["tokens"]) for r in got[name]["results"])
+        print(f"vllm hinted decoding {name}: {tokens} tokens in {got[name]['seconds']:.1f}s")
+    assert reasons == {"eos", "max_length", "repeating"} and switched >= 3
+
+
+@pytest.mark.slow
+def test_vllm_hinted_decoding_survives_pairs_falling_out_of_step(model_dir, real_engine, tmp_path):
+    """A KV cache too small for a wave's outputs (13 blocks of 128 tokens): vLLM preempts requests,
+    so pairs fall out of step. Those items are decoded again, one pair at a time, and every result
+    still equals the hf decoder's; the summary counts them."""
+    items = hd_items(real_engine.tokenizer, 4)
+    # an end token the model does not write here: every item runs to max_length
+    eos = {real_engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    runs = {"long": {"beta": 3.0, "temperature": 0.0, "max_new_tokens": 240, "splitter": None}}
+    got = run_engine(hinted_request(model_dir, items, eos, runs, {"vllm_args": {"num_gpu_blocks_override": 13}}),
+                     tmp_path)["hinted"]["long"]
+    want = hf_reference(real_engine, items, runs["long"], eos)
+    for k, (g, w) in enumerate(zip(got["results"], want, strict=True)):
+        assert (g["tokens"], g["finish_reason"]) == (w.tokens, w.finish_reason), k
+    print(f"out of step: {got['stats']}")
+    assert got["stats"].get("out_of_step_retried", 0) >= 1 and "out_of_step" not in got["stats"]

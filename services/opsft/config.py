@@ -345,10 +345,13 @@ class RewriteConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(1024, ge=1, description="per self-answer and per hinted-decoding output")
     hint_max_new_tokens: int = Field(512, ge=1, description="per '# Analyze ... # CoT' hint")
-    missing_hint: Literal["skip", "cot"] = Field("skip", description="a hint without the '# CoT' marker: skip the "
-                                                 "row (the official rule, finish_reason no_hint), or cot: decode "
-                                                 "anyway with the hinted stream opened at '# CoT' (no analysis; "
-                                                 "for small models that do not follow the hint format)")
+    missing_hint: Literal["skip", "cot"] = Field("cot", description="a hint without the '# CoT' marker: cot "
+                                                 "(default): decode anyway with the hinted stream opened at "
+                                                 "'# CoT:' (no analysis); skip: keep the row's reference (the "
+                                                 "official rule, finish_reason no_hint). docs/hinted_decoding.md")
+    hint_cut: Literal["line", "marker"] = Field("line", description="where the hinted stream's analysis prefix "
+                                                "ends: line = after the '# CoT:' line; marker = right after "
+                                                "'# CoT' (the official rule; outputs then start with ':')")
     splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")

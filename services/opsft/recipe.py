@@ -5,9 +5,10 @@ Policy `self-first` (default):
   1. the model answers every question itself (greedy); an answer the verifier accepts is kept
      as it is (`source` = self: it is already on-policy);
   2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint, cut after
-     its last "# CoT" (no marker: finish reason `no_hint`; or, with missing_hint="cot", the
-     hinted stream opened at "# CoT" without an analysis, `hint_forced` = true), then
-     opsft.method.hinted.hinted_decode;
+     the line of its last "# CoT" (hint_cut="line"; "marker" = right after it, the official
+     rule) (no marker: by default the hinted stream opened at "# CoT:" without an analysis,
+     `hint_forced` = true; with missing_hint="skip", the official rule, finish reason
+     `no_hint`), then opsft.method.hinted.hinted_decode;
   3. an HD output the verifier accepts replaces the response (`source` = hd); otherwise the row
      keeps its original response (`source` = original, `verified` = false), or, with
      drop_unverified, is marked `dropped` = true (split_dropped separates them; nothing is lost).
@@ -33,12 +34,22 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from opsft.data.chat import end_of_turn_id, prompt_ids, response_ids
 from opsft.data.corpus import RowError, parse_row, question_text, with_id
 from opsft.data.verify import extract_final_answer, make_verifier
-from opsft.engines.base import GenerationParams
-from opsft.method.hinted import COT_MARKER, HDItem, HDParams, TokenText, analysis_prefix, hint_messages, hinted_decode
+from opsft.engines.base import GenerationParams, can_decode
+from opsft.method.hinted import (
+    HINT_CUTS,
+    HDItem,
+    HDParams,
+    TokenText,
+    analysis_prefix,
+    forced_prefix,
+    hint_messages,
+    hinted_decode,
+)
 from opsft.scoring import score_rows
 
 POLICIES = ("self-first", "hd-all")
@@ -51,7 +62,8 @@ class RewriteParams:
     policy: str = "self-first"
     hd: HDParams = field(default_factory=HDParams)
     hint_max_new_tokens: int = 512
-    missing_hint: str = "skip"    # "skip" (official: finish_reason no_hint) or "cot" (hinted stream opens at "# CoT")
+    missing_hint: str = "cot"     # "cot" (hinted stream opens at "# CoT:") or "skip" (official: finish_reason no_hint)
+    hint_cut: str = "line"        # where the analysis prefix ends: "line" (after "# CoT:\n") or "marker" (official)
     batch_size: int = 16          # items per hinted-decoding batch
     drop_unverified: bool = False
     verifier: str = "auto"        # opsft.data.verify.make_verifier name
@@ -61,6 +73,8 @@ class RewriteParams:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.missing_hint not in ("skip", "cot"):
             raise ValueError(f"missing_hint must be 'skip' or 'cot', got {self.missing_hint!r}")
+        if self.hint_cut not in HINT_CUTS:
+            raise ValueError(f"hint_cut must be one of {HINT_CUTS}, got {self.hint_cut!r}")
 
     @classmethod
     def from_config(cls, values: dict) -> RewriteParams:
@@ -72,7 +86,7 @@ class RewriteParams:
                       piecewise_bounds=tuple(cfg.piecewise_bounds), temperature=cfg.temperature, top_p=cfg.top_p,
                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, splitter=cfg.splitter or None)
         return cls(policy=cfg.policy, hd=hd, hint_max_new_tokens=cfg.hint_max_new_tokens, batch_size=cfg.batch_size,
-                   missing_hint=cfg.missing_hint,
+                   missing_hint=cfg.missing_hint, hint_cut=cfg.hint_cut,
                    drop_unverified=cfg.drop_unverified, verifier=cfg.verifier)
 
 
@@ -163,8 +177,8 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     if hd_engine is not None:
         chosen["hinted-decoding"] = hd_engine
     chosen.update(engines or {})
-    if not hasattr(chosen["hinted-decoding"], "open_stream"):
-        raise ValueError(f"hinted decoding needs an engine that can decode (hf); engine "
+    if not can_decode(chosen["hinted-decoding"]):
+        raise ValueError(f"hinted decoding needs an engine that can decode (hf, vllm); engine "
                          f"{getattr(chosen['hinted-decoding'], 'name', '?')!r} cannot: pass hd_engine")
     verifier = verifier or make_verifier(params.verifier)
     for i, stage in enumerate(stages_for(params.policy)):
@@ -245,9 +259,9 @@ def _hd_item(job: Rewrite, k: int, hint_prompt: list[int] | None = None) -> HDIt
     """Row k's hinted-decoding item from its hint (hinted prompt = question + reference + the
     hint's analysis prefix; student prompt = the question); None when the hint has no '# CoT'."""
     row = job.out[k]
-    prefix = analysis_prefix(row["hint"])
+    prefix = analysis_prefix(row["hint"], job.params.hint_cut)
     if prefix is None and row.get("hint_forced"):
-        prefix = COT_MARKER  # no analysis: the hinted stream sees question + reference, then "# CoT"
+        prefix = forced_prefix(job.params.hint_cut)  # no analysis: question + reference, then the marker
     if prefix is None:
         return None
     hint_prompt = hint_prompt if hint_prompt is not None else _hint_prompt(job, k)
@@ -306,10 +320,13 @@ def _hinted_decoding(job: Rewrite) -> None:
     tok, params = job.tok, job.params
     items = [_hd_item(job, k) for k in rows]
     decode_token, tick = TokenText(tok), TokenProgress(job.report, len(items) * params.hd.max_new_tokens)
-    for s in range(0, len(items), params.batch_size):
-        results = hinted_decode(job.engine, items[s:s + params.batch_size], params.hd, {job.eos},
-                                decode_token=decode_token, max_positions=job.engine.max_length, on_token=tick)
-        for k, res in zip(rows[s:s + params.batch_size], results, strict=True):
+    native = getattr(job.engine, "hinted_decode", None)  # an engine that schedules both streams itself (vllm)
+    step = len(items) if native else params.batch_size
+    decode = native or partial(hinted_decode, job.engine)
+    for s in range(0, len(items), step):
+        results = decode(items[s:s + step], params.hd, {job.eos}, decode_token=decode_token,
+                         max_positions=job.engine.max_length, on_token=tick)
+        for k, res in zip(rows[s:s + step], results, strict=True):
             job.out[k].update(hd_response=_text(tok, res.tokens), hd_tokens=len(res.tokens),
                               finish_reason=res.finish_reason)
     job.report("hinted-decoding", len(items), len(items))

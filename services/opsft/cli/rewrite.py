@@ -3,7 +3,8 @@
     opsft rewrite --input corpus.jsonl --output rewritten.jsonl [--policy self-first|hd-all] [--beta 3]
                   [--lambda-mode linear] [--temperature 0.3] [--top-p 0.95] [--max-new-tokens N]
                   [--splitter '\\boxed{'] [--seed S] [--verifier auto] [--drop-unverified]
-                  [--engine hf|vllm] [--hd-engine hf] [--ray [--address A] [--actors N] [--gpus G]]
+                  [--hint-cut line|marker] [--missing-hint cot|skip]
+                  [--engine hf|vllm] [--hd-engine hf|vllm] [--ray [--address A] [--actors N] [--gpus G]]
 
 Every input row is written with `response` replaced and `original_response`, `source`,
 `verified`, `finish_reason`, `cll`, `cll_original`, `exact_entropy` added. With --drop-unverified the
@@ -13,8 +14,8 @@ In-process by default. `--ray` (or `--address`) runs the recipe's stages as one 
 actor pool per engine stage (self-answer, hint, hinted-decoding, score) and CPU tasks for the
 verify stages; the output (and the dropped side output) is then a folder of part files and a
 re-run resumes by id. `--engine` picks the engine of every stage, `--hd-engine` the one of
-hinted decoding (which needs an engine that can decode: hf); config `stages:` sets any stage's
-engine and pool.
+hinted decoding (both engines can: hf steps its own decode session, vllm pairs the two streams
+on its generate runner, opsft.engines.vllm_hd); config `stages:` sets any stage's engine and pool.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
     parser.add_argument("--engine", choices=["hf", "vllm"], help="engine of every stage (default hf)")
     parser.add_argument("--hd-engine", choices=["hf", "vllm"], help="engine of the hinted-decoding stage "
-                        "(default: --engine; it must be able to decode: hf)")
+                        "(default: --engine)")
     parser.add_argument("--policy", choices=["self-first", "hd-all"], help="default self-first")
     parser.add_argument("--verifier", help="numeric | exact | auto | rg:<task> (default auto)")
     parser.add_argument("--drop-unverified", action="store_true", default=None,
@@ -46,8 +47,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus at temperature 1 (default 0.95)")
     parser.add_argument("--max-new-tokens", type=int, help="per answer (default 1024)")
     parser.add_argument("--hint-max-new-tokens", type=int, help="per '# Analyze ... # CoT' hint (default 512)")
-    parser.add_argument("--missing-hint", choices=["skip", "cot"], help="a hint without '# CoT': skip the row "
-                        "(default, the official rule) or decode with the hinted stream opened at '# CoT'")
+    parser.add_argument("--missing-hint", choices=["skip", "cot"], help="a hint without '# CoT': decode with the "
+                        "hinted stream opened at '# CoT:' (cot, default) or keep the reference (skip, official)")
+    parser.add_argument("--hint-cut", choices=["line", "marker"], help="where the hinted stream's analysis prefix "
+                        "ends: after the '# CoT:' line (default) or right after '# CoT' (the official rule)")
     parser.add_argument("--splitter", help="switch to the student stream after this text (default '\\boxed{'; "
                                            "'' = never)")
     parser.add_argument("--seed", type=int)
@@ -65,7 +68,7 @@ def run(args) -> int:
         "policy": args.policy, "verifier": args.verifier, "drop_unverified": args.drop_unverified,
         "beta": args.beta, "lambda_mode": args.lambda_mode, "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
-        "missing_hint": args.missing_hint,
+        "missing_hint": args.missing_hint, "hint_cut": args.hint_cut,
         "splitter": args.splitter, "seed": args.seed, "batch_size": args.batch_size})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
@@ -131,4 +134,7 @@ def rewrite_in_process(cfg) -> dict:
                   seconds=round(time.monotonic() - start, 1))
     if dropped:
         result["dropped_output"] = str(dropped_path(cfg.output))
+    out_of_step = {k: v for engine in engines.values() for k, v in getattr(engine, "stats", {}).items()}
+    if out_of_step:  # vllm hinted decoding: pairs decoded again, and items given up (opsft.engines.vllm_hd)
+        result["hinted_decoding"] = out_of_step
     return result

