@@ -233,10 +233,11 @@ def test_topk_scorer_is_a_bounded_estimate(generate_run, encoded, real_engine):
 
 
 @pytest.mark.slow
-def test_cli_rewrite_ray_with_a_vllm_score_stage_equals_the_hf_rewrite(model_dir, tmp_path):
+def test_cli_rewrite_with_vllm_stages_equals_the_hf_rewrite(model_dir, tmp_path):
     """`opsft rewrite --ray` in the vllm venv, as a user runs it on a GPU node: the six stages as one
     Ray Data job, the score stage on a vLLM actor (engine.kind vllm, exact scorer: the pooling
-    runner), generation and hinted decoding on hf actors (config stages: and --hd-engine). Against
+    runner), hinted decoding on a vLLM actor (--hd-engine vllm: the pairs on its generate runner), the
+    hints on hf actors (config stages:). Against
     `opsft rewrite` in one process on hf, in the same venv: rows in == rows out, the same hints and
     responses (greedy hf on both sides), CLL within 1e-3 (the exact scorer's bound), and the
     score stage's rows say exact_entropy. Then `opsft rewrite --engine vllm`: every stage on vLLM,
@@ -254,12 +255,12 @@ def test_cli_rewrite_ray_with_a_vllm_score_stage_equals_the_hf_rewrite(model_dir
     run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "local.jsonl"], tmp_path,
                      "opsft rewrite (in-process, hf)")
     run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "ray.jsonl", "--ray", "--config",
-                      "stages.yaml", "--hd-engine", "hf"], tmp_path, "opsft rewrite --ray (vllm score stage)")
+                      "stages.yaml", "--hd-engine", "vllm"], tmp_path, "opsft rewrite --ray (vllm stages)")
     from opsft.jobs.files import read_output
 
     log = (tmp_path / "opsft.log").read_text()
     steps = json.loads(log[log.index("{", log.index("== rewrite (Ray Data)")):])["steps"]
-    assert steps == ["hint:hf", "hinted-decoding:hf", "verify", "score:vllm"]
+    assert steps == ["hint:hf", "hinted-decoding:vllm", "verify", "score:vllm"]
 
     local = {r["id"]: r for r in read_rows(tmp_path / "local.jsonl")}
     ray = {r["id"]: r for r in read_output(str(tmp_path / "ray.jsonl"))}
