@@ -31,7 +31,12 @@ def test_the_shipped_config_is_valid_and_covers_the_seven_methods():
     cfg = load_workflow().ReproduceConfig.model_validate(shipped)
     assert set(cfg.methods) == {"sft", "dft", "idft", "hd_sft", "hd_idft", "dpo", "simpo"}
     assert {m.data for m in cfg.methods.values()} == {"original", "hd", "pairs"}
-    assert cfg.eval.family == ["gsm_symbolic"] and any(t.startswith("gsm_symbolic") for t in cfg.eval.tasks)
+    assert cfg.corpus.family == "addition" and cfg.eval.family == ["basic_arithmetic"]
+    # the held-out in-family task is the corpus's own generator settings (the demo's too)
+    from opsft.data.datasets import ADDITION
+
+    held_out = [t for t in cfg.eval.tasks if getattr(t, "name", None) == "basic_arithmetic"]
+    assert len(held_out) == 1 and held_out[0].config == ADDITION
 
 
 def test_reproduce_end_to_end_on_a_tiny_model(tiny_model, tokenizer, tmp_path, capsys, monkeypatch):
@@ -47,7 +52,8 @@ def test_reproduce_end_to_end_on_a_tiny_model(tiny_model, tokenizer, tmp_path, c
     config = yaml.safe_load((ROOT / "workflows/reproduce.yaml").read_text())
     config.update(output_dir=str(tmp_path / "out"), model=str(model_dir), threads=1, corpus={"rows": 4, "seed": 0})
     config["rewrite"].update(max_new_tokens=4, hint_max_new_tokens=4, batch_size=4)
-    config["eval"].update(tasks=["gsm_symbolic:2:4", "chain_sum:2:4"], passages=1, tokens_per_passage=16)
+    config["eval"].update(tasks=[{**config["eval"]["tasks"][0], "n": 2, "max_new_tokens": 4}, "chain_sum:2:4"],
+                          passages=1, tokens_per_passage=16)
     config["train"].update(global_batch_size=2, micro_batch_size=2, max_steps=2)
     for method in config["methods"].values():
         method["lr"] = 1e-3
@@ -77,7 +83,7 @@ def test_reproduce_end_to_end_on_a_tiny_model(tiny_model, tokenizer, tmp_path, c
                 "corpus_cll"][row["data"]]
     assert (out / "results.png").stat().st_size > 1000
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 8 and "gsm_symbolic (in)" in table[0]
+    assert len(table) == 2 + 8 and "addition (in)" in table[0]
     # a re-run finds every stage done: no training, the same results
     capsys.readouterr()
     assert workflow.main(["--config", str(path)]) == 0

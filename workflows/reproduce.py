@@ -6,7 +6,9 @@ same budget, the same evaluation for each.
 
 Stages (each writes its output under output_dir; a re-run skips every finished stage, so an
 interrupted run continues where it stopped; delete output_dir to start over):
-1. corpus.jsonl: gsm_symbolic rows with their template-written worked solutions (off-policy);
+1. corpus.jsonl: the off-policy corpus: two-term additions with column-method solutions
+   (family addition, the demo's; opsft.data.datasets.addition_corpus), or gsm_symbolic rows with
+   their template-written worked solutions (family gsm_symbolic, which the 135M model cannot do);
 2. rewrite.jsonl: the paper's pipeline on it with the starting model (self-answers, hinted
    decoding for the wrong ones, verified); hd.jsonl: the rewritten corpus (verified rewrites,
    else the original response); pairs.jsonl: chosen = the verified or reference solution,
@@ -39,8 +41,12 @@ log = logging.getLogger("reproduce")
 DATA_FILES = {"original": "corpus.jsonl", "hd": "hd.jsonl", "pairs": "pairs.jsonl"}
 
 
+CORPORA = {"addition": "addition_corpus", "gsm_symbolic": "gsm_symbolic_corpus"}  # opsft.data.datasets
+
+
 class CorpusSpec(Strict):
-    rows: int = Field(32, ge=2)
+    family: Literal["addition", "gsm_symbolic"] = "addition"
+    rows: int = Field(96, ge=2)
     seed: int = 0
 
 
@@ -83,14 +89,15 @@ def timed(stages: dict, name: str):
 
 
 def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
+    from opsft.data import datasets
     from opsft.data.corpus import read_rows, write_rows
-    from opsft.data.datasets import gsm_symbolic_corpus
     from opsft.data.pairs import preference_pairs
     from opsft.engines.hf import HFEngine
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
 
     if not (out / "corpus.jsonl").exists():
-        write_rows(gsm_symbolic_corpus(cfg.corpus.rows, seed=cfg.corpus.seed), out / "corpus.jsonl")
+        make_corpus = getattr(datasets, CORPORA[cfg.corpus.family])
+        write_rows(make_corpus(cfg.corpus.rows, seed=cfg.corpus.seed), out / "corpus.jsonl")
     if not (out / "rewrite.jsonl").exists():
         with timed(stages, "rewrite"):
             engine = HFEngine(cfg.model, device="cpu", max_batch_size=16)
