@@ -17,9 +17,8 @@ boundary; the number of items with identical outputs is printed.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,27 +27,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _results import Recorder  # noqa: E402
+from data_jobs import run_vllm  # noqa: E402
 from hinted_throughput import build_items  # noqa: E402
 from opsft.method.hinted import HDParams, hinted_decode  # noqa: E402
 from opsft.models import default_model_dir, load_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = os.environ.get("OPSFT_VLLM_PYTHON") or str(Path.home() / ".cache/opsft/venv-vllm/bin/python")
 
-
-def run_vllm(items, params: HDParams, counts: list[int], folder: Path) -> dict:
-    fields = {k: v for k, v in params.__dict__.items()}
+def run_hinted(items, params: HDParams, counts: list[int], folder: Path) -> dict:
+    """One vLLM engine start; one timed hinted_decode call per count (the first n items)."""
     request = {"model": str(default_model_dir()), "options": {"dtype": "float32"},
                "hinted": {"items": [{"hinted_prompt": it.hinted_prompt, "student_prompt": it.student_prompt,
-                                     "seed": k} for k, it in enumerate(items[:max(counts)])],
-                          "eos": [0], "runs": {str(n): fields for n in counts}, "limit_items": {str(n): n
-                                                                                              for n in counts}}}
-    (folder / "req.json").write_text(json.dumps(request))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "services"), "VLLM_CPU_KVCACHE_SPACE": "2"}
-    with (folder / "vllm.log").open("w") as log:
-        subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / "req.json"), str(folder / "out.json")],
-                       env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return json.loads((folder / "out.json").read_text())["hinted"]
+                                     "seed": it.seed} for it in items[:max(counts)]],
+                          "eos": [0], "runs": {str(n): dataclasses.asdict(params) for n in counts},
+                          "limit_items": {str(n): n for n in counts}}}
+    return run_vllm(request, folder, "hinted")["hinted"]
 
 
 def main() -> None:
@@ -61,18 +53,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(None, dtype=torch.float32, device="cpu")
-    items = build_items(tokenizer, max(args.items, *args.vllm_items))
+    items = [dataclasses.replace(it, seed=k) for k, it in enumerate(build_items(tokenizer, max(args.items,
+                                                                                             *args.vllm_items)))]
     params = HDParams(max_new_tokens=args.new_tokens, splitter=None)
     start = time.perf_counter()
-    hf = hinted_decode(model, [it.__class__(it.hinted_prompt, it.student_prompt, seed=k)
-                               for k, it in enumerate(items[: args.items])], params, eos_ids={0},
-                       pad_id=tokenizer.pad_token_id or 0)
+    hf = hinted_decode(model, items[: args.items], params, eos_ids={0}, pad_id=tokenizer.pad_token_id or 0)
     hf_s = time.perf_counter() - start
     hf_rate = sum(len(r.tokens) for r in hf) / hf_s
     print(f"hf decoder: {args.items} items x {args.new_tokens} tokens in {hf_s:.1f} s -> {hf_rate:.1f} tokens/s")
     del model
     with tempfile.TemporaryDirectory() as tmp:
-        runs = run_vllm(items, params, args.vllm_items, Path(tmp))
+        runs = run_hinted(items, params, args.vllm_items, Path(tmp))
     recorder = Recorder("hinted_vllm", args)
     for n in args.vllm_items:
         run = runs[str(n)]

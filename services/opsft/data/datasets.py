@@ -71,6 +71,9 @@ ADDITION = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "o
             "allow_parentheses": False, "allow_negation": False}
 
 
+COLUMN_NAMES = ("Ones", "Tens", "Hundreds", "Thousands")
+
+
 def column_addition(expression: str) -> str:
     """A worked solution of "a + b" (non-negative integers) in a style that is not the model's: the
     column method, terse, one line per column; an off-policy reference that ends with "#### <sum>"."""
@@ -92,9 +95,6 @@ def column_addition(expression: str) -> str:
     if result != a + b:  # the method, checked against Python's sum
         raise AssertionError(f"column_addition({expression!r}) gave {result}")
     return "\n".join(lines + [f"Reading the columns gives {result}.", f"#### {result}"])
-
-
-COLUMN_NAMES = ("Ones", "Tens", "Hundreds", "Thousands")
 
 
 def addition_corpus(n: int, seed: int = 0, offset: int = 0) -> list[dict]:

@@ -134,12 +134,13 @@ def load_lm_head(model_id: str, device="cpu"):
     return weight.to(device=device, dtype=torch.float32), bias
 
 
-def token_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+def token_groups(lengths: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
     """Consecutive indices grouped so each group holds at most max_tokens tokens (a longer row
-    gets a group of its own): one vLLM call each, bounding the hidden states held at once."""
+    gets a group of its own) and at most max_items indices: one vLLM call each, bounding the
+    hidden states held at once (scoring) or what one engine step admits (hinted-decoding waves)."""
     groups, current, total = [], [], 0
     for i, n in enumerate(lengths):
-        if current and total + n > max_tokens:
+        if current and (total + n > max_tokens or (max_items is not None and len(current) >= max_items)):
             groups.append(current)
             current, total = [], 0
         current.append(i)
@@ -425,7 +426,7 @@ def _probe_hinted(engine: VLLMEngine, spec: dict) -> dict:
     engine.start("generate")  # started before any run is timed
     out = {}
     for name, fields in spec["runs"].items():
-        params = HDParams(**{**fields, "piecewise_bounds": tuple(fields.get("piecewise_bounds", (0.3, 0.7)))})
+        params = HDParams.from_fields(fields)
         engine.stats.clear()
         t0 = time.monotonic()
         n = spec.get("limit_items", {}).get(name, len(items))  # this run decodes the first n items

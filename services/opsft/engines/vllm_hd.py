@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from opsft.engines.vllm import token_groups
 from opsft.method.hinted import (
     HDItem,
     HDParams,
@@ -68,18 +69,12 @@ except ImportError:  # the main venv: the processor runs in tests against a simu
         SWAP = enum.auto()
 
 
-def _params(spec: dict) -> HDParams:
-    values = dict(spec)
-    values["piecewise_bounds"] = tuple(values["piecewise_bounds"])
-    return HDParams(**values)
-
-
 class _Pair:
     """The shared state of one item's two requests (or of a pass-1 request, role "first")."""
 
     def __init__(self, spec: dict, decode_token):
         self.key, self.channel = spec["key"], spec.get("channel")
-        self.params = _params(spec["params"])
+        self.params = HDParams.from_fields(spec["params"])
         self.eos = frozenset(spec.get("eos", ()))
         self.room = spec.get("room", 1)
         self.tokens = list(spec.get("tokens", ()))
@@ -252,22 +247,6 @@ def replay(tokens: list[int], room: int, eos: set[int], params: HDParams,
     return None
 
 
-def waves(lengths: list[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
-    """Consecutive item indices grouped so each group's requests fit one engine step: prompt
-    tokens (both requests of an item) within max_tokens and requests within max_seqs. An item
-    longer than max_tokens gets a group of its own (vLLM refuses a prompt it cannot prefill)."""
-    out, current, total = [], [], 0
-    for k, n in enumerate(lengths):
-        if current and (total + n > max_tokens or 2 * (len(current) + 1) > max_seqs):
-            out.append(current)
-            current, total = [], 0
-        current.append(k)
-        total += n
-    if current:
-        out.append(current)
-    return out
-
-
 def hinted_decode_vllm(llm, items: list[HDItem], params: HDParams, eos_ids, decode_token=None,
                        max_positions: int | None = None, on_token: Callable[[int], None] | None = None,
                        stats: dict | None = None) -> list[HDResult]:
@@ -307,6 +286,7 @@ def hinted_decode_vllm(llm, items: list[HDItem], params: HDParams, eos_ids, deco
     if on_token:
         on_token(len(items))
     t0 = [out.outputs[0].token_ids[0] for out in first]
+    switched = [SplitterWatch(params.splitter, decode_token).feed(token) for token in t0]  # the student alone next
     todo = []
     for k, token in enumerate(t0):
         done = replay([token], rooms[k], set(eos), params, decode_token)
@@ -325,16 +305,17 @@ def hinted_decode_vllm(llm, items: list[HDItem], params: HDParams, eos_ids, deco
         for attempt in (1, 2):  # attempt 2: the items that fell out of step, one pair per wave
             retry = []
             lengths = [len(items[k].hinted_prompt) + len(items[k].student_prompt) + 2 for k in todo]
-            groups = waves(lengths, budget, scheduler.max_num_seqs) if attempt == 1 else [[i] for i in range(len(todo))]
+            # a wave's prompts (both requests of an item) fit one step's token budget and max_num_seqs
+            groups = token_groups(lengths, budget, max(1, scheduler.max_num_seqs // 2)) if attempt == 1 else \
+                [[i] for i in range(len(todo))]
             for group in groups:
                 wave = [todo[i] for i in group]
                 channel = str(Path(folder) / f"wave-{attempt}-{group[0]}")
                 prompts, sparams, student_at = [], [], {}
                 for k in wave:
-                    switched = SplitterWatch(params.splitter, decode_token).feed(t0[k])
-                    roles = ["s"] if switched else ["h", "s"]
+                    roles = ["s"] if switched[k] else ["h", "s"]
                     spec = {"key": f"{call}:{k}:{attempt}", "params": spec_params, "eos": eos, "room": rooms[k],
-                            "tokens": [t0[k]], "switched": switched, "seed": seeds[k], "channel": channel,
+                            "tokens": [t0[k]], "switched": switched[k], "seed": seeds[k], "channel": channel,
                             "roles": roles}
                     for role in roles:
                         prompt = items[k].hinted_prompt if role == "h" else items[k].student_prompt

@@ -63,6 +63,14 @@ class HDParams:
     repeat_times: int = 5
     repeat_every: int = 100
 
+    @classmethod
+    def from_fields(cls, fields: dict) -> HDParams:
+        """From a JSON-style dict of fields (dataclasses.asdict, or a request): lists become tuples."""
+        values = dict(fields)
+        if "piecewise_bounds" in values:
+            values["piecewise_bounds"] = tuple(values["piecewise_bounds"])
+        return cls(**values)
+
     def __post_init__(self):
         if self.lambda_mode not in LAMBDA_MODES:
             raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {self.lambda_mode!r}")
