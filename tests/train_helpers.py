@@ -74,12 +74,14 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def one_process_and_two_crashing_workers(tmp_path, **common) -> tuple[dict, dict, list[dict], list[dict]]:
+def one_process_and_two_crashing_workers(tmp_path, ray_extra: dict | None = None, **common
+                                         ) -> tuple[dict, dict, list[dict], list[dict]]:
     """The same training run twice, in float64 (compare with SPLIT_TOL): in one process
-    (micro-batches of 4), and as a Ray Train job of two workers (micro-batches of 1) that crashes
-    once after step 3 and resumes from its last checkpoint. Checks that the crash happened, that
-    the corpus' one bad row was counted and that the checkpoints hold float64 weights; returns
-    (local summary, Ray summary, local metrics, Ray metrics)."""
+    (micro-batches of 4), and as a Ray Train job of two workers (micro-batches of 1; `ray_extra`
+    TrainConfig fields for it only, e.g. the FSDP strategy) that crashes once after step 3 and
+    resumes from its last checkpoint. Checks that the crash happened, that the corpus' one bad row
+    was counted and that the checkpoints hold float64 weights; returns (local summary, Ray summary,
+    local metrics, Ray metrics)."""
     from opsft.config import TrainConfig
     from opsft.train.loop import run_local
     from opsft.train.metrics import read_metrics
@@ -87,7 +89,8 @@ def one_process_and_two_crashing_workers(tmp_path, **common) -> tuple[dict, dict
 
     ref = run_local(TrainConfig(**common, dtype="float64", micro_batch_size=4, output_dir=str(tmp_path / "one")))
     out = run_ray(TrainConfig(**common, dtype="float64", micro_batch_size=1, output_dir=str(tmp_path / "two"),
-                              scaling={"num_workers": 2}, fail_after_step=3, max_failures=1))
+                              fail_after_step=3, max_failures=1,
+                              **{"scaling": {"num_workers": 2}, **(ray_extra or {})}))
     assert out["data"]["train"]["error_rows"] == 1
     assert (tmp_path / "two" / ".fail_after_step_done").exists()  # the crash did happen
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

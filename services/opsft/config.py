@@ -230,7 +230,9 @@ class TrainScaling(Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, ge=0, description="with use_gpu")
     cpus_per_worker: float = Field(1.0, ge=0)
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp shards a model that does not fit one GPU")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: FSDP2 shards parameters, gradients and "
+                                              "optimiser state (one unit per decoder layer); bf16 mixed precision "
+                                              "when autocast resolves to bf16")
 
 
 class TrainConfig(Strict):
@@ -246,8 +248,8 @@ class TrainConfig(Strict):
     eval_rows: int = Field(0, ge=0, description="rows held out of input (seeded) when eval_input is not given")
     fused_head: bool = Field(True, description="the loss from the final hidden states and the LM head, chunk by "
                              "chunk (memory-bounded: never [tokens x vocab] logits, float32 logits under bf16 "
-                             "autocast); false: the model's logits of the response positions, then chunked log p / H. "
-                             "FSDP uses the logits path")
+                             "autocast); false: the model's logits of the response positions, then chunked log p / H")
+    gradient_checkpointing: bool = Field(False, description="recompute decoder layers in the backward pass")
     loss: LossConfig = LossConfig()
     scaling: TrainScaling = TrainScaling()
     lr: float = Field(6e-5, gt=0)

@@ -32,6 +32,7 @@ FLAGS = {
     "resume_from": "resume_from", "max_failures": "max_failures", "address": "address",
     "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
     "cpus_per_worker": "scaling.cpus_per_worker", "strategy": "scaling.strategy",
+    "gradient_checkpointing": "gradient_checkpointing", "fused_head": "fused_head",
 }
 
 
@@ -72,6 +73,11 @@ def add_parser(sub) -> None:
     g.add_argument("--autocast", choices=["auto", "bf16", "off"], help="auto = bf16 on a bf16 GPU, else fp32")
     g.add_argument("--dtype", choices=["float32", "float64"],
                    help="parameter dtype (default float32; float64 is the exactness reference on CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer's activations in the backward pass (less memory, ~1/3 "
+                        "more compute)")
+    g.add_argument("--no-fused-head", dest="fused_head", action="store_false", default=None,
+                   help="compute the loss from the model's logits ([tokens x vocab]) instead of the chunked head")
     g.add_argument("--max-length", type=int, help="tokens per row (default: the model's context)")
     g.add_argument("--overlong", choices=["skip", "truncate"], help="rows over --max-length (default skip)")
     g = p.add_argument_group("run")
@@ -83,7 +89,9 @@ def add_parser(sub) -> None:
     g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     g.add_argument("--gpus-per-worker", type=float)
     g.add_argument("--cpus-per-worker", type=float)
-    g.add_argument("--strategy", choices=["ddp", "fsdp"], help="default ddp")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="default ddp; fsdp shards parameters, gradients and optimiser state (FSDP2, one unit per "
+                        "decoder layer; --autocast bf16 / auto on GPU = bf16 mixed precision)")
     g.add_argument("--address", help="Ray cluster address")
     g.add_argument("--local", action="store_true", help="train in this process without Ray (one worker)")
     p.set_defaults(run=run)

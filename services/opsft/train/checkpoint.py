@@ -61,6 +61,7 @@ def restore_training(state: dict, optimizer, scheduler) -> int:
     and torch is reseeded at every step from (seed, step, rank) (loop.step_seed), so a resumed
     run draws what the uninterrupted one drew (checkpoints of older versions hold an unused
     `rng` entry)."""
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: an FSDP checkpoint, whose optimiser state is in its shards
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["trainer"]["step"])

@@ -34,10 +34,12 @@ from opsft.train.data import (
     split_eval,
     worker_micro_batches,
 )
+from opsft.train.fsdp import load_shards
 from opsft.train.metrics import MetricsWriter
 from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
 from opsft.train.precision import to_dtype, torch_dtype
 from opsft.train.step import (
+    LossHead,
     LossSpec,
     Reduce,
     autocast_context,
@@ -46,6 +48,7 @@ from opsft.train.step import (
     make_scheduler,
     no_reduce,
     train_step,
+    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ class InjectedFailure(RuntimeError):
 
 
 def _plain_state(wrapped, optimizer) -> tuple[dict, dict]:
-    return getattr(wrapped, "module", wrapped).state_dict(), optimizer.state_dict()
+    return unwrap(wrapped).state_dict(), optimizer.state_dict()
 
 
 @dataclass
@@ -66,10 +69,15 @@ class Runtime:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reduce: Reduce = no_reduce
-    wrap: Callable = lambda model: model
-    # (wrapped model, optimizer) -> (full model state, optimizer state); collective under FSDP
+    wrap: Callable = lambda model: model  # LossHead -> DDP / FSDP module
+    # (wrapped model, optimizer) -> (full model state, optimizer state or None); collective under FSDP
     full_state: Callable = _plain_state
-    # (metrics, write(folder)) -> checkpoint path or None; called on every rank at checkpoint steps
+    # (wrapped model, optimizer, folder) -> None: this worker's shards of the state (FSDP; a collective)
+    save_shards: Callable | None = None
+    # the wrapper computes in bf16 itself (FSDP mixed precision): no autocast around the forward
+    wrapper_casts: bool = False
+    # (metrics, write(folder), write_shards(folder)) -> checkpoint path or None; called on every
+    # rank at checkpoint steps: write on one rank, write_shards on every rank
     checkpoint: Callable | None = None
 
 
@@ -132,9 +140,9 @@ def dpo_reference(cfg, train: list, eval_ex: list, model, pad_id: int, runtime: 
 
 
 def fused_head(cfg) -> bool:
-    """The memory-bounded loss (hidden states + LM head, chunked), unless configured off or under
-    FSDP, whose wrapper holds the head's weight sharded outside its forward."""
-    return cfg.fused_head and cfg.scaling.strategy != "fsdp"
+    """The memory-bounded loss (hidden states + LM head, chunked) unless configured off; the LossHead
+    runs it inside the forward, so FSDP has the head's weight whole when it is used."""
+    return cfg.fused_head
 
 
 def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
@@ -152,7 +160,8 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
                      "total_steps": total, "steps_per_epoch": plan.steps_per_epoch, "dtype": cfg.dtype}
     if resume_state is not None:
         check_compatible(resume_state["trainer"], data_position)
-    autocast = autocast_context(runtime.device, "off" if cfg.dtype == "float64" else cfg.autocast)
+    off = cfg.dtype == "float64" or runtime.wrapper_casts
+    autocast = autocast_context(runtime.device, "off" if off else cfg.autocast)
     batch_of = collate_pairs if cfg.loss.pairs else collate
     reference = None
     if cfg.loss.name == "dpo":  # before wrapping and before any step: the initial model
@@ -160,11 +169,18 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
         train, eval_ex = with_reference(train, reference["train"]), with_reference(eval_ex, reference["eval"])
 
     model.train()
-    wrapped = runtime.wrap(model)
+    if cfg.gradient_checkpointing:  # recompute each decoder layer in the backward pass (before any wrapping)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped = runtime.wrap(LossHead(model))
     optimizer = make_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
     start = 0
     if resume_state is not None:
+        if resume_state["trainer"].get("shards"):  # an FSDP checkpoint: model and optimiser from its shards
+            load_shards(wrapped, optimizer, resume_state["folder"])
+        elif runtime.save_shards is not None:
+            raise ValueError("this checkpoint was written without FSDP (its optimiser state is unsharded): resume it "
+                             "with strategy ddp (an FSDP checkpoint resumes under fsdp, ddp or --local)")
         start = restore_training(resume_state, optimizer, scheduler)
         log.info("resumed at step %d of %d", start, total)
     spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature, fused_head(cfg))
@@ -201,7 +217,8 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total:
                 model_state, optim_state = runtime.full_state(wrapped, optimizer)
                 trainer = {**data_position, "step": done, "loss": cfg.loss.model_dump(), "world_size": W,
-                           "metrics": metrics}
+                           "strategy": cfg.scaling.strategy if W > 1 else "local",
+                           "shards": runtime.save_shards is not None, "metrics": metrics}
 
                 def write(folder, model_state=model_state, optim_state=optim_state, trainer=trainer):
                     extra = None if reference is None else {"reference_logps": {k: v.cpu() for k, v in
@@ -209,8 +226,12 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
                     save_checkpoint(folder, model, tokenizer, optim_state, scheduler.state_dict(), trainer,
                                     model_state=model_state, extra=extra)
 
+                def write_shards(folder):
+                    if runtime.save_shards is not None:
+                        runtime.save_shards(wrapped, optimizer, folder)
+
                 if runtime.checkpoint is not None:
-                    last["checkpoint"] = runtime.checkpoint(metrics, write)
+                    last["checkpoint"] = runtime.checkpoint(metrics, write, write_shards)
             _maybe_fail(cfg, done)
     finally:
         if writer:
@@ -233,8 +254,9 @@ def _maybe_fail(cfg, done: int) -> None:
 
 
 def local_checkpointer(output_dir: str | Path) -> Callable:
-    def checkpoint(metrics: dict, write) -> str:
+    def checkpoint(metrics: dict, write, write_shards) -> str:
         folder = Path(output_dir) / "checkpoints" / f"step-{int(metrics['step']):06d}"
+        write_shards(folder)
         write(folder)
         return str(folder)
 
@@ -249,6 +271,8 @@ def load_for_training(cfg, device, model_source: str, checkpoint: str | None = N
 
     folder = checkpoint or cfg.resume_from
     resume_state = load_trainer_state(folder) if folder else None
+    if resume_state is not None:
+        resume_state["folder"] = str(folder)  # an FSDP checkpoint's shards are read from it after sharding
     model, tokenizer = load_model(folder or model_source, dtype=torch_dtype(cfg.dtype), device=str(device))
     return to_dtype(model.to(device), cfg.dtype), tokenizer, resume_state
 

@@ -22,6 +22,7 @@ run's last checkpoint (ray.train.get_checkpoint), like a restart after a failure
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -29,9 +30,11 @@ from pathlib import Path
 import torch
 
 from opsft.cluster import connect
+from opsft.train import fsdp
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
+from opsft.train.step import wants_bf16
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
@@ -69,21 +72,15 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _fsdp_full_state(wrapped, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def _report_checkpoint(rank: int):
     import ray.train
 
-    def checkpoint(metrics: dict, write) -> None:
+    def checkpoint(metrics: dict, write, write_shards) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
+            write_shards(folder)  # every rank its own shards (FSDP); Ray uploads them into one checkpoint
             if rank == 0:
                 write(folder)
-                ckpt = ray.train.Checkpoint.from_directory(folder)
+            ckpt = ray.train.Checkpoint.from_directory(folder) if any(Path(folder).iterdir()) else None
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
                              checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):06d}")
         return None
@@ -105,21 +102,19 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     train = _from_shard(ray.train.get_dataset_shard("train"))
     eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # restart after a failure, or a rerun of the same output_dir
-        with ckpt.as_directory() as folder:
-            model, tokenizer, resume_state = load_for_training(cfg, device, config["model"], folder)
-    else:
-        model, tokenizer, resume_state = load_for_training(cfg, device, config["model"])
-    if resume_state is not None and cfg.scaling.strategy == "fsdp":
-        raise ValueError("resuming is implemented for strategy 'ddp' only (FSDP optimiser state is sharded)")
-    fsdp = cfg.scaling.strategy == "fsdp"
-    runtime = Runtime(
-        rank=rank, world_size=world, device=device, reduce=_all_reduce,
-        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy=cfg.scaling.strategy),
-        full_state=_fsdp_full_state if fsdp else _plain_state,
-        checkpoint=_report_checkpoint(rank))
-    train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
+    ckpt = ray.train.get_checkpoint()  # a restart after a failure, or a rerun of the same output_dir
+    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as folder:
+        model, tokenizer, resume_state = load_for_training(cfg, device, config["model"], folder)
+        common = dict(rank=rank, world_size=world, device=device, reduce=_all_reduce,
+                      checkpoint=_report_checkpoint(rank))
+        if cfg.scaling.strategy == "fsdp":
+            bf16 = cfg.dtype != "float64" and wants_bf16(device, cfg.autocast)
+            runtime = Runtime(**common, wrap=lambda m: fsdp.shard(m, device, bf16), full_state=fsdp.full_model_state,
+                              save_shards=fsdp.save_shards, wrapper_casts=bf16)
+        else:
+            runtime = Runtime(**common, wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp"),
+                              full_state=_plain_state)
+        train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
 
 
 def run_ray(cfg) -> dict:

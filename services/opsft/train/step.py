@@ -59,11 +59,30 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+NORM_WORDS = ("norm",)  # module class names of normalisation layers (LayerNorm, LlamaRMSNorm, ...)
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters without weight decay: biases and the weights of normalisation layers
+    (decided by parameter and module names, like the HF Trainer, not by shape: FSDP1's flat
+    parameters are 1-d, so a shape rule would silently drop decay under FSDP)."""
+    names = set()
+    for mname, module in model.named_modules(remove_duplicate=False):
+        is_norm = isinstance(module, torch.nn.LayerNorm | torch.nn.GroupNorm) or any(
+            w in type(module).__name__.lower() for w in NORM_WORDS)
+        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            if is_norm or pname == "bias" or pname.endswith("_bias"):
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW; weight decay on matrices only (not on norms and biases), as the HF Trainer does."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
+    """AdamW; weight decay on everything but biases and normalisation weights (no_decay_names), as
+    the HF Trainer does: the same groups unwrapped, under DDP and under FSDP."""
+    skip = no_decay_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if n not in skip]
+    rest = [p for n, p in named if n in skip]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
@@ -73,10 +92,14 @@ def make_scheduler(optimizer, total_steps: int, warmup_ratio: float, min_ratio: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, min_ratio))
 
 
+def wants_bf16(device: torch.device, mode: str) -> bool:
+    """bf16 compute for mode 'bf16', or 'auto' on a CUDA device that supports bf16."""
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast_context(device: torch.device, mode: str):
-    """bf16 autocast for mode 'bf16', or 'auto' on a CUDA device that supports bf16; else nothing."""
-    use = mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use:
+    """bf16 autocast when wants_bf16(device, mode); else nothing."""
+    if not wants_bf16(device, mode):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -108,29 +131,57 @@ class Scores:
         return (self.logp * validf).sum(-1), validf.sum(-1)
 
 
+class LossHead(torch.nn.Module):
+    """The module a trainer wraps (DDP, FSDP): a causal LM whose forward returns log p and H at the
+    label columns, from the batch's earliest response column on (prompt columns have no label).
+
+    The loss head is inside the forward on purpose: under FSDP a unit's parameters are whole only
+    during its forward, and the LM head's weight is needed by the chunked loss.
+    fused (and a plain linear LM head, opsft.models.plain_lm_head): the decoder's final hidden
+    states and the head through opsft.method.cll.linear_logprob_entropy, so no [tokens x vocab]
+    logits tensor exists, forward or backward; the logits are float32 under bf16 autocast and
+    made from the bf16 weight then upcast per chunk under FSDP bf16 mixed precision. Else the
+    model's logits for those columns (logits_to_keep), then the chunked log p / H. The same values
+    either way. Returns (logp, entropy, first column, vocabulary size)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels, temperature: float = 1.0, fused: bool = True,
+                autocast=None):
+        autocast = autocast or contextlib.nullcontext()
+        cols = (labels != IGNORE).any(0).nonzero()
+        first = int(cols[0]) if len(cols) else labels.shape[1] - 1
+        head = plain_lm_head(self.lm) if fused else None
+        if head is not None:
+            with autocast:
+                hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logp, ent = linear_logprob_entropy(hidden[:, first:], head.weight, labels[:, first:], temperature,
+                                               bias=head.bias)
+            return logp, ent, first, head.weight.shape[0]
+        with autocast:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                             logits_to_keep=labels.shape[1] - first).logits
+        logp, ent = token_logprob_entropy(logits, labels[:, first:], temperature)
+        return logp, ent, first, logits.shape[-1]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a DDP wrapper and / or a LossHead (FSDP shards in place: no wrapper)."""
+    model = getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model.lm if isinstance(model, LossHead) else model
+
+
 def response_scores(model, batch: dict, autocast, temperature: float = 1.0, fused: bool = True) -> Scores:
-    """log p and H at the label columns, from the earliest response token of the batch on (prompt
-    positions have no label). fused (and a plain linear LM head): the model's final hidden states
-    and its head through opsft.method.cll.linear_logprob_entropy, so no [tokens x vocab] logits
-    tensor exists, forward or backward, and the logits are float32 under bf16 autocast; else the
-    model's logits for those columns, then the chunked log p / H. The same values either way."""
-    labels = batch["labels"]
-    cols = (labels != IGNORE).any(0).nonzero()
-    first = int(cols[0]) if len(cols) else labels.shape[1] - 1
+    """log p and H at the label columns of a batch (LossHead); `model` is a LossHead (maybe wrapped
+    by DDP or sharded by FSDP: the forward goes through the wrapper's hooks) or a bare causal LM."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    head = plain_lm_head(inner) if fused else None
-    if head is not None:
-        with autocast:  # forward through the wrapper (DDP hooks); only the last position's logits
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
-                        output_hidden_states=True)
-        hidden = out.hidden_states[-1][:, first:]  # after the final norm (transformers ties it to the output)
-        logp, ent = linear_logprob_entropy(hidden, head.weight, labels[:, first:], temperature, bias=head.bias)
-        return Scores(logp, ent, labels[:, first:], head.weight.shape[0])
-    with autocast:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=labels.shape[1] - first)
-    logp, ent = token_logprob_entropy(out.logits, labels[:, first:], temperature)
-    return Scores(logp, ent, labels[:, first:], out.logits.shape[-1])
+    scorer = model if isinstance(inner, LossHead) else LossHead(model)
+    labels = batch["labels"]
+    logp, ent, first, vocab = scorer(batch["input_ids"], batch["attention_mask"], labels, temperature, fused,
+                                     autocast)
+    return Scores(logp, ent, labels[:, first:], vocab)
 
 
 def forward_loss(model, batch: dict, spec: LossSpec, progress: float, normalizer, autocast):
@@ -216,11 +267,14 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], spec: Los
 
 
 def _clip(model, max_norm: float) -> float:
+    """Clip to a global gradient norm; returns the norm before clipping. FSDP's gradients are
+    DTensor shards: their norm is a partial sum until full_tensor() reduces it over the workers."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
-        norm = model.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    limit = max_norm if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
     return float(norm)
 
 
