@@ -19,6 +19,7 @@ from opsft.train.step import LossHead, make_optimizer, no_decay_names
 from train_helpers import (
     SPLIT_TOL,
     arithmetic_rows,
+    float64_copy,
     max_weight_diff,
     one_process_and_two_crashing_workers,
     save_tiny,
@@ -123,8 +124,6 @@ def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradien
     """With gradient_checkpointing the forward pass saves under half the activations for backward,
     every layer's projections run twice per step (forward, then again in the backward pass), and the
     gradient is the same (float64: the recomputation is the same arithmetic)."""
-    from train_helpers import float64_copy
-
     from opsft.train.data import collate, prepare_examples
     from opsft.train.step import LossSpec, forward_loss
 

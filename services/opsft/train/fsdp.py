@@ -52,11 +52,16 @@ def mixed_precision(bf16: bool):
 
 def shard(head: torch.nn.Module, device: torch.device, bf16: bool, reshard_after_forward: bool = True):
     """Shard a LossHead in place over all workers of the default process group; returns it (now an
-    FSDPModule). `head.lm` must be on `device`."""
+    FSDPModule). Rank 0's weights are the model's (on any device: the shards go to `device`); the
+    other workers' may be on the meta device (load_for_training(meta=True)): each worker receives
+    its shards from rank 0, and the buffers (rotary frequencies) too, so no worker but rank 0 ever
+    holds the whole model."""
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    whole = head.state_dict() if dist.get_rank() == 0 else {}  # references, not copies
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, mp_policy=mixed_precision(bf16))
     lm = head.lm
@@ -66,6 +71,11 @@ def shard(head: torch.nn.Module, device: torch.device, bf16: bool, reshard_after
     if out is None or out.weight is not embed.weight:  # tied: one parameter, so one unit (the root)
         fully_shard(embed, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(head, **kw)  # the root: FSDP keeps it gathered from forward to backward
+    if any(p.is_meta for p in head.parameters()) or any(b.is_meta for b in head.buffers()):
+        head.to_empty(device=device)
+    set_model_state_dict(head, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in head.buffers():  # persistent or not (rotary inv_freq is not in the state dict)
+        dist.broadcast(buffer, src=0)
     return head
 
 

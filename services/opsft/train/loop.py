@@ -163,15 +163,15 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     off = cfg.dtype == "float64" or runtime.wrapper_casts
     autocast = autocast_context(runtime.device, "off" if off else cfg.autocast)
     batch_of = collate_pairs if cfg.loss.pairs else collate
-    reference = None
-    if cfg.loss.name == "dpo":  # before wrapping and before any step: the initial model
-        reference = dpo_reference(cfg, train, eval_ex, model, pad_id, runtime, autocast, resume_state)
-        train, eval_ex = with_reference(train, reference["train"]), with_reference(eval_ex, reference["eval"])
 
     model.train()
     if cfg.gradient_checkpointing:  # recompute each decoder layer in the backward pass (before any wrapping)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = runtime.wrap(LossHead(model))
+    reference = None
+    if cfg.loss.name == "dpo":  # before any step: the initial model (sharded under FSDP)
+        reference = dpo_reference(cfg, train, eval_ex, wrapped, pad_id, runtime, autocast, resume_state)
+        train, eval_ex = with_reference(train, reference["train"]), with_reference(eval_ex, reference["eval"])
     optimizer = make_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
     start = 0
@@ -263,16 +263,25 @@ def local_checkpointer(output_dir: str | Path) -> Callable:
     return checkpoint
 
 
-def load_for_training(cfg, device, model_source: str, checkpoint: str | None = None):
+def load_for_training(cfg, device, model_source: str, checkpoint: str | None = None, meta: bool = False):
     """(model, tokenizer, resume_state) on `device` in cfg.dtype, for one process or one worker:
     from `checkpoint` (a restarted worker's last checkpoint) when given, else from
-    cfg.resume_from, with its trainer state; else `model_source` fresh (resume_state None)."""
-    from opsft.models import load_model
+    cfg.resume_from, with its trainer state; else `model_source` fresh (resume_state None).
+    meta: the model's structure only, on the meta device (no weights read, no memory): FSDP workers
+    other than rank 0, which receive their shards from rank 0 (opsft.train.fsdp.shard)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from opsft.models import load_model, resolve_model
 
     folder = checkpoint or cfg.resume_from
     resume_state = load_trainer_state(folder) if folder else None
     if resume_state is not None:
         resume_state["folder"] = str(folder)  # an FSDP checkpoint's shards are read from it after sharding
+    if meta:
+        path = resolve_model(folder or model_source)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype(cfg.dtype))
+        return to_dtype(model, cfg.dtype), AutoTokenizer.from_pretrained(path), resume_state
     model, tokenizer = load_model(folder or model_source, dtype=torch_dtype(cfg.dtype), device=str(device))
     return to_dtype(model.to(device), cfg.dtype), tokenizer, resume_state
 

@@ -91,7 +91,8 @@ def reference_logps(model, pairs: list[PairExample], pad_id: int, device, *, mic
                     rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce, autocast=None,
                     fused: bool = True) -> torch.Tensor:
     """[n, 2] float64: the sequence log-prob sums of (chosen, rejected) under `model` as it is
-    now (call it with the initial model, unwrapped, before training). Worker `rank` computes
+    now (call it with the initial model, before any step; wrapped or not: under FSDP every forward
+    is a collective, and every worker runs the same number of them). Worker `rank` computes
     pairs rank, rank + W, ...; the sum over workers (`reduce`) gives every worker all of them.
     Every worker runs the same number of forward passes."""
     autocast = autocast or contextlib.nullcontext()

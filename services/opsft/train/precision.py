@@ -68,6 +68,9 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _widen_rms_norm(module: torch.nn.Module) -> None:
     if getattr(module.forward, "__func__", None) is _rms_norm_forward:
         return
+    if module.weight.is_meta:  # an FSDP worker's structure (no values): rank 0 checks the same class
+        module.forward = types.MethodType(_rms_norm_forward, module)
+        return
     # the same function as the module's own on a float32 input, or the module is not the Llama form
     probe = torch.randn(3, module.weight.shape[-1], generator=torch.Generator().manual_seed(0))
     probe = probe.to(module.weight.device)

@@ -104,10 +104,14 @@ def train_worker(config: dict) -> None:
     eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
     ckpt = ray.train.get_checkpoint()  # a restart after a failure, or a rerun of the same output_dir
     with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as folder:
-        model, tokenizer, resume_state = load_for_training(cfg, device, config["model"], folder)
+        fsdp_ = cfg.scaling.strategy == "fsdp"
+        # FSDP: rank 0 reads the weights on the CPU and hands out the shards; the others build the
+        # structure on the meta device (no worker but rank 0 holds the whole model, no GPU ever does)
+        model, tokenizer, resume_state = load_for_training(cfg, torch.device("cpu") if fsdp_ else device,
+                                                           config["model"], folder, meta=fsdp_ and rank > 0)
         common = dict(rank=rank, world_size=world, device=device, reduce=_all_reduce,
                       checkpoint=_report_checkpoint(rank))
-        if cfg.scaling.strategy == "fsdp":
+        if fsdp_:
             bf16 = cfg.dtype != "float64" and wants_bf16(device, cfg.autocast)
             runtime = Runtime(**common, wrap=lambda m: fsdp.shard(m, device, bf16), full_state=fsdp.full_model_state,
                               save_shards=fsdp.save_shards, wrapper_casts=bf16)

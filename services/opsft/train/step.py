@@ -159,12 +159,15 @@ class LossHead(torch.nn.Module):
                 hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             logp, ent = linear_logprob_entropy(hidden[:, first:], head.weight, labels[:, first:], temperature,
                                                bias=head.bias)
-            return logp, ent, first, head.weight.shape[0]
-        with autocast:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                             logits_to_keep=labels.shape[1] - first).logits
-        logp, ent = token_logprob_entropy(logits, labels[:, first:], temperature)
-        return logp, ent, first, logits.shape[-1]
+            vocab = head.weight.shape[0]
+        else:
+            with autocast:
+                logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                                 logits_to_keep=labels.shape[1] - first).logits
+            logp, ent = token_logprob_entropy(logits, labels[:, first:], temperature)
+            vocab = logits.shape[-1]
+        # [B, T] each: copies, not views, so that FSDP's backward hook on them cannot be bypassed
+        return logp.clone(), ent.clone(), first, vocab
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,357 @@
+"""Training data read and tokenised by Ray Data, each Ray Train worker holding only its shard,
+with the exact example numbering, eval split and batches of the one-process path.
+
+The one-process path (opsft.train.loop.prepare_data) numbers the usable rows 0..n-1 in file
+order (skipped rows left out), holds out `split_eval`'s seeded draw and plans batches over the
+rest. Here the driver only cuts the corpus into ranges (JSONL: byte ranges at line ends, knowing
+each range's first line and row number; Parquet: row groups), and Ray Data reads and tokenises
+them on the cluster (the same code as prepare_examples, row by row), every output row keeping
+its position `row` in the file. Ray's streaming split hands rows to the workers in an order and
+split that vary from run to run, so each worker builds a ShardedCorpus from its shard (a
+collective): the workers exchange light metadata (row numbers, lengths, statuses; no token id),
+from which every worker derives the same dense numbering, eval split, lengths and PrepareStats
+as the one-process path. The examples of a global step are then exchanged on demand (`fetch`,
+a collective): each worker sends the requested rows it holds, so no worker ever holds all token
+ids, and the rows of step k do not depend on the number of workers or on how Ray split the data.
+
+    ds = corpus_dataset("corpus.jsonl", model_dir, max_length=512, overlong="skip")   # driver
+    corpus = ShardedCorpus(ray.train.get_dataset_shard("train").iter_rows(), dist_gather, eval_rows=2,
+                           seed=0, source="corpus.jsonl", max_length=512)             # every worker
+    plan = BatchPlan(corpus.n_train, global_batch_size=8, seed=0)
+    batch = corpus.fetch(plan.step_indices(k))  # every worker, the same indices
+
+Token losses only (TrainExample); pair data stays on the driver path (opsft.train.pairs).
+Note: read_rows reads a .jsonl.gz file's bytes as they are (no decompression); so does this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from opsft.data.corpus import BOM, file_format, parse_jsonl_line
+from opsft.train.data import OVERLONG, PrepareStats, TrainExample, prepare_examples, split_eval
+
+RANGE_BYTES = 16 << 20  # a JSONL range is at least this long (up to the next line end), or the rest of the file
+TOKENISE_BATCH = 256  # rows per tokenising call
+DATA_CPUS = 0.25  # CPU share of the read and tokenise tasks (beside Train workers that hold whole CPUs)
+STATUSES = ("ok", "truncated", "too_long", "error")  # a row's outcome in tokenize_rows
+OK, TRUNCATED, TOO_LONG, ERROR = range(len(STATUSES))
+
+
+# ---------------------------------------------------------------------------- driver: ranges of the corpus
+
+
+def check_corpus_file(path: str | Path) -> str:
+    """The file's format; raises what read_rows raises for a missing file, a folder or an unknown format."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such corpus file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a corpus file (read a job's output folder with opsft.jobs.files)")
+    return file_format(path)
+
+
+def corpus_ranges(path: str | Path, range_bytes: int = RANGE_BYTES) -> list[dict]:
+    """The pieces of a corpus file that read_range reads, in order, each with `first_row` (its
+    first row's position among the rows read_rows returns) and, for JSONL, `first_line` (the
+    lines before it, blank ones included: read_rows' error messages count them). Pieces without
+    a row are left out. The driver scans the bytes (line ends only) or the Parquet metadata."""
+    fmt = check_corpus_file(path)
+    path = Path(path).resolve()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        meta, ranges, first = pq.ParquetFile(path).metadata, [], 0
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            if rows:
+                ranges.append({"kind": "parquet", "path": str(path), "group": group, "first_row": first})
+            first += rows
+        return ranges
+    return _jsonl_ranges(path, max(1, range_bytes))
+
+
+def _jsonl_ranges(path: Path, range_bytes: int) -> list[dict]:
+    ranges: list[dict] = []
+    line = row = 0
+    with open(path, "rb") as handle:
+        start = len(BOM) if handle.read(len(BOM)) == BOM else 0
+        handle.seek(start)
+        buf = b""
+        while True:
+            chunk = handle.read(range_bytes)
+            buf += chunk
+            cut = len(buf) if not chunk else _last_line_end(buf)
+            if chunk and not cut:  # one line longer than range_bytes so far: read on
+                continue
+            if cut:
+                lines = buf[:cut].splitlines()
+                rows = sum(1 for raw in lines if raw.strip())
+                if rows:
+                    ranges.append({"kind": "jsonl", "path": str(path), "start": start, "end": start + cut,
+                                   "first_line": line, "first_row": row})
+                line, row, start, buf = line + len(lines), row + rows, start + cut, buf[cut:]
+            if not chunk:
+                return ranges
+
+
+def _last_line_end(buf: bytes) -> int:
+    """The end of the last complete line in buf (0: none): after its last LF, or after a CR that a
+    byte other than LF follows (a CR at the very end may be the first half of a CRLF: not a cut)."""
+    return max(buf.rfind(b"\n") + 1, buf.rfind(b"\r", 0, len(buf) - 1) + 1)
+
+
+# ---------------------------------------------------------------------------- cluster: read and tokenise
+
+
+def read_range(piece: dict) -> Iterator[tuple[int, dict]]:
+    """(row position, row) of one piece of corpus_ranges, exactly as read_rows returns them."""
+    if piece["kind"] == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(piece["path"]).read_row_group(int(piece["group"]))
+        yield from enumerate(table.to_pylist(), int(piece["first_row"]))
+        return
+    with open(piece["path"], "rb") as handle:
+        handle.seek(int(piece["start"]))
+        data = handle.read(int(piece["end"]) - int(piece["start"]))
+    row = int(piece["first_row"])
+    for lineno, raw in enumerate(data.splitlines(), int(piece["first_line"]) + 1):
+        if raw.strip():
+            yield row, parse_jsonl_line(raw, lineno)
+            row += 1
+
+
+def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, overlong: str) -> list[dict]:
+    """The dataset rows of (row position, corpus row) pairs: each row through prepare_examples on
+    its own (the very code of the one-process path), with its outcome: `status` (STATUSES),
+    `reason` (an error row's key in PrepareStats.errors, else "") and `response_tokens`;
+    `input_ids` is empty for a skipped row."""
+    out = []
+    for row, data in rows:
+        examples, stats = prepare_examples([data], tokenizer, max_length, overlong)
+        if examples:
+            e = examples[0]
+            status = TRUNCATED if stats.truncated else OK
+            out.append({"row": row, "input_ids": list(e.input_ids), "response_start": e.response_start,
+                        "has_eos": e.has_eos, "status": STATUSES[status], "reason": "",
+                        "response_tokens": stats.response_tokens})
+            continue
+        status = TOO_LONG if stats.too_long_skipped else ERROR
+        reason = next(iter(stats.errors), "") if status == ERROR else ""
+        out.append({"row": row, "input_ids": [], "response_start": 0, "has_eos": False, "status": STATUSES[status],
+                    "reason": reason, "response_tokens": 0})
+    return out
+
+
+def local_rows(path: str | Path, tokenizer, max_length: int, overlong: str = "skip",
+               range_bytes: int = RANGE_BYTES) -> list[dict]:
+    """The rows corpus_dataset yields, made in this process (the same functions, in file order)."""
+    return [r for piece in corpus_ranges(path, range_bytes) for r in
+            tokenise_rows(read_range(piece), tokenizer, max_length, overlong)]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str):
+    """One tokenizer per worker process (Ray reuses task processes)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _dataset_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
+                      ("has_eos", pa.bool_()), ("status", pa.string()), ("reason", pa.string()),
+                      ("response_tokens", pa.int64())])
+
+
+def _read_batch(batch):
+    """Ray Data: a batch of corpus_ranges pieces -> (row, pickled corpus row) carrier rows; pickled so
+    that Arrow cannot change a row (mixed types across rows, missing keys) before it is tokenised."""
+    import pyarrow as pa
+
+    pairs = [(row, pickle.dumps(data, protocol=5)) for piece in batch.to_pylist() for row, data in read_range(piece)]
+    return pa.table({"row": pa.array([p[0] for p in pairs], pa.int64()),
+                     "data": pa.array([p[1] for p in pairs], pa.binary())})
+
+
+def _tokenise_batch(batch, tokenizer_path: str, max_length: int, overlong: str):
+    import pyarrow as pa
+
+    rows = zip(batch.column("row").to_pylist(), map(pickle.loads, batch.column("data").to_pylist()), strict=True)
+    return pa.Table.from_pylist(tokenise_rows(rows, _tokenizer(tokenizer_path), max_length, overlong),
+                                schema=_dataset_schema())
+
+
+def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overlong: str = "skip", *,
+                   range_bytes: int = RANGE_BYTES, batch_size: int = TOKENISE_BATCH, num_cpus: float = DATA_CPUS):
+    """A lazy Ray Dataset of the tokenised corpus (tokenise_rows' columns), one row per row of
+    read_rows(path), in no particular order: `row` says where each came from. Raises on the driver,
+    before any Ray work, what read_rows and prepare_data raise for a missing file, a folder, an
+    unknown format or a corpus without rows. The workers read `path` itself: it must be reachable
+    from every node (a shared file system), as for read_rows."""
+    import ray.data
+
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
+    ranges = corpus_ranges(path, range_bytes)
+    if not ranges:
+        raise ValueError(f"{path}: the corpus has no rows")
+    ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus)
+    return ds.map_batches(_tokenise_batch, fn_kwargs={"tokenizer_path": str(tokenizer_path), "max_length": max_length,
+                                                      "overlong": overlong},
+                          batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus)
+
+
+# ---------------------------------------------------------------------------- workers: the shard and the collectives
+
+
+def dist_gather(obj) -> list:
+    """Every worker's `obj`, in rank order (torch.distributed all_gather_object; [obj] without a group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _compact(ids) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids.astype(np.int32) if not ids.size or (ids.min() >= 0 and ids.max() < 2**31) else ids
+
+
+class ShardedCorpus:
+    """This worker's shard of corpus_dataset rows, numbered, split and fetched exactly as the one-process
+    path does (module doc). The constructor, `fetch` are collectives: every worker calls them, in the
+    same order, with the same arguments; `gather(obj)` returns every worker's obj in rank order
+    (dist_gather under torch.distributed, `lambda x: [x]` in one process).
+
+    Attributes: n_train, n_eval, train_lengths (token length of train example t, in train order:
+    the dense order minus the held-out rows), stats (PrepareStats.as_dict() of the whole corpus),
+    train_rows / eval_file_rows (the file row of each train / eval example)."""
+
+    def __init__(self, rows: Iterable[dict], gather: Callable[[object], list], eval_rows: int, seed: int, *,
+                 source: str = "corpus", max_length: int | None = None, expected_rows: int | None = None):
+        self._gather = gather
+        meta = self._keep(rows)
+        parts = gather(meta)
+        file_rows = np.concatenate([p["row"] for p in parts])
+        order = np.argsort(file_rows, kind="stable")
+        file_rows = file_rows[order]
+        n = len(file_rows) if expected_rows is None else expected_rows
+        if len(file_rows) != n or not np.array_equal(file_rows, np.arange(n)):
+            raise RuntimeError(f"{source}: the workers' shards do not hold each of the corpus' {n} rows exactly once "
+                               f"({len(file_rows)} rows, {len(np.unique(file_rows))} distinct)")
+        status = np.concatenate([p["status"] for p in parts])[order]
+        lengths = np.concatenate([p["length"] for p in parts])[order]
+        usable = (status == OK) | (status == TRUNCATED)
+        self.stats = _stats(status, lengths, parts)
+        if not n:
+            raise ValueError(f"{source}: the corpus has no rows")
+        if not usable.any():
+            s = self.stats
+            limit = f"{max_length} tokens" if max_length is not None else "the maximum length"
+            raise ValueError(f"{source}: no usable training rows out of {s['rows']} ({s['error_rows']} invalid "
+                             f"{s['errors']}, {s['too_long_skipped']} longer than {limit})")
+        dense_rows, dense_lengths = file_rows[usable], lengths[usable]
+        train, held = split_eval(range(len(dense_rows)), eval_rows, seed)
+        train, held = np.asarray(train, dtype=np.int64), np.asarray(held, dtype=np.int64)
+        self.train_rows, self.eval_file_rows = dense_rows[train], dense_rows[held]
+        self.train_lengths: list[int] = dense_lengths[train].tolist()
+        self.n_train, self.n_eval = len(train), len(held)
+        self._eval = self._collect(self.eval_file_rows)
+
+    def _keep(self, rows: Iterable[dict]) -> dict:
+        """Keep this shard's token ids (one array, sorted by row); return the metadata to gather."""
+        file_rows, status, lengths, starts, response_start, has_eos, chunks = [], [], [], [], [], [], []
+        errors, response_tokens, offset = [], 0, 0
+        for r in rows:
+            row, code = int(r["row"]), STATUSES.index(str(r["status"]))
+            file_rows.append(row)
+            status.append(code)
+            if code == ERROR:
+                errors.append((row, str(r["reason"])))
+            if code not in (OK, TRUNCATED):
+                lengths.append(0)
+                continue
+            ids = _compact(r["input_ids"])
+            chunks.append(ids)
+            lengths.append(len(ids))
+            starts.append(offset)
+            offset += len(ids)
+            response_start.append(int(r["response_start"]))
+            has_eos.append(bool(r["has_eos"]))
+            response_tokens += int(r["response_tokens"])
+        file_rows_a = np.asarray(file_rows, dtype=np.int64)
+        status_a, lengths_a = np.asarray(status, dtype=np.int8), np.asarray(lengths, dtype=np.int64)
+        held = (status_a == OK) | (status_a == TRUNCATED)
+        order = np.argsort(file_rows_a[held], kind="stable")
+        self._rows = file_rows_a[held][order]  # the rows whose tokens this worker holds, sorted
+        self._starts = np.asarray(starts, dtype=np.int64)[order]
+        self._lengths = lengths_a[held][order]
+        self._response_start = np.asarray(response_start, dtype=np.int64)[order]
+        self._has_eos = np.asarray(has_eos, dtype=bool)[order]
+        self._ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        return {"row": file_rows_a, "status": status_a, "length": lengths_a, "errors": errors,
+                "response_tokens": response_tokens}
+
+    def _collect(self, file_rows: np.ndarray) -> list[TrainExample]:
+        """The examples of these file rows, in this order (a collective: each worker sends those it holds)."""
+        wanted = np.unique(file_rows)
+        pos = np.searchsorted(self._rows, wanted)
+        held = pos < len(self._rows)
+        held[held] = self._rows[pos[held]] == wanted[held]
+        mine = {}
+        for row, k in zip(wanted[held].tolist(), pos[held].tolist(), strict=True):
+            start = int(self._starts[k])
+            mine[row] = (self._ids[start:start + int(self._lengths[k])].copy(), int(self._response_start[k]),
+                         bool(self._has_eos[k]))
+        found: dict = {}
+        for part in self._gather(mine):
+            found.update(part)
+        missing = [r for r in wanted.tolist() if r not in found]
+        if missing:
+            raise RuntimeError(f"no worker holds rows {missing[:10]} (of {len(missing)} missing)")
+        return [TrainExample(found[r][0].tolist(), found[r][1], found[r][2]) for r in file_rows.tolist()]
+
+    def fetch(self, train_indices: list[int]) -> list[TrainExample]:
+        """The train examples of these indices (0..n_train-1), in this order. A collective: every worker
+        passes the same indices (a step's global batch) and only those rows' tokens are exchanged."""
+        idx = np.asarray(list(train_indices), dtype=np.int64)
+        bad = idx[(idx < 0) | (idx >= self.n_train)]
+        if bad.size:
+            raise IndexError(f"train indices out of range 0..{self.n_train - 1}: {bad[:5].tolist()}")
+        return self._collect(self.train_rows[idx])
+
+    def eval_examples(self) -> list[TrainExample]:
+        """The held-out examples in dense order (gathered once, by the constructor; not a collective)."""
+        return list(self._eval)
+
+    @property
+    def held_rows(self) -> int:
+        """How many examples' token ids this worker holds (its shard's usable rows)."""
+        return len(self._rows)
+
+
+def _stats(status: np.ndarray, lengths: np.ndarray, parts: list[dict]) -> dict:
+    """PrepareStats.as_dict() of the whole corpus from the gathered metadata (status, lengths in row order)."""
+    stats = PrepareStats(rows=len(status))
+    usable = (status == OK) | (status == TRUNCATED)
+    stats.used = int(usable.sum())
+    stats.too_long_skipped = int((status == TOO_LONG).sum())
+    stats.truncated = int((status == TRUNCATED).sum())
+    stats.tokens = int(lengths[usable].sum())
+    stats.response_tokens = sum(int(p["response_tokens"]) for p in parts)
+    for _, reason in (e for p in parts for e in p["errors"]):  # in file order: the dict's order too
+        stats.count_error(reason)  # a key is its own key (no ':', at most 60 characters)
+    return stats.as_dict()
