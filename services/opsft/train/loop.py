@@ -168,12 +168,12 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     if cfg.gradient_checkpointing:  # recompute each decoder layer in the backward pass (before any wrapping)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = runtime.wrap(LossHead(model))
+    optimizer = make_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps)
+    scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
     reference = None
     if cfg.loss.name == "dpo":  # before any step: the initial model (sharded under FSDP)
         reference = dpo_reference(cfg, train, eval_ex, wrapped, pad_id, runtime, autocast, resume_state)
         train, eval_ex = with_reference(train, reference["train"]), with_reference(eval_ex, reference["eval"])
-    optimizer = make_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps)
-    scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.min_lr_ratio)
     start = 0
     if resume_state is not None:
         if resume_state["trainer"].get("shards"):  # an FSDP checkpoint: model and optimiser from its shards

@@ -60,7 +60,8 @@ def corpus_ranges(path: str | Path, range_bytes: int = RANGE_BYTES) -> list[dict
     """The pieces of a corpus file that read_range reads, in order, each with `first_row` (its
     first row's position among the rows read_rows returns) and, for JSONL, `first_line` (the
     lines before it, blank ones included: read_rows' error messages count them). Pieces without
-    a row are left out. The driver scans the bytes (line ends only) or the Parquet metadata."""
+    a row are left out; each piece has the corpus' row count, `n_rows`. The driver scans the bytes
+    (line ends only) or the Parquet metadata."""
     fmt = check_corpus_file(path)
     path = Path(path).resolve()
     if fmt == "parquet":
@@ -72,11 +73,12 @@ def corpus_ranges(path: str | Path, range_bytes: int = RANGE_BYTES) -> list[dict
             if rows:
                 ranges.append({"kind": "parquet", "path": str(path), "group": group, "first_row": first})
             first += rows
-        return ranges
-    return _jsonl_ranges(path, max(1, range_bytes))
+    else:
+        ranges, first = _jsonl_ranges(path, max(1, range_bytes))
+    return [{**piece, "n_rows": first} for piece in ranges]
 
 
-def _jsonl_ranges(path: Path, range_bytes: int) -> list[dict]:
+def _jsonl_ranges(path: Path, range_bytes: int) -> tuple[list[dict], int]:
     ranges: list[dict] = []
     line = row = 0
     with open(path, "rb") as handle:
@@ -97,7 +99,7 @@ def _jsonl_ranges(path: Path, range_bytes: int) -> list[dict]:
                                    "first_line": line, "first_row": row})
                 line, row, start, buf = line + len(lines), row + rows, start + cut, buf[cut:]
             if not chunk:
-                return ranges
+                return ranges, row
 
 
 def _last_line_end(buf: bytes) -> int:
@@ -127,11 +129,13 @@ def read_range(piece: dict) -> Iterator[tuple[int, dict]]:
             row += 1
 
 
-def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, overlong: str) -> list[dict]:
+def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, overlong: str,
+                  n_rows: int) -> list[dict]:
     """The dataset rows of (row position, corpus row) pairs: each row through prepare_examples on
     its own (the very code of the one-process path), with its outcome: `status` (STATUSES),
     `reason` (an error row's key in PrepareStats.errors, else "") and `response_tokens`;
-    `input_ids` is empty for a skipped row."""
+    `input_ids` is empty for a skipped row. `n_rows` (the corpus' row count) goes with every row:
+    from it the workers can tell that a split lost rows."""
     out = []
     for row, data in rows:
         examples, stats = prepare_examples([data], tokenizer, max_length, overlong)
@@ -140,12 +144,12 @@ def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, 
             status = TRUNCATED if stats.truncated else OK
             out.append({"row": row, "input_ids": list(e.input_ids), "response_start": e.response_start,
                         "has_eos": e.has_eos, "status": STATUSES[status], "reason": "",
-                        "response_tokens": stats.response_tokens})
+                        "response_tokens": stats.response_tokens, "n_rows": n_rows})
             continue
         status = TOO_LONG if stats.too_long_skipped else ERROR
         reason = next(iter(stats.errors), "") if status == ERROR else ""
         out.append({"row": row, "input_ids": [], "response_start": 0, "has_eos": False, "status": STATUSES[status],
-                    "reason": reason, "response_tokens": 0})
+                    "reason": reason, "response_tokens": 0, "n_rows": n_rows})
     return out
 
 
@@ -153,7 +157,7 @@ def local_rows(path: str | Path, tokenizer, max_length: int, overlong: str = "sk
                range_bytes: int = RANGE_BYTES) -> list[dict]:
     """The rows corpus_dataset yields, made in this process (the same functions, in file order)."""
     return [r for piece in corpus_ranges(path, range_bytes) for r in
-            tokenise_rows(read_range(piece), tokenizer, max_length, overlong)]
+            tokenise_rows(read_range(piece), tokenizer, max_length, overlong, piece["n_rows"])]
 
 
 @functools.lru_cache(maxsize=2)
@@ -169,7 +173,7 @@ def _dataset_schema():
 
     return pa.schema([("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
                       ("has_eos", pa.bool_()), ("status", pa.string()), ("reason", pa.string()),
-                      ("response_tokens", pa.int64())])
+                      ("response_tokens", pa.int64()), ("n_rows", pa.int64())])
 
 
 def _read_batch(batch):
@@ -177,26 +181,31 @@ def _read_batch(batch):
     that Arrow cannot change a row (mixed types across rows, missing keys) before it is tokenised."""
     import pyarrow as pa
 
-    pairs = [(row, pickle.dumps(data, protocol=5)) for piece in batch.to_pylist() for row, data in read_range(piece)]
-    return pa.table({"row": pa.array([p[0] for p in pairs], pa.int64()),
-                     "data": pa.array([p[1] for p in pairs], pa.binary())})
+    rows = [(row, pickle.dumps(data, protocol=5), piece["n_rows"]) for piece in batch.to_pylist()
+            for row, data in read_range(piece)]
+    return pa.table({"row": pa.array([r[0] for r in rows], pa.int64()),
+                     "data": pa.array([r[1] for r in rows], pa.binary()),
+                     "n_rows": pa.array([r[2] for r in rows], pa.int64())})
 
 
 def _tokenise_batch(batch, tokenizer_path: str, max_length: int, overlong: str):
     import pyarrow as pa
 
     rows = zip(batch.column("row").to_pylist(), map(pickle.loads, batch.column("data").to_pylist()), strict=True)
-    return pa.Table.from_pylist(tokenise_rows(rows, _tokenizer(tokenizer_path), max_length, overlong),
+    n_rows = batch.column("n_rows")[0].as_py() if batch.num_rows else 0
+    return pa.Table.from_pylist(tokenise_rows(rows, _tokenizer(tokenizer_path), max_length, overlong, n_rows),
                                 schema=_dataset_schema())
 
 
 def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overlong: str = "skip", *,
-                   range_bytes: int = RANGE_BYTES, batch_size: int = TOKENISE_BATCH, num_cpus: float = DATA_CPUS):
+                   range_bytes: int = RANGE_BYTES, batch_size: int = TOKENISE_BATCH, num_cpus: float = DATA_CPUS,
+                   max_tasks: int | None = None):
     """A lazy Ray Dataset of the tokenised corpus (tokenise_rows' columns), one row per row of
     read_rows(path), in no particular order: `row` says where each came from. Raises on the driver,
     before any Ray work, what read_rows and prepare_data raise for a missing file, a folder, an
     unknown format or a corpus without rows. The workers read `path` itself: it must be reachable
-    from every node (a shared file system), as for read_rows."""
+    from every node (a shared file system), as for read_rows. max_tasks: at most this many read and
+    tokenise tasks at once (each worker process imports transformers and loads the tokenizer once)."""
     import ray.data
 
     if overlong not in OVERLONG:
@@ -204,11 +213,42 @@ def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overl
     ranges = corpus_ranges(path, range_bytes)
     if not ranges:
         raise ValueError(f"{path}: the corpus has no rows")
+    tasks = dict(num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=max_tasks) if max_tasks else None)
     ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
-    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=1, num_cpus=num_cpus)
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=1, **tasks)
     return ds.map_batches(_tokenise_batch, fn_kwargs={"tokenizer_path": str(tokenizer_path), "max_length": max_length,
                                                       "overlong": overlong},
-                          batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus)
+                          batch_format="pyarrow", batch_size=batch_size, **tasks)
+
+
+def exact_data_config(datasets_to_split: list[str] | None = None):
+    """A ray.train.DataConfig (TorchTrainer's dataset_config) whose split keeps every row: Ray's own
+    splits with streaming_split(equal=True), which drops rows to even the shards (25 rows over 2
+    workers: 12 and 12); this one splits with equal=False (shards of uneven size, every row once)."""
+    return _exact_config_class()(datasets_to_split=datasets_to_split or "all")
+
+
+@functools.cache
+def _exact_config_class():
+    import ray.data
+    import ray.train
+
+    class ExactSplitConfig(ray.train.DataConfig):
+        def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+            names = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+            kept = {name: ds for name, ds in datasets.items() if name not in names}
+            out = super().configure(kept, world_size, worker_handles, worker_node_ids, **kwargs)  # not split
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name in sorted(names & set(datasets)):
+                ds = ray.data.Dataset.copy(datasets[name])  # its own execution options, as Ray's configure does
+                if ds.name is None:
+                    ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for rank, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[rank][name] = it
+            return out
+
+    return ExactSplitConfig
 
 
 # ---------------------------------------------------------------------------- workers: the shard and the collectives
@@ -248,7 +288,10 @@ class ShardedCorpus:
         file_rows = np.concatenate([p["row"] for p in parts])
         order = np.argsort(file_rows, kind="stable")
         file_rows = file_rows[order]
-        n = len(file_rows) if expected_rows is None else expected_rows
+        told = {p["n_rows"] for p in parts if p["n_rows"] is not None} | ({expected_rows} - {None})
+        if len(told) > 1:
+            raise RuntimeError(f"{source}: the workers' rows disagree on the corpus' row count: {sorted(told)}")
+        n = told.pop() if told else len(file_rows)
         if len(file_rows) != n or not np.array_equal(file_rows, np.arange(n)):
             raise RuntimeError(f"{source}: the workers' shards do not hold each of the corpus' {n} rows exactly once "
                                f"({len(file_rows)} rows, {len(np.unique(file_rows))} distinct)")
@@ -274,9 +317,11 @@ class ShardedCorpus:
     def _keep(self, rows: Iterable[dict]) -> dict:
         """Keep this shard's token ids (one array, sorted by row); return the metadata to gather."""
         file_rows, status, lengths, starts, response_start, has_eos, chunks = [], [], [], [], [], [], []
-        errors, response_tokens, offset = [], 0, 0
+        errors, response_tokens, offset, n_rows = [], 0, 0, set()
         for r in rows:
             row, code = int(r["row"]), STATUSES.index(str(r["status"]))
+            if r.get("n_rows") is not None:
+                n_rows.add(int(r["n_rows"]))
             file_rows.append(row)
             status.append(code)
             if code == ERROR:
@@ -302,8 +347,10 @@ class ShardedCorpus:
         self._response_start = np.asarray(response_start, dtype=np.int64)[order]
         self._has_eos = np.asarray(has_eos, dtype=bool)[order]
         self._ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        if len(n_rows) > 1:
+            raise RuntimeError(f"rows of different corpora in one shard (row counts {sorted(n_rows)})")
         return {"row": file_rows_a, "status": status_a, "length": lengths_a, "errors": errors,
-                "response_tokens": response_tokens}
+                "response_tokens": response_tokens, "n_rows": n_rows.pop() if n_rows else None}
 
     def _collect(self, file_rows: np.ndarray) -> list[TrainExample]:
         """The examples of these file rows, in this order (a collective: each worker sends those it holds)."""
@@ -352,6 +399,6 @@ def _stats(status: np.ndarray, lengths: np.ndarray, parts: list[dict]) -> dict:
     stats.truncated = int((status == TRUNCATED).sum())
     stats.tokens = int(lengths[usable].sum())
     stats.response_tokens = sum(int(p["response_tokens"]) for p in parts)
-    for _, reason in (e for p in parts for e in p["errors"]):  # in file order: the dict's order too
+    for _, reason in sorted(e for p in parts for e in p["errors"]):  # in file order: the dict's order too
         stats.count_error(reason)  # a key is its own key (no ':', at most 60 characters)
     return stats.as_dict()

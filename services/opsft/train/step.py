@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from opsft.method import loss_registry, losses
 from opsft.method.cll import linear_logprob_entropy, token_logprob_entropy
@@ -309,6 +310,12 @@ def evaluating(model):
         yield model
     finally:
         model.train(was_training)
+        # FSDP keeps its root unit gathered after a forward (for the backward that usually follows):
+        # after forwards without backward, put every unit back to its shards (the optimiser's and the
+        # checkpoints' parameters)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 @torch.no_grad()
