@@ -21,13 +21,17 @@ reports per worker: step time, peak RSS (CPU) or peak allocated memory (GPU), an
 state the worker holds (parameters + gradients + AdamW moments, counted from the tensors: its
 shards under FSDP, everything under DDP). Under FSDP that state is 1/W of DDP's.
 
+`--layouts padded packed --min-seq N` draws row lengths in [N, --seq] and runs the step with
+padded micro-batches (sorted by length) and padding-free packed ones (collate_packed).
+
     .venv/bin/python benchmarks/train_step.py                       # embedded model, 4 x 256, fp32 CPU
     .venv/bin/python benchmarks/train_step.py --autocast bf16 --losses sft idft eaft
     .venv/bin/python benchmarks/train_step.py --losses idft --heads fused logits --random-model 135m-qwenvocab
+    .venv/bin/python benchmarks/train_step.py --losses idft --layouts padded packed --min-seq 64 --batch 8 --micro 4
     .venv/bin/python benchmarks/train_step.py --losses idft --strategies ddp fsdp --workers 2 --batch 2
     python benchmarks/train_step.py --device cuda --random-model 1.5b --batch 8 --seq 2048 --peak-tflops 989
-    torchrun-free on 8 GPUs: python benchmarks/train_step.py --device cuda --random-model 1.5b --losses idft \
-        --strategies ddp fsdp --workers 8 --batch 4 --seq 2048 --autocast bf16 --peak-tflops 989
+    python benchmarks/train_step.py --device cuda --random-model 1.5b --losses idft --strategies ddp fsdp \
+        --workers 8 --batch 4 --seq 2048 --autocast bf16 --peak-tflops 989      # 8 GPUs, a process each
 """
 
 from __future__ import annotations
@@ -86,9 +90,10 @@ def one(args) -> dict:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build_model(args, torch.device(args.device))
-    loss, head = args.one.split("/")
+    loss, head, layout = args.one.split("/")
     return measure_steps(model, loss, batch=args.batch, seq=args.seq, steps=args.steps, micro=args.micro,
-                         autocast=args.autocast, peak_tflops=args.peak_tflops, fused=head == "fused")
+                         autocast=args.autocast, peak_tflops=args.peak_tflops, fused=head == "fused",
+                         min_seq=args.min_seq, packed=layout == "packed")
 
 
 def _local_numel(t) -> int:
@@ -108,15 +113,18 @@ def state_mb(model, opt) -> float:
 
 def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: int | None = None,
                   autocast: str = "auto", peak_tflops: float | None = None, fused: bool = True,
-                  world_size: int = 1, reduce=None, device=None) -> dict:
+                  world_size: int = 1, reduce=None, device=None, min_seq: int | None = None,
+                  packed: bool = False) -> dict:
     """AdamW steps of `loss` (opsft.train.step.train_step) on `batch` synthetic rows of `seq` random
     token ids (the last 3/4 of each row is the response): median step time after one warm-up step,
     tokens/s, peak memory (CUDA: allocated during these steps; CPU: the process's peak RSS) and,
     with peak_tflops, model FLOPs utilisation 6 N tokens/s over the peak (attention left out).
     `model` may be wrapped (DDP, FSDP: then world_size and reduce, the all_reduce, are given);
-    tokens/s and MFU then count this worker's rows only."""
+    tokens/s and MFU then count this worker's rows only. min_seq: row lengths drawn in [min_seq, seq]
+    (sorted into micro-batches by length, as opsft train does); packed: padding-free micro-batches.
+    tokens/s counts real tokens, not padding."""
     import torch
-    from opsft.train.data import TrainExample, collate
+    from opsft.train.data import TrainExample, collate, collate_packed
     from opsft.train.step import (
         LossSpec,
         autocast_context,
@@ -133,10 +141,13 @@ def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: 
         torch.cuda.reset_peak_memory_stats(device)
     vocab = unwrap(model).config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    rows = [TrainExample(torch.randint(3, vocab, (seq,), generator=gen).tolist(), seq // 4, False)
-            for _ in range(batch)]
+    lengths = [seq if min_seq is None else int(n) for n in torch.randint(min_seq, seq + 1, (batch,), generator=gen)]
+    rows = sorted((TrainExample(torch.randint(3, vocab, (n,), generator=gen).tolist(), n // 4, False)
+                   for n in lengths), key=len, reverse=True)
     micro = micro or batch
-    batches = [collate(rows[i:i + micro], 0, device) for i in range(0, batch, micro)]
+    batches = [collate_packed(rows[i:i + micro], device) if packed else collate(rows[i:i + micro], 0, device)
+               for i in range(0, batch, micro)]
+    padded = sum(b["input_ids"].numel() for b in batches)
     opt = make_optimizer(model, 1e-5, 0.01)
     sched = make_scheduler(opt, steps + 1, 0.0)
     spec = LossSpec(loss, {}, fused=fused)
@@ -154,9 +165,10 @@ def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: 
         cpu.append(time.process_time() - start_cpu)
     step = statistics.median(times[1:])
     n_params = sum(p.numel() for p in model.parameters())  # DTensor.numel() is the whole parameter's
-    tokens = batch * seq
+    tokens = sum(lengths)
     # CPU seconds of this process per step: the fairer figure on a machine shared with other jobs
-    out = {"loss": loss, "head": "fused" if fused else "logits", "step_s": round(step, 3),
+    out = {"loss": loss, "head": "fused" if fused else "logits", "layout": "packed" if packed else "padded",
+           "tokens": tokens, "tokens_with_padding": padded, "step_s": round(step, 3),
            "step_cpu_s": round(statistics.median(cpu[1:]), 3), "tokens_per_s": round(tokens / step, 1),
            "params_m": round(n_params / 1e6, 1), "state_mb": state_mb(model, opt)}
     if device.type == "cuda":
@@ -232,6 +244,9 @@ def main() -> int:
     p.add_argument("--losses", nargs="+", default=["sft", "idft"])
     p.add_argument("--heads", nargs="+", choices=["fused", "logits"], default=["fused"],
                    help="the loss from the fused chunked head, and / or from the model's logits")
+    p.add_argument("--layouts", nargs="+", choices=["padded", "packed"], default=["padded"],
+                   help="padded micro-batches, and / or padding-free packing")
+    p.add_argument("--min-seq", type=int, help="row lengths drawn in [--min-seq, --seq] (default: all --seq)")
     p.add_argument("--strategies", nargs="+", choices=["ddp", "fsdp"],
                    help="compare data-parallel strategies over --workers processes (first loss only)")
     p.add_argument("--workers", type=int, default=2)
@@ -269,13 +284,23 @@ def main() -> int:
     results = {}
     for loss in args.losses:
         for head in args.heads:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--one", f"{loss}/{head}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            results[(loss, head)] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(json.dumps(results[(loss, head)]), flush=True)
+            for layout in args.layouts:
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--one", f"{loss}/{head}/{layout}"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return proc.returncode
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(json.dumps(r), flush=True)
+                if layout == "packed" and len(args.layouts) > 1:
+                    base = results[(loss, head)]
+                    print(f"{loss} packed / padded: step time {r['step_s'] / base['step_s']:.3f}, input tokens "
+                          f"{r['tokens_with_padding']} / {base['tokens_with_padding']}")
+                    rec.figure(f"{loss} packed step time", r["step_s"], "s", baseline=("padded", base["step_s"]))
+                    rec.figure(f"{loss} packed input tokens", r["tokens_with_padding"], "tokens",
+                               baseline=("padded", base["tokens_with_padding"]))
+                    continue
+                results[(loss, head)] = r
     for (loss, head), r in results.items():
         tag = loss if len(args.heads) == 1 else f"{loss} ({head} head)"
         rec.figure(f"{tag} training throughput", r["tokens_per_s"], "tokens/s")

@@ -195,6 +195,45 @@ def test_fused_head_loss_equals_the_logits_path_in_value_and_gradient(tiny_model
         torch.testing.assert_close(g_fused[k], g_plain[k], rtol=SPLIT_TOL, atol=SPLIT_TOL * scale)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_micro_batches_equal_padded_ones_in_value_and_gradient(tiny_model, tokenizer, fused):
+    """Padding-free packing (collate_packed: one row, position ids restarting per sequence) against the
+    padded batch: the same loss, metrics and gradients (float64, SPLIT_TOL), with fewer input tokens;
+    and a sequence's scores do not depend on its neighbours (attention stays within each sequence)."""
+    from opsft.train.data import collate_packed
+    from opsft.train.step import response_scores
+
+    ex = _batches(tokenizer, 5)
+    assert len({len(e) for e in ex}) > 1  # lengths differ: the padded batch has padding
+    off = torch.autocast("cpu", enabled=False)
+    results = []
+    for batch in (collate(ex, tokenizer.pad_token_id), collate_packed(ex)):
+        model = float64_copy(tiny_model)
+        loss, metrics = forward_loss(model, batch, LossSpec("idft", {}, fused=fused), 0.3, None, off)
+        loss.backward()
+        results.append((metrics, {k: p.grad for k, p in model.named_parameters()}, batch))
+    (m_pad, g_pad, padded), (m_pack, g_pack, packed) = results
+    total = sum(len(e) for e in ex)
+    assert packed["input_ids"].shape == (1, total) and total < padded["input_ids"].numel()
+    for key in m_pad:
+        assert m_pack[key] == pytest.approx(m_pad[key], rel=SPLIT_TOL, abs=SPLIT_TOL), key
+    for k in g_pad:
+        scale = float(g_pad[k].abs().max()) or 1.0
+        torch.testing.assert_close(g_pack[k], g_pad[k], rtol=SPLIT_TOL, atol=SPLIT_TOL * scale)
+    # the last sequence scored alone and after the others: the same log p
+    model = float64_copy(tiny_model)
+    with torch.no_grad():
+        alone = response_scores(model, collate_packed(ex[-1:]), off, fused=fused)
+        after = response_scores(model, packed, off, fused=fused)
+    n = alone.logp.shape[1]
+    torch.testing.assert_close(after.logp[0, -n:], alone.logp[0], rtol=SPLIT_TOL, atol=SPLIT_TOL)
+
+
+def test_packing_refuses_pair_losses():
+    with pytest.raises(ValueError, match="packing is for the token losses"):
+        TrainConfig(packing=True, loss={"name": "dpo"})
+
+
 def test_train_step_accumulation_gives_the_same_weights(tiny_model, tokenizer):
     """Two AdamW steps with one micro-batch of 8 rows or four of 2: the same curve and weights
     (float64, SPLIT_TOL)."""

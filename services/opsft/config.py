@@ -250,6 +250,8 @@ class TrainConfig(Strict):
                              "chunk (memory-bounded: never [tokens x vocab] logits, float32 logits under bf16 "
                              "autocast); false: the model's logits of the response positions, then chunked log p / H")
     gradient_checkpointing: bool = Field(False, description="recompute decoder layers in the backward pass")
+    packing: bool = Field(False, description="padding-free micro-batches: the rows back to back in one sequence, "
+                          "attention kept within each row by its position ids (token losses only)")
     loss: LossConfig = LossConfig()
     scaling: TrainScaling = TrainScaling()
     lr: float = Field(6e-5, gt=0)
@@ -277,6 +279,12 @@ class TrainConfig(Strict):
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the last checkpoint on failure")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     fail_after_step: int | None = Field(None, ge=1, description="testing: crash once after this step (recovery)")
+
+    @model_validator(mode="after")
+    def _packing_is_for_token_losses(self):
+        if self.packing and self.loss.pairs:
+            raise ValueError(f"packing is for the token losses; {self.loss.name} trains on pairs, which stay padded")
+        return self
 
     @model_validator(mode="after")
     def _float64_is_not_autocast(self):

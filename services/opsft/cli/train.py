@@ -32,7 +32,7 @@ FLAGS = {
     "resume_from": "resume_from", "max_failures": "max_failures", "address": "address",
     "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
     "cpus_per_worker": "scaling.cpus_per_worker", "strategy": "scaling.strategy",
-    "gradient_checkpointing": "gradient_checkpointing", "fused_head": "fused_head",
+    "gradient_checkpointing": "gradient_checkpointing", "fused_head": "fused_head", "packing": "packing",
 }
 
 
@@ -76,6 +76,8 @@ def add_parser(sub) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute each decoder layer's activations in the backward pass (less memory, ~1/3 "
                         "more compute)")
+    g.add_argument("--packing", action="store_true", default=None,
+                   help="padding-free micro-batches (rows back to back, attention within each row)")
     g.add_argument("--no-fused-head", dest="fused_head", action="store_false", default=None,
                    help="compute the loss from the model's logits ([tokens x vocab]) instead of the chunked head")
     g.add_argument("--max-length", type=int, help="tokens per row (default: the model's context)")

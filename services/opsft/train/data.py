@@ -199,6 +199,26 @@ def collate(examples: list[TrainExample], pad_id: int, device="cpu") -> dict[str
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
+def collate_packed(examples: list[TrainExample], device="cpu") -> dict[str, torch.Tensor]:
+    """Padding-free: the examples back to back in one row, with `position_ids` restarting at 0 for
+    each, so that attention stays within each sequence (transformers builds that block-causal mask
+    from the position ids when no attention mask is given; on a GPU flash-attention runs the
+    sequences as variable-length ones). Labels as collate's, per sequence: no label crosses a
+    boundary. attention_mask is all ones (it counts the input tokens; the model does not get it).
+    An empty list gives collate's no-token micro-batch."""
+    if not examples:
+        return collate([], 0, device)
+    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(e)) for e in examples])
+    labels = torch.full_like(ids, IGNORE)
+    offset = 0
+    for e in examples:
+        labels[offset + e.response_start - 1:offset + len(e) - 1] = ids[offset + e.response_start:offset + len(e)]
+        offset += len(e)
+    return {"input_ids": ids[None].to(device), "attention_mask": torch.ones_like(ids)[None].to(device),
+            "labels": labels[None].to(device), "position_ids": positions[None].to(device)}
+
+
 def cll_mask(examples: list[TrainExample], labels: torch.Tensor) -> torch.Tensor:
     """The label positions `opsft score` counts for CLL: the response without its end-of-turn token."""
     mask = labels != IGNORE

@@ -30,6 +30,7 @@ from opsft.train.data import (
     TrainExample,
     check_batch_sizes,
     collate,
+    collate_packed,
     prepare_examples,
     split_eval,
     worker_micro_batches,
@@ -162,7 +163,12 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
         check_compatible(resume_state["trainer"], data_position)
     off = cfg.dtype == "float64" or runtime.wrapper_casts
     autocast = autocast_context(runtime.device, "off" if off else cfg.autocast)
-    batch_of = collate_pairs if cfg.loss.pairs else collate
+    if cfg.loss.pairs:
+        batch_of = collate_pairs
+    elif cfg.packing:
+        batch_of = lambda examples, pad_id, device: collate_packed(examples, device)  # noqa: E731
+    else:
+        batch_of = collate
 
     model.train()
     if cfg.gradient_checkpointing:  # recompute each decoder layer in the backward pass (before any wrapping)

@@ -150,21 +150,24 @@ class LossHead(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, labels, temperature: float = 1.0, fused: bool = True,
-                autocast=None):
+                autocast=None, position_ids=None):
         autocast = autocast or contextlib.nullcontext()
+        # packed rows (collate_packed): position ids and no attention mask, from which transformers
+        # keeps attention within each sequence
+        inputs = dict(input_ids=input_ids, use_cache=False, **(
+            {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}))
         cols = (labels != IGNORE).any(0).nonzero()
         first = int(cols[0]) if len(cols) else labels.shape[1] - 1
         head = plain_lm_head(self.lm) if fused else None
         if head is not None:
             with autocast:
-                hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = self.lm.get_decoder()(**inputs).last_hidden_state
             logp, ent = linear_logprob_entropy(hidden[:, first:], head.weight, labels[:, first:], temperature,
                                                bias=head.bias)
             vocab = head.weight.shape[0]
         else:
             with autocast:
-                logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                                 logits_to_keep=labels.shape[1] - first).logits
+                logits = self.lm(**inputs, logits_to_keep=labels.shape[1] - first).logits
             logp, ent = token_logprob_entropy(logits, labels[:, first:], temperature)
             vocab = logits.shape[-1]
         # [B, T] each: copies, not views, so that FSDP's backward hook on them cannot be bypassed
@@ -184,7 +187,7 @@ def response_scores(model, batch: dict, autocast, temperature: float = 1.0, fuse
     scorer = model if isinstance(inner, LossHead) else LossHead(model)
     labels = batch["labels"]
     logp, ent, first, vocab = scorer(batch["input_ids"], batch["attention_mask"], labels, temperature, fused,
-                                     autocast)
+                                     autocast, batch.get("position_ids"))
     return Scores(logp, ent, labels[:, first:], vocab)
 
 
