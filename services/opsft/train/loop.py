@@ -155,7 +155,9 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
     plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
     check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, W)
-    lengths = [len(e) for e in train]
+    # train: a list of examples, or a ShardedCorpus (each worker holds a shard; `fetch` is a collective)
+    sharded = hasattr(train, "fetch")
+    lengths = train.lengths if sharded else [len(e) for e in train]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_position = {"n_examples": len(train), "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
                      "total_steps": total, "steps_per_epoch": plan.steps_per_epoch, "dtype": cfg.dtype}
@@ -201,7 +203,8 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
             # on a short last batch the ones without rows run a no-token micro-batch
             rounds = -(-len(indices) // (cfg.micro_batch_size * W))
             parts += [[]] * (rounds - len(parts))
-            batches = [batch_of([train[i] for i in part], pad_id, runtime.device) for part in parts]
+            rows = dict(zip(indices, train.fetch(indices), strict=True)) if sharded else train  # the step's rows
+            batches = [batch_of([rows[i] for i in part], pad_id, runtime.device) for part in parts]
             progress = step / total
             metrics = train_step(wrapped, optimizer, scheduler, batches, spec, progress, world_size=W,
                                  reduce=runtime.reduce, grad_clip=cfg.grad_clip, autocast=autocast)

@@ -1,18 +1,22 @@
 """`opsft train` as a Ray Train job: a thin TorchTrainer around opsft.train.loop.train_loop.
 
-Driver: reads and tokenises the corpus (counting skipped rows), puts the examples in Ray
-Data datasets ("train", "eval") and starts a TorchTrainer with the ScalingConfig from
-TrainConfig.scaling. Workers: read their dataset shard, load the model (or the checkpoint
-Ray hands back after a failure, or cfg.resume_from), wrap it with DDP (or FSDP) via
-ray.train.torch.prepare_model, and run the shared loop; checkpoints go through
+Driver (token losses): Ray Data reads the corpus in ranges and tokenises it in a map stage on the
+cluster (opsft.train.shards.corpus_dataset), materialised in the object store; the driver streams
+back only the per-row counts (corpus_summary: the data summary, and the clear errors of an empty
+or unusable corpus before any worker starts), splits the dataset into one part per worker
+(worker_datasets: "train_0", "train_1", ...) and starts a TorchTrainer with the ScalingConfig from
+TrainConfig.scaling. Workers: read their part (ray.train.get_dataset_shard), build a ShardedCorpus
+(the same numbering, held-out split and lengths as one process, from metadata the workers
+exchange), load the model (or the checkpoint Ray hands back after a failure, or cfg.resume_from),
+wrap it (DDP via ray.train.torch.prepare_model, or FSDP2 via opsft.train.fsdp) and run the shared
+loop, which fetches each step's rows from the workers that hold them; checkpoints go through
 ray.train.report into <output_dir>/ray/.
 
-Why every worker receives the whole (tokenised) dataset (DataConfig(datasets_to_split=[])):
-Ray Data's streaming split hands blocks to whichever worker asks first, so the rows of a
-step would depend on timing and on the number of workers. Exact normalisation and
-resuming need the global batch of step k to be the same rows every time; the loop takes
-each worker's deterministic slice of it (opsft.train.data). The cost: each worker holds
-the token ids of the corpus in memory (4-8 bytes a token).
+So no worker holds the corpus, and the rows of step k are still the same whatever the number of
+workers and however Ray split the blocks: exact normalisation and resuming depend on that.
+
+Pair losses (dpo, simpo): the driver reads and tokenises the pairs (opsft.train.pairs) and every
+worker receives all of them (DataConfig(datasets_to_split=[])).
 
 Ray Train V2 (the default in Ray 2.60): a rerun with the same output_dir continues from the
 run's last checkpoint (ray.train.get_checkpoint), like a restart after a failure.
@@ -34,6 +38,14 @@ from opsft.train import fsdp
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
+from opsft.train.shards import (
+    ShardedCorpus,
+    check_corpus_file,
+    corpus_dataset,
+    corpus_summary,
+    dist_gather,
+    worker_datasets,
+)
 from opsft.train.step import wants_bf16
 
 log = logging.getLogger(__name__)
@@ -100,8 +112,11 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    train = _from_shard(ray.train.get_dataset_shard("train"))
-    eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
+    if config.get("sharded"):  # token losses: this worker's part of the tokenised corpus
+        train, eval_ex = _sharded_examples(cfg, rank, config)
+    else:  # pairs: every worker has them all
+        train = _from_shard(ray.train.get_dataset_shard("train"))
+        eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
     ckpt = ray.train.get_checkpoint()  # a restart after a failure, or a rerun of the same output_dir
     with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as folder:
         fsdp_ = cfg.scaling.strategy == "fsdp"
@@ -121,6 +136,39 @@ def train_worker(config: dict) -> None:
         train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
 
 
+def _sharded_examples(cfg, rank: int, config: dict):
+    """(ShardedCorpus of the training rows, the held-out examples) on this worker: collectives."""
+    import ray.train
+
+    def corpus(name: str, source: str, eval_rows: int) -> ShardedCorpus:
+        return ShardedCorpus(ray.train.get_dataset_shard(f"{name}_{rank}").iter_rows(), dist_gather, eval_rows,
+                             cfg.seed, source=source, max_length=config["max_length"])
+
+    train = corpus("train", cfg.input, 0 if cfg.eval_input else cfg.eval_rows)
+    log.info("worker %d holds the tokens of %d of the %d training and held-out examples", rank, train.held_rows,
+             train.n_train + train.n_eval)
+    if config.get("has_eval"):  # --eval-input: gathered whole on every worker (a held-out set is small)
+        held = corpus("evalset", cfg.eval_input, 0)
+        return train, held.fetch(list(range(held.n_train)))
+    return train, train.eval_examples()
+
+
+def _corpus_datasets(cfg, tokenizer_path: str, max_length: int) -> tuple[dict, dict, bool]:
+    """(per-worker datasets, data summary, whether there is an --eval-input set) of a token-loss run."""
+    W = cfg.scaling.num_workers
+    ds = corpus_dataset(cfg.input, tokenizer_path, max_length, cfg.overlong).materialize()
+    summary = {"train": corpus_summary(ds, cfg.input, max_length, 0 if cfg.eval_input else cfg.eval_rows)}
+    datasets = worker_datasets(ds, W)
+    if not cfg.eval_input:
+        summary["eval_held_out"] = cfg.eval_rows
+        return datasets, summary, False
+    eds = corpus_dataset(cfg.eval_input, tokenizer_path, max_length, cfg.overlong).materialize()
+    summary["eval"] = corpus_summary(eds, cfg.eval_input, max_length, check=False)
+    if not summary["eval"]["used"]:
+        return datasets, summary, False
+    return datasets | worker_datasets(eds, W, "evalset"), summary, True
+
+
 def run_ray(cfg) -> dict:
     """Run the TorchTrainer to the end; returns a summary (data counts, last metrics, the
     final checkpoint folder: a HF model folder)."""
@@ -137,17 +185,24 @@ def run_ray(cfg) -> dict:
     model_path = cfg.resume_from or resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_length = resolve_max_length(cfg, AutoConfig.from_pretrained(model_path), tokenizer)
-    train, eval_ex, data_summary = prepare_data(cfg, tokenizer, max_length)
-    connect(cfg.address, log_to_driver=True)  # the workers' progress lines reach this console
-    datasets = {"train": ray.data.from_items(_to_rows(train))}
-    if eval_ex:
-        datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
+    if cfg.loss.pairs:  # the driver reads the pairs; every worker gets them all
+        train, eval_ex, data_summary = prepare_data(cfg, tokenizer, max_length)
+        connect(cfg.address, log_to_driver=True)  # the workers' progress lines reach this console
+        datasets = {"train": ray.data.from_items(_to_rows(train))}
+        if eval_ex:
+            datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
+        has_eval = bool(eval_ex)
+    else:
+        check_corpus_file(cfg.input)  # a missing or unknown file fails before Ray starts
+        connect(cfg.address, log_to_driver=True)
+        datasets, data_summary, has_eval = _corpus_datasets(cfg, model_path, max_length)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model), "has_eval": bool(eval_ex)},
+        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model), "has_eval": has_eval,
+                           "sharded": not cfg.loss.pairs, "max_length": max_length},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,

@@ -14,11 +14,22 @@ as the one-process path. The examples of a global step are then exchanged on dem
 a collective): each worker sends the requested rows it holds, so no worker ever holds all token
 ids, and the rows of step k do not depend on the number of workers or on how Ray split the data.
 
-    ds = corpus_dataset("corpus.jsonl", model_dir, max_length=512, overlong="skip")   # driver
-    corpus = ShardedCorpus(ray.train.get_dataset_shard("train").iter_rows(), dist_gather, eval_rows=2,
-                           seed=0, source="corpus.jsonl", max_length=512)             # every worker
+    ds = corpus_dataset("corpus.jsonl", model_dir, max_length=512, overlong="skip").materialize()  # driver
+    stats = corpus_summary(ds, "corpus.jsonl", 512, eval_rows=2)   # the counts; raises what prepare_data raises
+    TorchTrainer(..., datasets=worker_datasets(ds, W), dataset_config=DataConfig(datasets_to_split=[]))
+    corpus = ShardedCorpus(ray.train.get_dataset_shard(f"train_{rank}").iter_rows(), dist_gather, eval_rows=2,
+                           seed=0, source="corpus.jsonl", max_length=512)                        # every worker
     plan = BatchPlan(corpus.n_train, global_batch_size=8, seed=0)
     batch = corpus.fetch(plan.step_indices(k))  # every worker, the same indices
+
+Two things Ray Train needs here. Its default DataConfig splits with streaming_split(equal=True),
+which drops rows to even the shards (25 rows, 2 workers: 24 trained on): worker_datasets splits
+on the driver with Dataset.split(equal=False) into one dataset per worker, and every row carries
+the corpus' row count, so that a worker refuses a split that lost a row. And Ray Data leaves the
+Train workers' resources out of its budget: when the workers hold every CPU the read and tokenise
+tasks wait for ever (seen: 2 workers x 1 CPU on a 2-CPU cluster), so materialize() the dataset on
+the driver before fit (its blocks stay in the
+object store, on the nodes; a restart splits them again without tokenising again).
 
 Token losses only (TrainExample); pair data stays on the driver path (opsft.train.pairs).
 Note: read_rows reads a .jsonl.gz file's bytes as they are (no decompression); so does this module.
@@ -37,6 +48,7 @@ from opsft.data.corpus import BOM, file_format, parse_jsonl_line
 from opsft.train.data import OVERLONG, PrepareStats, TrainExample, prepare_examples, split_eval
 
 RANGE_BYTES = 16 << 20  # a JSONL range is at least this long (up to the next line end), or the rest of the file
+MIN_RANGE_BYTES = 1 << 20  # corpus_dataset's default range: file size / 64, within [1, 16] MiB
 TOKENISE_BATCH = 256  # rows per tokenising call
 DATA_CPUS = 0.25  # CPU share of the read and tokenise tasks (beside Train workers that hold whole CPUs)
 STATUSES = ("ok", "truncated", "too_long", "error")  # a row's outcome in tokenize_rows
@@ -142,13 +154,14 @@ def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, 
         if examples:
             e = examples[0]
             status = TRUNCATED if stats.truncated else OK
-            out.append({"row": row, "input_ids": list(e.input_ids), "response_start": e.response_start,
-                        "has_eos": e.has_eos, "status": STATUSES[status], "reason": "",
-                        "response_tokens": stats.response_tokens, "n_rows": n_rows})
+            out.append({"row": row, "input_ids": list(e.input_ids), "length": len(e),
+                        "response_start": e.response_start, "has_eos": e.has_eos, "status": STATUSES[status],
+                        "reason": "", "response_tokens": stats.response_tokens, "n_rows": n_rows})
             continue
         status = TOO_LONG if stats.too_long_skipped else ERROR
         reason = next(iter(stats.errors), "") if status == ERROR else ""
-        out.append({"row": row, "input_ids": [], "response_start": 0, "has_eos": False, "status": STATUSES[status],
+        out.append({"row": row, "input_ids": [], "length": 0, "response_start": 0, "has_eos": False,
+                    "status": STATUSES[status],
                     "reason": reason, "response_tokens": 0, "n_rows": n_rows})
     return out
 
@@ -171,7 +184,8 @@ def _tokenizer(path: str):
 def _dataset_schema():
     import pyarrow as pa
 
-    return pa.schema([("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
+    return pa.schema([("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("length", pa.int64()),
+                      ("response_start", pa.int32()),
                       ("has_eos", pa.bool_()), ("status", pa.string()), ("reason", pa.string()),
                       ("response_tokens", pa.int64()), ("n_rows", pa.int64())])
 
@@ -198,18 +212,22 @@ def _tokenise_batch(batch, tokenizer_path: str, max_length: int, overlong: str):
 
 
 def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overlong: str = "skip", *,
-                   range_bytes: int = RANGE_BYTES, batch_size: int = TOKENISE_BATCH, num_cpus: float = DATA_CPUS,
+                   range_bytes: int | None = None, batch_size: int = TOKENISE_BATCH, num_cpus: float = DATA_CPUS,
                    max_tasks: int | None = None):
     """A lazy Ray Dataset of the tokenised corpus (tokenise_rows' columns), one row per row of
     read_rows(path), in no particular order: `row` says where each came from. Raises on the driver,
     before any Ray work, what read_rows and prepare_data raise for a missing file, a folder, an
     unknown format or a corpus without rows. The workers read `path` itself: it must be reachable
-    from every node (a shared file system), as for read_rows. max_tasks: at most this many read and
+    from every node (a shared file system), as for read_rows. Before a TorchTrainer whose workers
+    hold every CPU, materialize() it (module doc). max_tasks: at most this many read and
     tokenise tasks at once (each worker process imports transformers and loads the tokenizer once)."""
     import ray.data
 
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
+    if range_bytes is None:  # some 64 read tasks for a mid-sized file, 1-16 MiB each
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        range_bytes = min(RANGE_BYTES, max(MIN_RANGE_BYTES, size // 64))
     ranges = corpus_ranges(path, range_bytes)
     if not ranges:
         raise ValueError(f"{path}: the corpus has no rows")
@@ -221,34 +239,49 @@ def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overl
                           batch_format="pyarrow", batch_size=batch_size, **tasks)
 
 
-def exact_data_config(datasets_to_split: list[str] | None = None):
-    """A ray.train.DataConfig (TorchTrainer's dataset_config) whose split keeps every row: Ray's own
-    splits with streaming_split(equal=True), which drops rows to even the shards (25 rows over 2
-    workers: 12 and 12); this one splits with equal=False (shards of uneven size, every row once)."""
-    return _exact_config_class()(datasets_to_split=datasets_to_split or "all")
+def worker_datasets(ds, world_size: int, name: str = "train") -> dict:
+    """{f"{name}_{rank}": that worker's part} of a (materialized) corpus_dataset, for TorchTrainer's
+    `datasets` with DataConfig(datasets_to_split=[]); worker r reads get_dataset_shard(f"{name}_{r}").
+    Split by blocks with every row once (Dataset.split(equal=False)): Ray Train's own split,
+    streaming_split(equal=True), drops rows to even the shards (25 rows over 2 workers: 12 and 12).
+    The parts are as even as the blocks allow; ShardedCorpus does not need them even."""
+    return {f"{name}_{rank}": part for rank, part in enumerate(ds.split(world_size, equal=False))}
 
 
-@functools.cache
-def _exact_config_class():
-    import ray.data
-    import ray.train
+def corpus_summary(ds, source: str = "corpus", max_length: int | None = None, eval_rows: int = 0,
+                   check: bool = True) -> dict:
+    """PrepareStats.as_dict() of a corpus_dataset, from its light columns streamed to the driver (no
+    token ids: ~30 bytes a row), raising on the driver, before any training worker starts, what
+    prepare_data raises (unless check is false): no rows, no usable row, eval_rows leaving no
+    training row."""
+    cols, errors, response_tokens = {"row": [], "status": [], "length": []}, [], 0
+    for batch in ds.select_columns(["row", "status", "reason", "length", "response_tokens"]).iter_batches(
+            batch_format="numpy", batch_size=65536):
+        for key in cols:
+            cols[key].append(batch[key])
+        bad = batch["status"] == STATUSES[ERROR]
+        errors += list(zip(batch["row"][bad].tolist(), batch["reason"][bad].tolist(), strict=True))
+        response_tokens += int(batch["response_tokens"].sum())
+    rows = np.concatenate(cols["row"]) if cols["row"] else np.zeros(0, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    status = np.array([STATUSES.index(str(x)) for x in np.concatenate(cols["status"])[order]], dtype=np.int8) \
+        if len(rows) else np.zeros(0, dtype=np.int8)
+    lengths = np.concatenate(cols["length"])[order] if len(rows) else np.zeros(0, dtype=np.int64)
+    stats = _stats(status, lengths, [{"errors": errors, "response_tokens": response_tokens}])
+    if check:
+        _check_usable(stats, source, max_length, eval_rows)
+    return stats
 
-    class ExactSplitConfig(ray.train.DataConfig):
-        def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
-            names = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
-            kept = {name: ds for name, ds in datasets.items() if name not in names}
-            out = super().configure(kept, world_size, worker_handles, worker_node_ids, **kwargs)  # not split
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name in sorted(names & set(datasets)):
-                ds = ray.data.Dataset.copy(datasets[name])  # its own execution options, as Ray's configure does
-                if ds.name is None:
-                    ds.set_name(name)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for rank, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    out[rank][name] = it
-            return out
 
-    return ExactSplitConfig
+def _check_usable(stats: dict, source: str, max_length: int | None, eval_rows: int) -> None:
+    if not stats["rows"]:
+        raise ValueError(f"{source}: the corpus has no rows")
+    if not stats["used"]:
+        limit = f"{max_length} tokens" if max_length is not None else "the maximum length"
+        raise ValueError(f"{source}: no usable training rows out of {stats['rows']} ({stats['error_rows']} invalid "
+                         f"{stats['errors']}, {stats['too_long_skipped']} longer than {limit})")
+    if eval_rows and eval_rows >= stats["used"]:
+        raise ValueError(f"eval_rows={eval_rows} leaves no training rows (only {stats['used']} usable)")
 
 
 # ---------------------------------------------------------------------------- workers: the shard and the collectives
@@ -272,9 +305,10 @@ def _compact(ids) -> np.ndarray:
 
 class ShardedCorpus:
     """This worker's shard of corpus_dataset rows, numbered, split and fetched exactly as the one-process
-    path does (module doc). The constructor, `fetch` are collectives: every worker calls them, in the
-    same order, with the same arguments; `gather(obj)` returns every worker's obj in rank order
-    (dist_gather under torch.distributed, `lambda x: [x]` in one process).
+    path does (module doc). The constructor and `fetch` are collectives: every worker calls them, in
+    the same order, with the same arguments (a check that fails, fails on every worker alike).
+    `gather(obj)` returns every worker's obj in rank order (dist_gather under torch.distributed,
+    `lambda x: [x]` in one process).
 
     Attributes: n_train, n_eval, train_lengths (token length of train example t, in train order:
     the dense order minus the held-out rows), stats (PrepareStats.as_dict() of the whole corpus),
@@ -288,7 +322,7 @@ class ShardedCorpus:
         file_rows = np.concatenate([p["row"] for p in parts])
         order = np.argsort(file_rows, kind="stable")
         file_rows = file_rows[order]
-        told = {p["n_rows"] for p in parts if p["n_rows"] is not None} | ({expected_rows} - {None})
+        told = {n for p in parts for n in p["n_rows"]} | ({expected_rows} - {None})
         if len(told) > 1:
             raise RuntimeError(f"{source}: the workers' rows disagree on the corpus' row count: {sorted(told)}")
         n = told.pop() if told else len(file_rows)
@@ -299,13 +333,7 @@ class ShardedCorpus:
         lengths = np.concatenate([p["length"] for p in parts])[order]
         usable = (status == OK) | (status == TRUNCATED)
         self.stats = _stats(status, lengths, parts)
-        if not n:
-            raise ValueError(f"{source}: the corpus has no rows")
-        if not usable.any():
-            s = self.stats
-            limit = f"{max_length} tokens" if max_length is not None else "the maximum length"
-            raise ValueError(f"{source}: no usable training rows out of {s['rows']} ({s['error_rows']} invalid "
-                             f"{s['errors']}, {s['too_long_skipped']} longer than {limit})")
+        _check_usable(self.stats, source, max_length, 0)
         dense_rows, dense_lengths = file_rows[usable], lengths[usable]
         train, held = split_eval(range(len(dense_rows)), eval_rows, seed)
         train, held = np.asarray(train, dtype=np.int64), np.asarray(held, dtype=np.int64)
@@ -313,6 +341,13 @@ class ShardedCorpus:
         self.train_lengths: list[int] = dense_lengths[train].tolist()
         self.n_train, self.n_eval = len(train), len(held)
         self._eval = self._collect(self.eval_file_rows)
+
+    def __len__(self) -> int:
+        return self.n_train
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.train_lengths
 
     def _keep(self, rows: Iterable[dict]) -> dict:
         """Keep this shard's token ids (one array, sorted by row); return the metadata to gather."""
@@ -347,10 +382,8 @@ class ShardedCorpus:
         self._response_start = np.asarray(response_start, dtype=np.int64)[order]
         self._has_eos = np.asarray(has_eos, dtype=bool)[order]
         self._ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-        if len(n_rows) > 1:
-            raise RuntimeError(f"rows of different corpora in one shard (row counts {sorted(n_rows)})")
         return {"row": file_rows_a, "status": status_a, "length": lengths_a, "errors": errors,
-                "response_tokens": response_tokens, "n_rows": n_rows.pop() if n_rows else None}
+                "response_tokens": response_tokens, "n_rows": sorted(n_rows)}  # one count, or none: checked by all
 
     def _collect(self, file_rows: np.ndarray) -> list[TrainExample]:
         """The examples of these file rows, in this order (a collective: each worker sends those it holds)."""
