@@ -51,6 +51,7 @@ QUICK_ARGS = {
     "fused_loss": ["--rows", "1", "--tokens", "32"],
     "score_cli": ["--rows", "2", "--repeats", "1"],
     "hinted_vllm": ["--items", "2", "--new-tokens", "4", "--vllm-items", "2"],
+    "train_data": ["--rows", "200"],
 }
 # Benchmarks that measure a CUDA device: left out of a full run on a machine without one (their
 # --quick mode runs on the CPU, so QUICK=1 keeps them); `--only NAME` runs them anyway.

@@ -141,7 +141,7 @@ def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: 
         torch.cuda.reset_peak_memory_stats(device)
     vocab = unwrap(model).config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    lengths = [seq if min_seq is None else int(n) for n in torch.randint(min_seq, seq + 1, (batch,), generator=gen)]
+    lengths = [seq] * batch if min_seq is None else torch.randint(min_seq, seq + 1, (batch,), generator=gen).tolist()
     rows = sorted((TrainExample(torch.randint(3, vocab, (n,), generator=gen).tolist(), n // 4, False)
                    for n in lengths), key=len, reverse=True)
     micro = micro or batch

@@ -19,6 +19,7 @@ LAYER = {
     "realign/schedule.py",                                # Ray job submission of scheduled cycles
     "serve/app.py", "serve/deployments.py", "serve/http.py",  # Ray Serve + FastAPI
     "train/ray_job.py",                                   # Ray Train
+    "train/ray_data.py",                                  # Ray Data: the training corpus, read and tokenised
 }
 FORBIDDEN = {"ray", "vllm", "fastapi", "starlette", "uvicorn"}
 

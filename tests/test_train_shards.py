@@ -24,16 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opsft.data.corpus import jsonl_rows, read_rows, rows_table
 from opsft.train.data import BatchPlan, prepare_examples, split_eval
-from opsft.train.shards import (
-    ShardedCorpus,
-    corpus_dataset,
-    corpus_ranges,
-    corpus_summary,
-    dist_gather,
-    local_rows,
-    read_range,
-    worker_datasets,
-)
+from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
+from opsft.train.shards import ShardedCorpus, corpus_ranges, dist_gather, local_rows, read_range
 from train_helpers import arithmetic_rows
 
 MAX_LENGTH = 64  # the good rows fit (47-58 tokens); the LONG ones do not

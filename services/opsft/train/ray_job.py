@@ -38,14 +38,8 @@ from opsft.train import fsdp
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
-from opsft.train.shards import (
-    ShardedCorpus,
-    check_corpus_file,
-    corpus_dataset,
-    corpus_summary,
-    dist_gather,
-    worker_datasets,
-)
+from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
+from opsft.train.shards import ShardedCorpus, check_corpus_file, dist_gather
 from opsft.train.step import wants_bf16
 
 log = logging.getLogger(__name__)
