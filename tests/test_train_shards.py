@@ -346,6 +346,10 @@ def test_ray_dataset_and_train_split_give_the_one_process_examples(tmp_path, tok
         parts = worker_datasets(ds, 2)
         assert sorted(parts) == ["train_0", "train_1"]
         assert sum(part.count() for part in parts.values()) == ds.count()
+        assert all(part.count() for part in parts.values())  # each worker has a part
+        one_block = corpus_dataset(path, model_dir, MAX_LENGTH, "truncate", max_tasks=1).materialize()
+        assert one_block.num_blocks() < 8  # a small file is one range: worker_datasets still gives every worker rows
+        assert all(part.count() for part in worker_datasets(one_block, 2).values())
         results = FakeGroup(2).run(lambda rank, gather, parts=parts, wanted=wanted: build_and_fetch(
             parts[f"train_{rank}"].iter_rows(), gather, wanted, eval_rows=2, seed=1))
         assert sum(c.held_rows for c, _ in results) == len(train) + len(eval_ex)

@@ -103,6 +103,8 @@ def worker_datasets(ds, world_size: int, name: str = "train") -> dict:
     Split by blocks with every row once (Dataset.split(equal=False)): Ray Train's own split,
     streaming_split(equal=True), drops rows to even the shards (25 rows over 2 workers: 12 and 12).
     The parts are as even as the blocks allow; ShardedCorpus does not need them even."""
+    if ds.num_blocks() < 4 * world_size:  # a small corpus is one or two blocks: cut it so every worker gets some
+        ds = ds.repartition(4 * world_size)
     return {f"{name}_{rank}": part for rank, part in enumerate(ds.split(world_size, equal=False))}
 
 
