@@ -146,11 +146,12 @@ def fused_head(cfg) -> bool:
     return cfg.fused_head
 
 
-def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
+def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
                resume_state: dict | None = None) -> dict:
-    """Train `model` (unwrapped, on runtime.device) from step 0 or from resume_state; returns
-    the last step's metrics plus `checkpoint` (the last checkpoint path, rank 0). With a pair
-    loss, train and eval_ex are PairExamples."""
+    """Train `model` (unwrapped, on runtime.device; under FSDP maybe on the meta device, rank 0
+    excepted) from step 0 or from resume_state; returns the last step's metrics plus `checkpoint`
+    (the last checkpoint path, rank 0). `train`: a list of TrainExamples (PairExamples with a pair
+    loss), or a ShardedCorpus (this worker's shard; its `fetch` is a collective)."""
     W, rank = runtime.world_size, runtime.rank
     plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -226,7 +227,7 @@ def train_loop(cfg, train: list[TrainExample], eval_ex: list[TrainExample], mode
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total:
                 model_state, optim_state = runtime.full_state(wrapped, optimizer)
                 trainer = {**data_position, "step": done, "loss": cfg.loss.model_dump(), "world_size": W,
-                           "strategy": cfg.scaling.strategy if W > 1 else "local",
+                           "strategy": "fsdp" if runtime.save_shards is not None else "ddp" if W > 1 else "none",
                            "shards": runtime.save_shards is not None, "metrics": metrics}
 
                 def write(folder, model_state=model_state, optim_state=optim_state, trainer=trainer):
