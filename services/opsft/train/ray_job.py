@@ -1,7 +1,7 @@
 """`opsft train` as a Ray Train job: a thin TorchTrainer around opsft.train.loop.train_loop.
 
 Driver (token losses): Ray Data reads the corpus in ranges and tokenises it in a map stage on the
-cluster (opsft.train.shards.corpus_dataset), materialised in the object store; the driver streams
+cluster (opsft.train.ray_data.corpus_dataset), materialised in the object store; the driver streams
 back only the per-row counts (corpus_summary: the data summary, and the clear errors of an empty
 or unusable corpus before any worker starts), splits the dataset into one part per worker
 (worker_datasets: "train_0", "train_1", ...) and starts a TorchTrainer with the ScalingConfig from
