@@ -57,7 +57,7 @@ def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
     from opsft.cluster import connect
     from opsft.config import PoolConfig
     from opsft.data.corpus import write_rows
-    from opsft.jobs.files import SCORE_TYPES
+    from opsft.data.parts import SCORE_TYPES
     from opsft.jobs.pipeline import JobSpec, run_job
 
     connect(num_cpus=2)

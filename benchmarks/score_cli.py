@@ -34,7 +34,8 @@ sys.path.insert(0, {here!r})
 import torch
 from _baselines import naive_phi
 from opsft.data.chat import encode
-from opsft.data.corpus import parse_row, read_rows
+from opsft.data.corpus import parse_row
+from opsft.data.reader import read_rows
 from opsft.models import default_model_dir, load_model
 
 torch.set_num_threads({threads})

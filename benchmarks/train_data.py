@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--words", type=int, default=150)
     args = p.parse_args()
-    from opsft.data.corpus import read_rows
+    from opsft.data.reader import read_rows
     from opsft.models import default_model_dir, load_model
     from opsft.train.data import prepare_examples
     from opsft.train.shards import ShardedCorpus, local_rows

@@ -23,7 +23,7 @@ def test_config_errors_are_one_line_naming_key_value_and_source(tmp_path):
     yaml_file.write_text("engine:\n  kind: foo\n  bogus: 1\ntemperature: -1\n")
     message = str(pytest.raises(ConfigError, load_config, ScoreConfig, yaml_file).value)
     assert "\n" not in message
-    assert f"engine.kind: must be 'hf' or 'vllm' (got 'foo', in {yaml_file})" in message
+    assert f"engine.kind: must be 'hf', 'vllm' or 'fake' (got 'foo', in {yaml_file})" in message
     assert f"engine.bogus: unknown setting (in {yaml_file}" in message
     assert "temperature: must be greater than 0" in message
     yaml_file.write_text("a: [1\n")

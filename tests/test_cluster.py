@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_submitted_score_job_spreads_over_two_nodes_and_equals_the_local_run(tmp_path, tiny_model, tokenizer,
                                                                             capsys):
     from opsft.cli import main
+    from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
-    from opsft.jobs import files
     from opsft.scoring import score_rows
 
     ckpt = tmp_path / "tiny"
@@ -57,7 +57,7 @@ def test_submitted_score_job_spreads_over_two_nodes_and_equals_the_local_run(tmp
 
     engine = HFEngine(str(ckpt), device="cpu")
     want = {r["id"]: r for r in score_rows(rows, engine)}
-    got = {r["id"]: r for r in files.read_output(str(out))}
+    got = {r["id"]: r for r in read_rows(str(out))}
     assert got.keys() == want.keys()
     assert got["bad"]["error"] == want["bad"]["error"] == "'prompt' is empty"
     for rid, ref in want.items():

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from opsft.data.corpus import RowError, parse_row, read_rows, stable_id, with_id, write_rows
+from opsft.data.corpus import RowError, parse_row, stable_id, with_id, write_rows
+from opsft.data.reader import read_rows
 
 
 @pytest.mark.parametrize("row,fragment", [
@@ -200,7 +201,7 @@ def test_a_chunked_write_reads_back_as_the_whole_write(tmp_path, ext, chunk_rows
 
 
 def test_a_large_parquet_file_is_read_in_batches_with_the_columns_asked_for(tmp_path):
-    from opsft.jobs.files import count_rows, iter_rows
+    from opsft.data.reader import count_rows, iter_rows
 
     rows = [{"id": str(i), "cll": -i / 1000, "response": "r" * (i % 7)} for i in range(20_000)]
     write_rows(rows, tmp_path / "big.parquet")

@@ -16,11 +16,14 @@ import math
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opsft.data.corpus import apply_rows, jsonl_rows, read_rows, with_id, write_rows
+from opsft.data.corpus import jsonl_rows, with_id, write_rows
+from opsft.data.reader import read_rows
+from opsft.faults import apply_rows
 from opsft.scoring import score_rows
 
 # Scores of a row in a batch and alone differ only by float32 reduction order (the batch changes
@@ -132,8 +135,10 @@ def test_reading_gives_one_writable_row_per_non_blank_line(case):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(corpus_files())
 def test_score_in_process_and_ray_stages_keep_every_row_and_score_good_rows_as_alone(tiny_model, tokenizer, case):
-    from opsft.jobs import files
-    from opsft.jobs.stages import EngineActor, PartsDatasink, parse_jsonl_files
+    from opsft.data.parts import SCORE_TYPES
+    from opsft.data.reader import corpus_ranges
+    from opsft.faults import Guard
+    from opsft.jobs.stages import EngineActor, PartsDatasink, read_pieces
 
     data, n = case
     engine = tiny_engine(tiny_model, tokenizer)
@@ -151,12 +156,15 @@ def test_score_in_process_and_ray_stages_keep_every_row_and_score_good_rows_as_a
 
     # the Ray Data path's row pipeline, stage by stage, without Ray
     actor = EngineActor.__new__(EngineActor)
-    actor.engine, actor.fn, actor.fn_kwargs = engine, score_rows, {}
-    batch = actor(parse_jsonl_files({"bytes": [data], "path": ["c.jsonl"]}))
+    actor.engine, actor.fn, actor.fn_kwargs, actor.monitor, actor.step = engine, score_rows, {}, None, "score"
+    actor.guard = Guard(engine)
     with tempfile.TemporaryDirectory() as tmp:
-        sink = PartsDatasink(f"{tmp}/out.parquet", files.SCORE_TYPES)
-        sink.write([batch], None)
-        parts = files.read_output(f"{tmp}/out.parquet")
+        Path(tmp, "c.jsonl").write_bytes(data)
+        pieces = [{"piece": json.dumps(p), "done": "[]"} for p in corpus_ranges(f"{tmp}/c.jsonl", range_bytes=64)]
+        batches = [actor(read_pieces(pa.Table.from_pylist([p]))) for p in pieces]
+        sink = PartsDatasink(f"{tmp}/out.parquet", SCORE_TYPES)
+        sink.write([b for b in batches if b.num_rows], None)
+        parts = read_rows(f"{tmp}/out.parquet") if n else []
     assert [r["id"] for r in parts] == [r["id"] for r in out]
     assert [r["error"] for r in parts] == [r["error"] for r in out]
     for a, b in zip(parts, out, strict=True):
@@ -238,7 +246,7 @@ HOSTILE_LINES = [
 def test_a_hostile_file_through_a_real_ray_data_job_equals_the_in_process_run(ray_local, tiny_model, tokenizer,
                                                                                 tmp_path, ext):
     from opsft.config import EngineConfig, PoolConfig
-    from opsft.jobs import files
+    from opsft.data.parts import SCORE_TYPES
     from opsft.jobs.pipeline import JobSpec, run_job
     from train_helpers import save_tiny
 
@@ -247,8 +255,8 @@ def test_a_hostile_file_through_a_real_ray_data_job_equals_the_in_process_run(ra
     corpus.write_bytes(b"\n".join(HOSTILE_LINES) + b"\n")
     summary = run_job(JobSpec(input=str(corpus), output=str(tmp_path / f"out.{ext}"), fn="opsft.scoring:score_rows",
                               engine=EngineConfig(model=folder), pool=PoolConfig(batch_size=4),
-                              column_types=files.SCORE_TYPES, name="score"))
-    ray_rows = files.read_output(str(tmp_path / f"out.{ext}"))
+                              column_types=SCORE_TYPES, name="score"))
+    ray_rows = read_rows(str(tmp_path / f"out.{ext}"))
     local = apply_rows(score_rows, read_rows(corpus), tiny_engine(tiny_model, tokenizer), {})
     assert summary["rows_in"] == summary["rows_out_total"] == len(local) == len(HOSTILE_LINES) - 1  # one blank
     ray_by_id = {r["id"]: r for r in ray_rows}

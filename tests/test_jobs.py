@@ -1,6 +1,6 @@
-"""Ray Data job layer without running a model: part files and resume ids, the parse stage,
-per-row isolation in the actor, flags, the submission request, and the plan built from a
-config (GPU resources included) without executing it."""
+"""Ray Data job layer without running a model: part files with their progress records, the
+reading stage, per-row isolation in the actor, flags, the submission request, and the plan built
+from a config (GPU resources included) without executing it."""
 
 from __future__ import annotations
 
@@ -10,70 +10,110 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from opsft.data import parts
 from opsft.data.corpus import rows_table
-from opsft.jobs import files
-from opsft.jobs.stages import EngineActor, apply_rows, parse_jsonl_files, parse_table
+from opsft.data.reader import corpus_ranges, read_rows
+from opsft.faults import Guard, apply_rows
+from opsft.jobs.stages import ROW, EngineActor, read_pieces
 
 
 def test_rows_table_fixes_score_types_and_survives_mixed_columns():
     rows = [{"id": "a", "cll": None, "n_tokens": None, "error": "bad", "token_phi": None, "answer": 4},
             {"id": "b", "cll": None, "n_tokens": None, "error": "bad", "token_phi": None, "answer": "four"}]
-    table = rows_table(rows, files.SCORE_TYPES)
+    table = rows_table(rows, parts.SCORE_TYPES)
     assert table.schema.field("cll").type == pa.float64()  # not null-typed although all values are null
     assert table.schema.field("n_tokens").type == pa.int64()
     assert table.schema.field("token_phi").type == pa.list_(pa.float64())
     assert table.column("answer").to_pylist() == ["4", "four"]  # int and str in one column -> text (JSON for the int)
 
 
-def test_parts_roundtrip_done_ids_and_temporaries(tmp_path):
+def test_parts_progress_records_and_temporaries(tmp_path):
     out = str(tmp_path / "out.parquet")
-    assert files.part_files(out) == [] and files.done_ids(out) == set()
-    files.write_part(out, [{"id": "1", "x": 1.0}, {"id": "2", "x": None}], files.SCORE_TYPES)
-    files.write_part(out, [{"id": "3", "x": None}], files.SCORE_TYPES)  # a part with only nulls in x
+    assert parts.part_files(out) == [] and parts.progress(out).rows == 0
+    first = parts.write_part(out, [{"id": "1", "x": 1.0}, {"id": "2", "x": None}], [0, 1], parts.SCORE_TYPES,
+                             {"error_rows": 1})
+    parts.write_part(out, [{"id": "3", "x": None}], [5], parts.SCORE_TYPES)  # a part with only nulls in x
+    again = parts.write_part(out, [{"id": "1", "x": 1.0}, {"id": "2", "x": None}], [0, 1], parts.SCORE_TYPES,
+                             {"error_rows": 1})
+    assert again == first  # the same rows make the same part: a write done twice is not a row written twice
     (tmp_path / "out.parquet" / ".tmp-part-dead.parquet").write_bytes(b"half written")
-    assert len(files.part_files(out)) == 2
-    assert files.done_ids(out) == {"1", "2", "3"}
-    assert sorted(r["id"] for r in files.read_output(out)) == ["1", "2", "3"]
-    assert files.remove_temporaries(out) == 1
+    (tmp_path / "out.parquet" / ".rows-part-never-came.parquet.json").write_text("{}")  # its part never came
+    done = parts.progress(out)
+    assert (done.rows, done.parts, done.intervals, done.stats["error_rows"]) == (3, 2, [[0, 2], [5, 6]], 1)
+    assert sorted(r["id"] for r in read_rows(out)) == ["1", "2", "3"]
+    assert parts.remove_temporaries(out) == 2 and parts.remove_temporaries(out) == 0
     jl = str(tmp_path / "out.jsonl")
-    files.write_part(jl, [{"id": "z", "nested": {"a": [1, 2]}}])
-    assert files.read_output(jl) == [{"id": "z", "nested": {"a": [1, 2]}}]
+    parts.write_part(jl, [{"id": "z", "nested": {"a": [1, 2]}}], [7])
+    assert read_rows(jl) == [{"id": "z", "nested": {"a": [1, 2]}}]
     single = tmp_path / "single.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": "q"}]), single)
-    assert files.read_output(str(single)) == [{"id": "q"}]
+    assert read_rows(str(single)) == [{"id": "q"}]
     with pytest.raises(ValueError, match="is a file"):
-        files.part_files(str(single))
+        parts.part_files(str(single))
+    stranger = tmp_path / "foreign.parquet"
+    stranger.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": "q"}]), stranger / "part-0.parquet")
+    with pytest.raises(ValueError, match="no progress record"):
+        parts.progress(str(stranger))
 
 
-def test_parse_jsonl_gives_every_line_a_row_and_a_stable_id():
-    data = b'{"id": "a", "prompt": "p", "response": "r"}\nnot json\n\n{"prompt": "q", "response": "s"}\n\xff\xfe\n'
-    table = parse_jsonl_files({"bytes": [data], "path": ["x.jsonl"]}, skip_ids=frozenset({"a"}))
+def test_intervals_merge_and_lookup():
+    assert parts.coalesce([5, 1, 2, 3, 9]) == [[1, 4], [5, 6], [9, 10]]
+    with pytest.raises(ValueError, match="twice"):
+        parts.coalesce([1, 1])
+    merged, overlap = parts.merge([[4, 6], [0, 2], [2, 3], [5, 8]])
+    assert merged == [[0, 3], [4, 8]] and overlap == 1
+    assert parts.within(merged, 1, 5) == [[1, 3], [4, 5]] and parts.covered(merged) == 7
+    assert [n for n in range(10) if parts.contains(merged, n)] == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_a_folder_holding_another_jobs_output_is_refused(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"prompt": "p", "response": "r"}\n')
+    out = str(tmp_path / "o.parquet")
+    first = parts.job_identity(str(corpus), [{"fn": "score", "engine": {"model": "a"}}])
+    parts.claim([out], first, has_rows=False)
+    parts.claim([out], first, has_rows=True)  # the same job: a resume
+    other = parts.job_identity(str(corpus), [{"fn": "score", "engine": {"model": "b"}}])
+    with pytest.raises(ValueError, match="holds the output of another job"):
+        parts.claim([out], other, has_rows=True)
+    corpus.write_text('{"prompt": "p", "response": "changed"}\n')
+    with pytest.raises(ValueError, match="another job"):
+        parts.claim([out], parts.job_identity(str(corpus), [{"fn": "score", "engine": {"model": "a"}}]), True)
+
+
+def test_read_pieces_gives_every_line_a_row_a_number_and_skips_done_rows(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "p", "response": "r"}\nnot json\n\n{"prompt": "q", "response": "s"}\n'
+                     b"\xff\xfe\n")
+    pieces = corpus_ranges(str(path), range_bytes=8)
+    items = [{"piece": json.dumps(p), "done": json.dumps([[0, 1]])} for p in pieces]
+    table = pa.concat_tables([read_pieces(pa.Table.from_pylist([item])) for item in items])
     rows = [pickle.loads(b) for b in table.column("row").to_pylist()]
-    assert len(rows) == 4  # the empty line is not a row; the bad ones are
-    assert "invalid JSON" in rows[1]["error"] and "line 2" in rows[1]["error"]
-    assert "not UTF-8" in rows[3]["error"]
-    assert table.column("skip").to_pylist() == [True, False, False, False]
-    again = parse_jsonl_files({"bytes": [data], "path": ["x.jsonl"]})
+    assert table.column(ROW).to_pylist() == [1, 2, 3]  # row 0 was done; the blank line is not a row
+    assert "invalid JSON" in rows[0]["error"] and "line 2" in rows[0]["error"]
+    assert "not UTF-8" in rows[2]["error"] and "line 5" in rows[2]["error"]
+    again = pa.concat_tables([read_pieces(pa.Table.from_pylist([item])) for item in items])
     assert again.column("id").to_pylist() == table.column("id").to_pylist()  # same ids on a re-run
-    assert len(set(table.column("id").to_pylist())) == 4
     assert [r["id"] for r in rows] == table.column("id").to_pylist()
 
 
-def test_parse_table_keeps_columns_and_types():
-    t = pa.Table.from_pylist([{"prompt": "p", "response": "r", "meta": {"k": [1, 2]}, "n": 3}])
-    rows = [pickle.loads(b) for b in parse_table(t).column("row").to_pylist()]
-    assert rows[0]["meta"] == {"k": [1, 2]} and rows[0]["n"] == 3 and rows[0]["id"]
+class Tagged:
+    """An engine stand-in with no capability: its health check always passes."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
 
 
 def _fails_on_poison(rows, engine, suffix=""):
     if any(r.get("poison") for r in rows):
         raise RuntimeError("poisoned row")
-    return [{**r, "seen": engine + suffix} for r in rows]
+    return [{**r, "seen": (engine.tag if engine is not None else "none") + suffix} for r in rows]
 
 
 def test_apply_rows_isolates_a_failing_row():
     rows = [{"id": "1"}, {"id": "2", "poison": True}, {"id": "3"}]
-    out = apply_rows(_fails_on_poison, rows, "eng", {"suffix": "!"})
+    out = apply_rows(_fails_on_poison, rows, Tagged("eng"), {"suffix": "!"})
     assert [r["id"] for r in out] == ["1", "2", "3"]
     assert out[0]["seen"] == "eng!" and out[2]["seen"] == "eng!"
     assert out[1]["error"] == "RuntimeError: poisoned row" and "seen" not in out[1]
@@ -81,13 +121,16 @@ def test_apply_rows_isolates_a_failing_row():
         apply_rows(lambda rows, engine: rows[:1], rows, None, {})
 
 
-def test_actor_skips_rows_already_done():
-    actor = EngineActor.__new__(EngineActor)  # no engine needed to check the skip logic
-    actor.fn, actor.fn_kwargs, actor.engine = _fails_on_poison, {}, "e"
+def test_actor_maps_a_batch_and_keeps_row_numbers():
+    actor = EngineActor.__new__(EngineActor)  # no engine needed to check the mapping
+    actor.fn, actor.fn_kwargs, actor.engine, actor.monitor, actor.step = _fails_on_poison, {}, "e", None, "s"
+    actor.guard = Guard(Tagged("e"))
     batch = pa.table({"row": [pickle.dumps({"id": "1"}), pickle.dumps({"id": "2"})], "id": ["1", "2"],
-                      "skip": [True, False]})
-    rows = [pickle.loads(b) for b in actor(batch).column("row").to_pylist()]
-    assert rows == [{"id": "1"}, {"id": "2", "seen": "e"}]
+                      ROW: [4, 9]})
+    out = actor(batch)
+    assert [pickle.loads(b) for b in out.column("row").to_pylist()] == [{"id": "1", "seen": "e"},
+                                                                       {"id": "2", "seen": "e"}]
+    assert out.column(ROW).to_pylist() == [4, 9] and out.column("id").to_pylist() == ["1", "2"]
 
 
 def test_job_flags_and_submission_request():
@@ -118,8 +161,8 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
                         "pool: {min_size: 2, max_size: 8, num_gpus: 1, num_cpus: 4, batch_size: 256}\n")
     cfg = load_config(ScoreConfig, cfg_file, {"input": str(corpus), "output": str(tmp_path / "o.parquet")})
     plan = build_plan(score_spec(cfg.input, cfg.output, cfg.engine, cfg.pool))
-    assert [s.kind for s in plan.stages] == ["read", "task", "task", "actors", "write"]
-    actors = plan.stages[3]
+    assert [s.kind for s in plan.stages] == ["task", "task", "actors", "write"]
+    actors = plan.stages[2]
     assert (actors.min_actors, actors.max_actors, actors.batch_size) == (2, 8, 256)
     assert actors.resources["num_gpus"] == 1 and actors.resources["num_cpus"] == 4
     # the Ray Data logical plan itself (nothing executed; there is no GPU here)
@@ -128,12 +171,13 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
     assert (op.compute.min_size, op.compute.max_size) == (2, 8)
     assert op.ray_remote_args["num_gpus"] == 1 and op.ray_remote_args["num_cpus"] == 4
     assert op.batch_size == 256
-    assert op.ray_remote_args_fn() == {"max_restarts": 3, "max_task_retries": 3}
+    assert op.ray_remote_args_fn is None  # deprecated in Ray 2.60; the job's monitor bounds the retries
+    assert actors.resources["max_task_retries"] == 3
     assert op.fn_constructor_kwargs["engine"]["kind"] == "vllm"
     assert op.fn_constructor_kwargs["engine"]["options"]["tensor_parallel_size"] == 1
     reblock = op.input_dependencies[0]
     assert type(reblock).__name__ == "StreamingRepartition"
-    assert reblock.input_dependencies[0].name == "MapBatches(parse_jsonl_files)"
+    assert reblock.input_dependencies[0].name == "MapBatches(read_pieces)"
 
 
 def test_every_schema_of_a_scored_row_agrees_with_score_columns(tiny_model, tokenizer):
@@ -155,7 +199,7 @@ def test_every_schema_of_a_scored_row_agrees_with_score_columns(tiny_model, toke
     python = {"float": float, "int": int, "bool": bool}
     assert all(type(good[f]) is python[score_columns.FIELD_TYPES[f]] for f in fields)  # noqa: E721
     arrow = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
-    assert all(files.SCORE_TYPES[f] == arrow[score_columns.FIELD_TYPES[f]] for f in fields)
-    assert set(files.SCORE_TYPES) == set(score_columns.SCORED_COLUMNS) | {"id"}
+    assert all(parts.SCORE_TYPES[f] == arrow[score_columns.FIELD_TYPES[f]] for f in fields)
+    assert set(parts.SCORE_TYPES) == set(score_columns.SCORED_COLUMNS) | {"id"}
     http = {name: f.annotation for name, f in ItemScores.model_fields.items() if name not in ("id", "tokens")}
     assert http == {f: python[score_columns.FIELD_TYPES[f]] for f in fields}

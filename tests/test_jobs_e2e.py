@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from opsft.config import EngineConfig, PoolConfig
+from opsft.data import parts
+from opsft.data.reader import read_rows
 from opsft.engines import GenerationParams
-from opsft.jobs import files
 from opsft.scoring import score_rows
 from ray import cloudpickle
 
@@ -48,7 +49,7 @@ def write_jsonl(path: Path, rows: list[dict], bad_line: bool = True) -> None:
 def spec(tmp_path, fn="opsft.scoring:score_rows", name="out.parquet", inp="in.jsonl", **pool):
     from opsft.jobs.pipeline import JobSpec
 
-    return JobSpec(input=str(tmp_path / inp), output=str(tmp_path / name), fn=fn, column_types=files.SCORE_TYPES,
+    return JobSpec(input=str(tmp_path / inp), output=str(tmp_path / name), fn=fn, column_types=parts.SCORE_TYPES,
                    pool=PoolConfig(**{"batch_size": 3, **pool}), name="score")
 
 
@@ -58,7 +59,7 @@ def test_score_job_preserves_rows_and_matches_in_process(ray_local, tmp_path, re
     rows = corpus_rows()
     write_jsonl(tmp_path / "in.jsonl", rows)
     summary = run_job(spec(tmp_path))
-    out = {r["id"]: r for r in files.read_output(str(tmp_path / "out.parquet"))}
+    out = {r["id"]: r for r in read_rows(str(tmp_path / "out.parquet"))}
     assert summary["rows_in"] == summary["rows_written"] == summary["rows_out_total"] == len(rows) + 1 == len(out)
     assert summary["error_rows"] == 3 and summary["tokens"] > 0 and summary["tokens_per_s"] > 0
     errors = sorted(r["error"] for r in out.values() if r["error"])
@@ -125,7 +126,7 @@ def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupt
     tickets = tmp_path / "tickets"
     tickets.mkdir()
     engine = EngineConfig(model=tiny_dir)
-    pool = PoolConfig(num_cpus=0.25, batch_size=2, max_restarts=2, max_task_retries=2)
+    pool = PoolConfig(num_cpus=0.25, batch_size=2, max_task_retries=2)
     recipe = RewriteConfig(policy="hd-all", missing_hint="cot", max_new_tokens=6, hint_max_new_tokens=6)
 
     def run(name: str, kill_at: int | None) -> list[dict]:
@@ -139,7 +140,8 @@ def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupt
             spec.fn, spec.fn_kwargs = step.fn, step.fn_kwargs
         summary = run_job(spec)
         assert summary["rows_in"] == summary["rows_out_total"] == len(rows)
-        return sorted(files.read_output(str(tmp_path / name)), key=lambda r: r["id"])
+        assert summary["batches_retried"] == (1 if kill_at else 0) and summary["rows_lost"] == 0
+        return sorted(read_rows(str(tmp_path / name)), key=lambda r: r["id"])
 
     clean = run("clean.parquet", kill_at=None)
     for ticket in tickets.iterdir():
@@ -157,34 +159,45 @@ def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupt
         assert all(r["original_response"] == next(x["response"] for x in rows if x["id"] == r["id"]) for r in killed)
 
 
-def _crash_after_first_part(rows, engine, output):
-    deadline = time.monotonic() + 600  # a hang guard, not a timing bet: waits for the first part file
-    if files.part_files(output) or os.environ.get("OPSFT_TEST_FIRST_BATCH_DONE"):
-        while not files.part_files(output) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os._exit(1)  # killed midway, after something was written
-    os.environ["OPSFT_TEST_FIRST_BATCH_DONE"] = "1"
+def _crash_after_first_part(rows, engine, output, crash_flag):
+    """score_rows, except that while the file `crash_flag` exists, the actor's second call kills its
+    process (after the first part is written): a job killed midway. The same function and settings
+    (the job's identity) serve the resumed run, which removes the flag first."""
+    if os.path.exists(crash_flag):
+        deadline = time.monotonic() + 600  # a hang guard, not a timing bet: waits for the first part file
+        if parts.part_files(output) or os.environ.get("OPSFT_TEST_FIRST_BATCH_DONE"):
+            while not parts.part_files(output) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os._exit(1)  # killed midway, after something was written
+        os.environ["OPSFT_TEST_FIRST_BATCH_DONE"] = "1"
     return score_rows(rows, engine)
 
 
 def test_killed_job_resumes_without_duplicates(ray_local, tmp_path):
+    from opsft.faults import JobFailed
     from opsft.jobs.pipeline import run_job
 
     rows = [{"prompt": r.get("prompt", "?"), "response": r["response"], "k": r.get("k")} for r in corpus_rows()]
+    rows.append(dict(rows[0]))  # two identical rows without an id: the same content id, two rows all the same
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
     out = str(tmp_path / "out.jsonl")
-    crashing = spec(tmp_path, fn=_crash_after_first_part, name="out.jsonl", inp="in.parquet", batch_size=2,
-                    max_restarts=0, max_task_retries=0)
-    crashing.fn_kwargs = {"output": out}
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the actor death in its own error types
-        run_job(crashing)
-    before = files.output_ids(out)
-    assert 0 < len(before) < len(rows)
-    summary = run_job(spec(tmp_path, name="out.jsonl", inp="in.parquet", batch_size=2))
-    after = files.output_ids(out)
-    assert sorted(after) == sorted(set(after)) and len(after) == len(rows)  # every row exactly once
-    assert summary["rows_skipped_already_done"] == len(before)
-    assert summary["rows_written"] == len(rows) - len(before) and summary["rows_in"] == len(rows)
+    flag = tmp_path / "crash"
+    flag.write_text("")
+    job = spec(tmp_path, fn=_crash_after_first_part, name="out.jsonl", inp="in.parquet", batch_size=2,
+               max_task_retries=0)
+    job.fn_kwargs, job.rows_per_part = {"output": out, "crash_flag": str(flag)}, 2
+    with pytest.raises(JobFailed, match="started 2 times .* died each time"):
+        run_job(job)
+    before = parts.progress(out)
+    assert 0 < before.rows < len(rows)
+    flag.unlink()
+    summary = run_job(job)
+    after = read_rows(out)
+    assert len(after) == len(rows) and parts.progress(out).intervals == [[0, len(rows)]]  # every row exactly once
+    assert sorted(r["k"] for r in after if r["k"] is not None) == sorted(r["k"] for r in rows if r["k"] is not None)
+    assert summary["rows_skipped_already_done"] == before.rows and summary["rows_lost"] == 0
+    assert summary["rows_written"] == len(rows) - before.rows and summary["rows_in"] == len(rows)
+    assert run_job(job)["rows_written"] == 0  # done: a rerun reads nothing
 
 
 def _own_answers(rows, engine, max_new_tokens):
@@ -208,7 +221,7 @@ def test_generation_row_function_runs_in_the_pool_and_cli_scores_it(ray_local, t
     job = spec(tmp_path, fn=_own_answers, name="own.jsonl")
     job.fn_kwargs, job.column_types = {"max_new_tokens": 12}, None
     assert run_job(job)["rows_out_total"] == 2
-    own = {r["id"]: r for r in files.read_output(str(tmp_path / "own.jsonl"))}
+    own = {r["id"]: r for r in read_rows(str(tmp_path / "own.jsonl"))}
     assert "Paris" in own["fr"]["response"] and own["fr"]["reference"] == "x"
     assert own["bad"]["error"].startswith("RowError: 'prompt' must be a string")
     # the own answers, scored through the CLI's Ray path, are on-policy (CLL near 0 or above)
@@ -216,7 +229,7 @@ def test_generation_row_function_runs_in_the_pool_and_cli_scores_it(ray_local, t
     write_jsonl(own_file, [own["fr"]], bad_line=False)
     assert main(["score", "--input", str(own_file), "--output", str(tmp_path / "own_scored.parquet"), "--ray",
                  "--actors", "1", "--rows-per-batch", "4"]) == 0
-    [scored] = files.read_output(str(tmp_path / "own_scored.parquet"))
+    [scored] = read_rows(str(tmp_path / "own_scored.parquet"))
     assert scored["cll"] > -0.1
 
 
@@ -227,7 +240,7 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
     drop_unverified sends the same rows to the side output on both paths."""
     import torch
     from opsft.cli import main
-    from opsft.data.corpus import read_rows
+    from opsft.data.reader import read_rows
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # a random model with room for the ~800-token hint prompt
@@ -252,8 +265,8 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
                  "--rows-per-batch", "3"]) == 0
     local = {r["id"]: r for r in read_rows(tmp_path / "local.jsonl")}
     local_dropped = {r["id"]: r for r in read_rows(tmp_path / "local.dropped.jsonl")}
-    ray_kept = {r["id"]: r for r in files.read_output(str(tmp_path / "ray.jsonl"))}
-    ray_dropped = {r["id"]: r for r in files.read_output(str(tmp_path / "ray.dropped.jsonl"))}
+    ray_kept = {r["id"]: r for r in read_rows(str(tmp_path / "ray.jsonl"))}
+    ray_dropped = {r["id"]: r for r in read_rows(str(tmp_path / "ray.dropped.jsonl"))}
     assert sorted(ray_kept) == sorted(local) == ["bad", "t0", "t1", "t2"]
     assert sorted(ray_dropped) == sorted(local_dropped) == ["n0", "n1", "n2", "n3"]
     for rid, want in {**local, **local_dropped}.items():

@@ -7,8 +7,9 @@ import json
 
 import pytest
 from opsft.cli import main as cli_main
-from opsft.data.corpus import RowError, read_rows, write_rows
+from opsft.data.corpus import RowError, write_rows
 from opsft.data.pairs import parse_pair, preference_pairs
+from opsft.data.reader import read_rows
 from opsft.train.data import IGNORE
 from opsft.train.pairs import collate_pairs, prepare_pairs
 
@@ -48,8 +49,8 @@ def test_builder_makes_a_pair_only_from_a_wrong_self_answer():
     assert by_id["orig"]["chosen"] == "reference solution: 4" and by_id["orig"]["chosen_source"] == "original"
     assert by_id["unchecked"]["chosen"] == "reference solution: 4"  # verified None: not trusted
     assert by_id["msgs"]["messages"][0]["role"] == "system" and by_id["msgs"]["chosen"] == "4"
-    assert counts == {"rows": 12, "pairs": 5, "error": 1, "self_correct": 1, "self_unjudged": 2,
-                      "empty_self_response": 1, "no_chosen": 1, "same_text": 1}
+    assert counts == {"rows": 12, "pairs": 5, "error": 1, "bad_answer": 0, "self_correct": 1, "self_unjudged": 2,
+                      "empty_self_response": 1, "no_chosen": 1, "same_text": 1, "too_long": 0}
     for p in pairs:
         parse_pair(p)  # every pair is a valid pair row
 
@@ -88,12 +89,41 @@ def test_prepare_pairs_tokenises_both_sides_on_the_same_prompt(tokenizer):
     assert empty["n_pairs"] == 0 and bool((empty["labels"] == IGNORE).all())
 
 
-def test_cli_pairs(tmp_path, capsys):
-    write_rows(ROWS, tmp_path / "rw.jsonl")
-    assert cli_main(["pairs", "--input", str(tmp_path / "rw.jsonl"), "--output", str(tmp_path / "p.jsonl")]) == 0
-    out = capsys.readouterr().out
-    assert json.loads(out.split("\n", 1)[1])["pairs"] == 5
-    assert [r["id"] for r in read_rows(tmp_path / "p.jsonl")] == ["hd", "orig", "dropped", "unchecked", "msgs"]
+def test_cli_pairs_accounts_for_every_row(tmp_path, capsys):
+    hostile = [rewritten("obj", False, False, answer={"value": 4}),          # an answer no verifier can compare
+               rewritten("num", False, False, answer=4),                     # a number is an answer
+               rewritten("huge", False, False, original_response="word " * 20000),  # longer than the model takes
+               {"id": "no-prompt", "response": "x", "self_verified": False, "self_response": "y"}]
+    write_rows(ROWS + hostile, tmp_path / "rw.jsonl")
+    assert cli_main(["pairs", "--input", str(tmp_path / "rw.jsonl"), "--output", str(tmp_path / "p.parquet")]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    out = read_rows(tmp_path / "p.parquet")
+    assert [r["id"] for r in out] == [r["id"] for r in ROWS + hostile]  # rows out == rows in, in order
+    assert summary["rows"] == 16 and summary["pairs"] == 6 and summary["max_length"] == 8192
+    assert (summary["bad_answer"], summary["too_long"], summary["no_chosen"]) == (1, 1, 2)
+    by_id = {r["id"]: r for r in out}
+    assert by_id["obj"]["no_pair"] == "bad_answer" and by_id["obj"]["error"].startswith("no pair:")
+    assert by_id["num"]["chosen"] == "reference solution: 4" and by_id["num"]["no_pair"] is None
+    assert by_id["huge"]["no_pair"] == "too_long"
+    assert by_id["bad"]["error"] == "no pair: 'response' is empty"
+    assert by_id["no-prompt"]["no_pair"] == "no_chosen"
+    pairs = [r for r in out if r["no_pair"] is None]
+    for p in pairs:
+        parse_pair(p)  # every pair is a valid pair row; the others are error rows training counts and skips
+    _, stats = prepare_pairs(out, tokenizer_of(), max_length=512)
+    assert stats.used == 6 and stats.error_rows == 10
+    # the same file as JSONL; a tighter --max-length makes more rows too long
+    assert cli_main(["pairs", "--input", str(tmp_path / "rw.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                     "--max-length", "20"]) == 0
+    tight = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (tight["too_long"], tight["pairs"]) == (7, 0)  # the 6 pairs and the huge one
+    assert tight["rows"] == 16 == len(read_rows(tmp_path / "p.jsonl"))
     write_rows([{"prompt": "q", "response": "a"}], tmp_path / "plain.jsonl")
     assert cli_main(["pairs", "--input", str(tmp_path / "plain.jsonl"), "--output", str(tmp_path / "x.jsonl")]) == 2
-    assert "self_verified" in capsys.readouterr().err
+
+
+def tokenizer_of():
+    from opsft.models import default_model_dir
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir())

@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from opsft.config import EngineConfig, PoolConfig, RealignConfig, RewriteConfig, SelectConfig, TrainConfig
-from opsft.data.corpus import read_rows, write_rows
+from opsft.data.corpus import write_rows
+from opsft.data.reader import read_rows
 from opsft.realign.cycle import FAIL_ENV, STAGES, Cycle, InjectedCrash
 from train_helpers import max_weight_diff, weights
 

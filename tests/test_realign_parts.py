@@ -39,11 +39,11 @@ def test_merge_streams_kept_then_rewritten_rows_and_drops_old_scores():
                       {"id": "5", "prompt": "q5", "response": "r5", "source": "original", "error": "too long"}])
     out = list(merge_corpus(kept, rewritten))
     assert [r["id"] for r in out] == ["2", "3", "4", "1", "5"]
-    assert out[0] == {"id": "2", "prompt": "q2", "response": "r2", "meta": 2, "source": "kept"}
+    assert out[0] == {"id": "2", "prompt": "q2", "response": "r2", "meta": 2, "source": "kept", "rewritten": False}
     assert out[1]["error"] == "no prompt" and out[1]["source"] == "kept"
     assert out[2]["source"] == "hinted"  # a kept row keeps the source an earlier cycle gave it
     assert out[3] == {"id": "1", "prompt": "q1", "response": "new", "original_response": "r1", "source": "hinted",
-                      "meta": 1}
+                      "meta": 1, "rewritten": True}
     assert out[4]["error"] == "too long"
 
 
@@ -112,7 +112,8 @@ def test_lock_of_a_killed_process_is_recovered(tmp_path):
 
 
 def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(tmp_path):
-    from opsft.data.corpus import read_rows, write_rows
+    from opsft.data.corpus import write_rows
+    from opsft.data.reader import read_rows
     from opsft.realign.cycle import run_merge
 
     write_rows([{"id": str(i), "prompt": f"q{i}", "response": f"r{i}", "cll": -1.0} for i in (0, 3)],
@@ -120,7 +121,7 @@ def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(
     write_rows([{"id": "1", "prompt": "q1", "response": "new", "source": "hd", "verified": True, "dropped": False},
                 {"id": "2", "prompt": "q2", "response": "r2", "source": "original", "verified": False,
                  "dropped": True}], tmp_path / "rewritten.parquet")
-    out = run_merge(None, tmp_path, {})
+    out = run_merge(None, tmp_path, {"data": str(tmp_path)})
     corpus, dropped = read_rows(tmp_path / "corpus.parquet"), read_rows(tmp_path / "dropped.parquet")
     assert [r["id"] for r in corpus] == ["0", "3", "1"] and [r["id"] for r in dropped] == ["2"]
     assert corpus[2]["response"] == "new" and out["rows"] == 3 and out["dropped"] == 1

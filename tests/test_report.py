@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from opsft.jobs import files
+from opsft.data import parts
 from opsft.report import auroc, build_report, parse_input, roc_curve, source_summary
 
 
@@ -73,8 +73,8 @@ def test_cli_report_reads_files_and_job_folders(tmp_path):
     write_rows(scored(rng, 20, 0.0, 0.0), tmp_path / "own.jsonl")
     folder = str(tmp_path / "orig.parquet")
     rows = scored(rng, 20, -1.0, 0.0)
-    files.write_part(folder, rows[:10], files.SCORE_TYPES)
-    files.write_part(folder, rows[10:], files.SCORE_TYPES)
+    parts.write_part(folder, rows[:10], list(range(10)), parts.SCORE_TYPES)
+    parts.write_part(folder, rows[10:], list(range(10, len(rows))), parts.SCORE_TYPES)
     assert parse_input("x=/a/b.parquet") == ("x", "/a/b.parquet")
     assert parse_input("/a/b.parquet") == ("b", "/a/b.parquet")
     assert main(["report", "--input", f"mine={tmp_path / 'own.jsonl'}", "--input", folder,

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opsft.data.corpus import jsonl_rows, read_rows, rows_table
+from opsft.data.corpus import jsonl_rows, rows_table
+from opsft.data.reader import corpus_ranges, read_range, read_rows
 from opsft.train.data import BatchPlan, prepare_examples, split_eval
 from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
-from opsft.train.shards import ShardedCorpus, corpus_ranges, dist_gather, local_rows, read_range
+from opsft.train.shards import ShardedCorpus, dist_gather, local_rows
 from train_helpers import arithmetic_rows
 
 MAX_LENGTH = 64  # the good rows fit (47-58 tokens); the LONG ones do not

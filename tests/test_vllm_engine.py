@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from opsft.data.chat import encode, prompt_ids
-from opsft.data.corpus import read_rows
+from opsft.data.reader import read_rows
 from opsft.engines import GenerationParams
 from opsft.engines.vllm import entropy_from_topk, load_lm_head, token_groups
 from opsft.scoring import score_rows
@@ -256,14 +256,13 @@ def test_cli_rewrite_with_vllm_stages_equals_the_hf_rewrite(model_dir, tmp_path)
                      "opsft rewrite (in-process, hf)")
     run_in_vllm_venv(["-m", "opsft.cli", "rewrite", *common, "--output", "ray.jsonl", "--ray", "--config",
                       "stages.yaml", "--hd-engine", "vllm"], tmp_path, "opsft rewrite --ray (vllm stages)")
-    from opsft.jobs.files import read_output
 
     log = (tmp_path / "opsft.log").read_text()
     steps = json.loads(log[log.index("{", log.index("== rewrite (Ray Data)")):])["steps"]
     assert steps == ["hint:hf", "hinted-decoding:vllm", "verify", "score:vllm"]
 
     local = {r["id"]: r for r in read_rows(tmp_path / "local.jsonl")}
-    ray = {r["id"]: r for r in read_output(str(tmp_path / "ray.jsonl"))}
+    ray = {r["id"]: r for r in read_rows(str(tmp_path / "ray.jsonl"))}
     assert sorted(ray) == sorted(local) == ["bad", "g0", "g1"]
     assert ray["bad"]["error"] == local["bad"]["error"] and ray["bad"]["error"]
     for rid in ("g0", "g1"):

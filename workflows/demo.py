@@ -56,7 +56,7 @@ def evaluate(model: str, tasks, corpus: list[dict], passages: int, say) -> dict:
 
 def corpus_cll(model: str, path: str) -> float | None:
     """Mean per-row CLL of a corpus file under `model` (in-process, hf)."""
-    from opsft.data.corpus import read_rows
+    from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
     from opsft.scoring import score_rows, summary
 
@@ -68,7 +68,7 @@ def corpus_cll(model: str, path: str) -> float | None:
 def rewritten_cll(folder: Path) -> tuple[float | None, float | None]:
     """Mean CLL under the base model (the rewrite's score stage) of the rewritten rows: their
     original responses, and what they became (opsft.recipe.recipe_summary over the rewrite's output)."""
-    from opsft.jobs.files import iter_rows
+    from opsft.data.reader import iter_rows
     from opsft.recipe import SUMMARY_COLUMNS, recipe_summary
 
     summary = recipe_summary(iter_rows(str(folder / "rewritten.parquet"), SUMMARY_COLUMNS))

@@ -90,8 +90,9 @@ def timed(stages: dict, name: str):
 
 def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
     from opsft.data import datasets
-    from opsft.data.corpus import read_rows, write_rows
+    from opsft.data.corpus import write_rows
     from opsft.data.pairs import preference_pairs
+    from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
     from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
 
@@ -114,7 +115,8 @@ def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
 
 
 def evaluate(cfg: ReproduceConfig, model: str | None, out: Path, label: str) -> dict:
-    from opsft.data.corpus import read_rows, write_rows
+    from opsft.data.corpus import write_rows
+    from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
     from opsft.evaluation import EvalTask, evaluate_model
     from opsft.scoring import score_rows, summary

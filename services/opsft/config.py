@@ -15,15 +15,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from opsft.method import loss_registry
 
+ROWS_PER_PART = 20_000  # rows per part of a Ray Data job's output: ~500 parts for 10M rows (docs/data_jobs.md)
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class FakeOptions(Strict):
+    """Fault injection of the fake engine (opsft.engines.fake): what a rehearsal makes go wrong."""
+
+    dead_after: int | None = Field(None, ge=0, description="an engine dies (every call raises a CUDA error) after "
+                                   "this many calls, while `deaths` tickets last")
+    deaths: int = Field(0, ge=0, description="engine deaths in all, over every process (tickets in fault_dir)")
+    kill_after: int | None = Field(None, ge=0, description="a process SIGKILLs itself after this many calls, while "
+                                   "`kills` tickets last")
+    kills: int = Field(0, ge=0, description="process kills in all (tickets in fault_dir)")
+    fault_dir: str | None = Field(None, description="a folder every engine process can write: the tickets")
+    poison_token: int | None = Field(None, ge=0, description="a sequence holding this token id raises (a row fault)")
+
+
 class EngineConfig(Strict):
     """Which model runner, on which model, with what numeric settings."""
 
-    kind: Literal["hf", "vllm"] = "hf"
+    kind: Literal["hf", "vllm", "fake"] = Field("hf", description="hf (transformers), vllm, or fake: a "
+                                                "deterministic engine without a model, for rehearsals and tests")
     model: str | None = Field(None, description="local HF folder or hub id; None = the embedded default")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, description="hf only: 'cpu', 'cuda', ...; None = cuda if available")
@@ -44,9 +60,16 @@ class EngineConfig(Strict):
                                       "share of gpu_memory_utilization; the generate runner gets the rest")
     max_model_len: int | None = None
     top_k_logprobs: int = Field(20, ge=1, description="vllm, scorer topk: log-probs per position for the H estimate")
+    fake: FakeOptions | None = Field(None, description="fake only: its fault injection (opsft.engines.fake)")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change an engine's results (a job resumes only under the same ones)."""
+        return {"kind": self.kind, "model": self.model, "dtype": self.dtype, "scorer": self.scorer}
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for opsft.engines.make_engine(kind, model, **options)."""
+        if self.kind == "fake":
+            return {"max_length": self.max_model_len or 2048, **(self.fake.model_dump() if self.fake else {})}
         if self.kind == "hf":
             return {"dtype": self.dtype, "device": self.device, "max_batch_size": self.max_batch_size,
                     "max_batch_tokens": self.max_batch_tokens, "score_batch_tokens": self.score_batch_tokens}
@@ -64,8 +87,9 @@ class PoolConfig(Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (tensor_parallel_size for vLLM)")
     batch_size: int = Field(64, ge=1, description="rows handed to an actor per map_batches call")
-    max_restarts: int = Field(3, ge=0, description="an actor that dies is restarted this many times")
-    max_task_retries: int = Field(3, ge=0)
+    max_task_retries: int = Field(3, ge=0, description="times one batch is tried again after its engine faulted or "
+                                  "its actor died (a new engine each time); then the job fails, naming the cause. "
+                                  "In-process: times the engine is rebuilt for one batch")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, e.g. "
                                         "{engine_slot: 1} to place engines on the nodes that offer that resource")
 
@@ -80,6 +104,7 @@ class ScoreConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     distributed: bool = Field(False, description="run as a Ray Data job (else in-process)")
+    rows_per_part: int = Field(ROWS_PER_PART, ge=1, description="Ray Data job: rows per output part file")
 
 
 ConfigT = TypeVar("ConfigT", bound=Strict)
@@ -276,9 +301,22 @@ class TrainConfig(Strict):
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints Ray keeps; None = all")
     eval_every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = only at the end")
     resume_from: str | None = Field(None, description="a checkpoint folder to continue from exactly")
-    max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the last checkpoint on failure")
+    max_failures: int = Field(3, ge=-1, description="worker failures Ray Train recovers from, each time restarting "
+                              "the workers from the last checkpoint (-1: no limit)")
+    storage_path: str | None = Field(None, description="where Ray Train keeps the checkpoints: a shared folder or "
+                                     "object storage (s3://...); None = output_dir")
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     fail_after_step: int | None = Field(None, ge=1, description="testing: crash once after this step (recovery)")
+    fail_mode: Literal["raise", "kill"] = Field("raise", description="testing: fail_after_step raises on every "
+                                                "worker, or SIGKILLs the last worker's process")
+
+    @model_validator(mode="after")
+    def _output_dir_is_posix(self):
+        from opsft.data.storage import require_posix
+
+        require_posix(self.output_dir, "output_dir (metrics.jsonl and TensorBoard logs; put checkpoints on object "
+                                       "storage with storage_path)")
+        return self
 
     @model_validator(mode="after")
     def _packing_is_for_token_losses(self):
@@ -342,6 +380,7 @@ class RewriteConfig(Strict):
         default_factory=dict, description="per-stage engine / pool overrides, keys: " + ", ".join(REWRITE_STAGES))
     address: str | None = Field(None, description="Ray cluster address (jobs that run the recipe on Ray)")
     distributed: bool = Field(False, description="run as a Ray Data job, one actor pool per stage (else in-process)")
+    rows_per_part: int = Field(ROWS_PER_PART, ge=1, description="Ray Data job: rows per output part file")
     policy: Literal["self-first", "hd-all"] = Field("self-first", description="self-first: keep verified "
                                                     "self-answers, hinted decoding for the rest; hd-all: HD every row")
     verifier: str = Field("auto", description="numeric | exact | auto | rg:<reasoning-gym task>")
@@ -370,7 +409,7 @@ class RewriteConfig(Strict):
         """The recipe's own settings (flat; opsft.recipe.RewriteParams.from_config reads them): all
         fields but where the job reads, writes and runs."""
         return self.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address", "distributed",
-                                                     "stages"})
+                                                     "stages", "rows_per_part"})
 
     def stage_engine(self, stage: str, base: EngineConfig | None = None) -> EngineConfig:
         """The engine of a stage: `base` (default: engine) with the stage's overrides."""
@@ -416,8 +455,13 @@ class RealignConfig(Strict):
     rewriting jobs; `rewrite` and `train` are the same models as `opsft rewrite` / `opsft train`
     (their input, output and model fields are filled in by the cycle)."""
 
-    corpus: str = Field(..., description="the training corpus to keep on-policy (JSONL or Parquet)")
-    output_dir: str = Field(..., description="versioned outputs: <output_dir>/cycles/vNNNN/, LATEST")
+    corpus: str = Field(..., description="the training corpus to keep on-policy (JSONL or Parquet; a path or s3://)")
+    output_dir: str = Field(..., description="the cycles' state, lock and LATEST: <output_dir>/cycles/vNNNN/ (a local "
+                            "or shared POSIX folder: the lock needs one)")
+    data_dir: str | None = Field(None, description="the cycles' data and checkpoints: <data_dir>/cycles/vNNNN/ (a "
+                                 "folder or s3://...); None = output_dir")
+    rows_per_part: int = Field(ROWS_PER_PART, ge=1, description="rows per output part of the score, rewrite and "
+                               "rescore jobs")
     model: str | None = Field(None, description="starting model, used until a cycle completes; None = default")
     start_from: Literal["latest", "model"] = Field(
         "latest", description="latest: each cycle fine-tunes the newest completed cycle's checkpoint (a re-run "
@@ -431,6 +475,14 @@ class RealignConfig(Strict):
     promote_url: str | None = Field(None, description="scoring service base URL to POST /v1/models/reload to")
     promote_api_key_env: str | None = Field("OPSFT_API_KEY", description="env var holding its bearer token")
     promote_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _output_dir_is_posix(self):
+        from opsft.data.storage import require_posix
+
+        require_posix(self.output_dir, "output_dir (the cycle's lock and state; put the data on object storage with "
+                                       "data_dir)")
+        return self
 
     @model_validator(mode="after")
     def _rewrite_stages_can_run(self):

@@ -85,11 +85,58 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve_model(model: str | os.PathLike | None) -> str:
-    """A model argument as given on the command line: None means the embedded default."""
+def resolve_model(model: str | os.PathLike | None, everything: bool = False) -> str:
+    """A model argument as given on the command line, as something transformers and vLLM load: None
+    means the embedded default; a URI (s3://...) is fetched into a local cache first (fetch_model)."""
     if model is None or str(model) in ("", "default"):
         return str(default_model_dir())
+    from opsft.data import storage
+
+    if storage.is_uri(model):
+        return fetch_model(str(model), everything)
     return str(model)
+
+
+# What an engine needs of a checkpoint folder (not the optimiser state or the FSDP shards).
+MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+TRAINER_FILES = ("trainer_state.pt", "trainer_state.json")
+
+
+def fetch_model(uri: str, everything: bool = False, home: Path | None = None) -> str:
+    """A local copy of a model folder on object storage, under $OPSFT_HOME/models/remote-<key>: the
+    model's files (config, weights, tokenizer), or with `everything` the whole folder (a checkpoint
+    to resume from: trainer state and FSDP shards too). The key names the URI and its files' sizes and
+    modification times, so a changed checkpoint is fetched again; the copy is written under a
+    temporary name and renamed when complete (as default_model_dir), one process at a time."""
+    import hashlib
+
+    from opsft.data import storage
+
+    entries = [e for e in storage.fingerprint_entries(uri)
+               if everything or ("/" not in e[0] and e[0].endswith(MODEL_FILES) and e[0] not in TRAINER_FILES)]
+    if not entries:
+        raise FileNotFoundError(f"{uri}: no model files there (config.json, *.safetensors, tokenizer)")
+    key = hashlib.sha256(json.dumps([uri, entries, everything]).encode()).hexdigest()[:16]
+    root = (home or opsft_home()) / "models"
+    target = root / f"remote-{key}"
+    if is_complete(target):
+        return str(target)
+    with FileLock(root / f".remote-{key}.lock", wait=True):
+        if is_complete(target):
+            return str(target)
+        tmp = root / f".remote-{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fs, inner = storage.filesystem(uri)
+        for name, _, _ in entries:
+            local = tmp / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": uri, "time": time.time()}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return str(target)
 
 
 def load_model(model: str | os.PathLike | None = None, dtype=None, device: str = "cpu"):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from opsft.data.chat import end_of_turn_id, prompt_ids, response_ids
-from opsft.data.corpus import RowError, parse_row, question_text, with_id
+from opsft.data.corpus import RowError, check_answer, parse_row, question_text, with_id
 from opsft.data.verify import extract_final_answer, make_verifier
 from opsft.engines.base import GenerationParams, can_decode
 from opsft.method.hinted import (
@@ -213,6 +213,7 @@ def _prepare(out: list[dict], engine) -> None:
         row["original_response"] = row.get("response")
         try:
             ex = parse_row(row)
+            check_answer(row)
             question = prompt_ids(engine.tokenizer, ex.messages)
             if len(question) >= engine.max_length:
                 raise RowError(f"too long for the model: the prompt has {len(question)} tokens >= max length "

@@ -5,7 +5,7 @@ fields, `exact_entropy` (True when H is over the full vocabulary: the hf engine 
 engine's default scorer; False when estimated: the vllm engine's scorer="topk"), and `error`
 (None on a scored row; on an error row every score is None). Every schema of a scored row is
 derived from here or checked against it (tests/test_jobs.py): scoring.SCORE_FIELDS, the Arrow
-types of jobs/files.SCORE_TYPES, the columns realign drops (SCORED_COLUMNS), and
+types of data/parts.SCORE_TYPES, the columns realign drops (SCORED_COLUMNS), and
 serve/schemas.ItemScores.
 """
 

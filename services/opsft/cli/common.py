@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from opsft.engines import KINDS
+
 
 def add_model_flags(parser) -> None:
     parser.add_argument("--model", help="local HF folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -13,7 +15,7 @@ def add_model_flags(parser) -> None:
 
 
 def add_engine_flags(parser) -> None:
-    parser.add_argument("--engine", choices=["hf", "vllm"], help="model runner (default hf)")
+    parser.add_argument("--engine", choices=KINDS, help="model runner (default hf)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="engine dtype (default float32)")
     parser.add_argument("--batch-size", type=int, help="rows per forward pass")
 
@@ -30,6 +32,11 @@ class Progress:
         self.total, self.label, self.unit, self.every = total, label, unit, every
         self.start = self.last = time.monotonic()
         self.done = 0
+
+    def to(self, done: int, total: int) -> None:
+        """Report an absolute position (done of total)."""
+        self.total = total
+        self.update(done - self.done)
 
     def update(self, n: int) -> None:
         self.done += n

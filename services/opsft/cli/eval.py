@@ -73,7 +73,8 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     import json
     from pathlib import Path
 
-    from opsft.data.corpus import read_rows, refuse_overwrite, write_rows, write_text_atomic
+    from opsft.data.corpus import refuse_overwrite, write_rows, write_text_atomic
+    from opsft.data.reader import read_rows
     from opsft.engines import make_engine
     from opsft.evaluation import EvalTask, evaluate_model, results_table
 

@@ -25,10 +25,11 @@ def add_job_flags(parser) -> None:
     group.add_argument("--gpus", type=float, help="GPUs per actor (default 0)")
     group.add_argument("--cpus", type=float, help="CPUs per actor (default 1)")
     group.add_argument("--rows-per-batch", type=int, help="rows handed to an actor per call (default 64)")
+    group.add_argument("--rows-per-part", type=int, help="rows per output part file (default 20000)")
 
 
 def job_overrides(args) -> dict:
     low, high = parse_actors(args.actors) if args.actors else (None, None)
     return {"distributed": args.distributed, "address": args.address, "pool.min_size": low,
             "pool.max_size": high, "pool.num_gpus": args.gpus, "pool.num_cpus": args.cpus,
-            "pool.batch_size": args.rows_per_batch}
+            "pool.batch_size": args.rows_per_batch, "rows_per_part": args.rows_per_part}

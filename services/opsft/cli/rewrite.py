@@ -21,11 +21,12 @@ on its generate runner, opsft.engines.vllm_hd); config `stages:` sets any stage'
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from opsft.cli.common import Progress, add_model_flags, print_summary
 from opsft.cli.jobflags import add_job_flags, job_overrides
+from opsft.data import storage
 from opsft.data.corpus import check_corpus_paths
+from opsft.engines import KINDS
 
 
 def add_parser(sub) -> None:
@@ -34,8 +35,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--output", help="JSONL or Parquet file to write (by extension)")
     add_model_flags(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
-    parser.add_argument("--engine", choices=["hf", "vllm"], help="engine of every stage (default hf)")
-    parser.add_argument("--hd-engine", choices=["hf", "vllm"], help="engine of the hinted-decoding stage "
+    parser.add_argument("--engine", choices=KINDS, help="engine of every stage (default hf)")
+    parser.add_argument("--hd-engine", choices=KINDS, help="engine of the hinted-decoding stage "
                         "(default: --engine)")
     parser.add_argument("--policy", choices=["self-first", "hd-all"], help="default self-first")
     parser.add_argument("--verifier", help="numeric | exact | auto | rg:<task> (default auto)")
@@ -81,60 +82,78 @@ def run(args) -> int:
     return 0
 
 
-def dropped_path(output: str) -> Path:
-    path = Path(output)
-    return path.with_name(f"{path.stem}.dropped{path.suffix}")
+def dropped_path(output: str) -> str:
+    """<stem>.dropped.<ext> beside the output (a path or a URI)."""
+    name = storage.name_of(output)
+    stem, dot, ext = name.rpartition(".")
+    return storage.join(storage.parent_of(output), f"{stem}.dropped.{ext}" if dot else f"{name}.dropped")
 
 
 def rewrite_distributed(cfg) -> dict:
     """The recipe as one Ray Data job (opsft.jobs.pipeline.rewrite_spec, as the realignment cycle runs it)."""
     from opsft.cluster import connect
-    from opsft.jobs.files import iter_rows
+    from opsft.data.reader import iter_rows
     from opsft.jobs.pipeline import engine_pools, local_num_cpus, rewrite_spec, run_job
     from opsft.recipe import SUMMARY_COLUMNS, recipe_summary
 
     dropped = str(dropped_path(cfg.output)) if cfg.drop_unverified else None
-    spec = rewrite_spec(cfg, cfg.input, cfg.output, dropped_output=dropped)
+    spec = rewrite_spec(cfg, cfg.input, cfg.output, dropped_output=dropped, rows_per_part=cfg.rows_per_part)
     connect(cfg.address, num_cpus=local_num_cpus(engine_pools(spec)))  # a local cluster fits every stage pool
     result = run_job(spec)
-    return {**result, **recipe_summary(row for out in spec.outputs() for row in iter_rows(out, SUMMARY_COLUMNS))}
+    return {**result, **recipe_summary(row for out in spec.outputs() if storage.exists(out)
+                                       for row in iter_rows(out, SUMMARY_COLUMNS))}
 
 
 def rewrite_in_process(cfg) -> dict:
-    from opsft.data.corpus import apply_rows, read_rows, write_rows
-    from opsft.engines import make_engine
-    from opsft.recipe import STAGE_NEEDS, recipe_summary, rewrite_rows, split_dropped
+    from opsft.data.reader import iter_rows
+    from opsft.engines import engine_from_config
+    from opsft.faults import EngineSlot
+    from opsft.local_job import run_local_job
+    from opsft.recipe import STAGE_NEEDS, SUMMARY_COLUMNS, recipe_summary, rewrite_rows
 
-    rows = read_rows(cfg.input)
-    engines: dict[str, object] = {}  # one engine per distinct engine config
+    def build() -> dict:
+        """One engine per distinct engine config, for every engine stage."""
+        made: dict[str, object] = {}
+        out = {}
+        for stage, need in STAGE_NEEDS.items():
+            if need is None:
+                continue
+            ecfg = cfg.stage_engine(stage)
+            key = ecfg.model_dump_json()
+            if key not in made:
+                made[key] = engine_from_config(ecfg)
+            out[stage] = made[key]
+        return out
 
-    def engine_of(stage: str):
-        ecfg = cfg.stage_engine(stage)
-        key = ecfg.model_dump_json()
-        if key not in engines:
-            engines[key] = make_engine(ecfg.kind, ecfg.model, **ecfg.options())
-        return engines[key]
-
-    stage_engines = {stage: engine_of(stage) for stage, need in STAGE_NEEDS.items() if need is not None}
     bars: dict[str, Progress] = {}
 
     def report(stage: str, done: int, total: int) -> None:
         bar = bars.setdefault(stage, Progress(total, f"rewrite {stage}", unit="", every=5.0))
         bar.update(done - bar.done)
 
+    def rewrite(rows, engines, **kwargs):
+        return rewrite_rows(rows, engines["score"], engines=engines, **kwargs)
+
+    dropped = str(dropped_path(cfg.output)) if cfg.drop_unverified else None
+    slot = EngineSlot(build, retries=cfg.pool.max_task_retries, what="rewrite engines")
     start = time.monotonic()
-    out = apply_rows(rewrite_rows, rows, stage_engines["score"], {"params": cfg.recipe_params(), "report": report,
-                                                                  "engines": stage_engines})
-    kept, dropped = split_dropped(out)
-    write_rows(kept, cfg.output)
-    if dropped:
-        write_rows(dropped, dropped_path(cfg.output))
-    result = recipe_summary(out)
-    result.update(model=stage_engines["score"].model_id, output=cfg.output,
-                  seconds=round(time.monotonic() - start, 1))
-    if dropped:
-        result["dropped_output"] = str(dropped_path(cfg.output))
-    out_of_step = {k: v for engine in engines.values() for k, v in getattr(engine, "stats", {}).items()}
+    steps = [{"fn": "rewrite", "params": cfg.recipe_params(),
+              "engines": {stage: cfg.stage_engine(stage).identity() for stage in STAGE_NEEDS}}]
+    try:
+        result = run_local_job(cfg.input, cfg.output, rewrite, {"params": cfg.recipe_params(), "report": report},
+                               slot, steps=steps, dropped_output=dropped, engine_arg=lambda engines: engines,
+                               chunk_rows=max(cfg.pool.batch_size, 256))
+        model = slot.current["score"].model_id
+        out_of_step = {k: v for engine in slot.current.values() for k, v in getattr(engine, "stats", {}).items()}
+    finally:
+        slot.close()
+    outputs = [cfg.output] + ([result["dropped_output"]] if result.get("dropped_output") else [])
+    summary = recipe_summary(row for out in outputs for row in iter_rows(out, SUMMARY_COLUMNS))
+    summary.update(model=model, output=cfg.output, seconds=round(time.monotonic() - start, 1),
+                   rows_skipped_already_done=result["rows_skipped_already_done"],
+                   engine_faults=result["engine_faults"])
+    if result.get("dropped_output"):
+        summary["dropped_output"] = result["dropped_output"]
     if out_of_step:  # vllm hinted decoding: pairs decoded again, and items given up (opsft.engines.vllm_hd)
-        result["hinted_decoding"] = out_of_step
-    return result
+        summary["hinted_decoding"] = out_of_step
+    return summary

@@ -50,36 +50,39 @@ def run(args) -> int:
 
 def score_distributed(cfg) -> dict:
     from opsft.cluster import connect
-    from opsft.jobs.files import iter_rows
+    from opsft.data.reader import iter_rows
     from opsft.jobs.pipeline import run_job, score_spec
     from opsft.scoring import SUMMARY_COLUMNS, summary
 
     connect(cfg.address)
     result = run_job(score_spec(cfg.input, cfg.output, cfg.engine, cfg.pool, include_eos=cfg.include_eos,
-                                tokens=cfg.tokens, temperature=cfg.temperature))
+                                tokens=cfg.tokens, temperature=cfg.temperature, rows_per_part=cfg.rows_per_part))
     # the same corpus figures as in-process, streamed from the output folder part by part
     return {**result, **summary(iter_rows(cfg.output, SUMMARY_COLUMNS))}
 
 
 def score_in_process(cfg) -> dict:
-    from opsft.data.corpus import apply_rows, read_rows, write_rows
-    from opsft.engines import make_engine
-    from opsft.scoring import score_rows, summary
+    from opsft.data.parts import SCORE_TYPES
+    from opsft.data.reader import iter_rows
+    from opsft.engines import engine_from_config
+    from opsft.faults import EngineSlot
+    from opsft.local_job import run_local_job
+    from opsft.scoring import SUMMARY_COLUMNS, score_rows, summary
 
-    rows = read_rows(cfg.input)
-    engine = make_engine(cfg.engine.kind, cfg.engine.model, **cfg.engine.options())
-    if hasattr(engine, "start"):  # vllm: its pooling runner now, so the rate below excludes the start (as for hf)
-        engine.start("score")
-    progress = Progress(len(rows), "score")
-    start, out = time.monotonic(), []
-    step = max(cfg.engine.max_batch_size * 4, 1)
-    for i in range(0, len(rows), step):
-        out += apply_rows(score_rows, rows[i:i + step], engine, {"include_eos": cfg.include_eos, "tokens": cfg.tokens,
-                                                                 "temperature": cfg.temperature})
-        progress.update(len(rows[i:i + step]))
-    write_rows(out, cfg.output)
+    slot = EngineSlot(lambda: engine_from_config(cfg.engine, "score"), retries=cfg.pool.max_task_retries,
+                      what=f"{cfg.engine.kind} engine")
+    kwargs = {"include_eos": cfg.include_eos, "tokens": cfg.tokens, "temperature": cfg.temperature}
+    progress = Progress(0, "score")
+    start = time.monotonic()
+    try:
+        result = run_local_job(cfg.input, cfg.output, score_rows, kwargs, slot, column_types=SCORE_TYPES,
+                               steps=[{"fn": "score", "kwargs": kwargs, "engine": cfg.engine.identity()}],
+                               report=progress.to)
+        model = slot.current.model_id
+    finally:
+        slot.close()
     elapsed = time.monotonic() - start
-    result = summary(out)
-    result.update(model=engine.model_id, output=cfg.output, seconds=round(elapsed, 2),
-                  tokens_per_s=round(result["tokens"] / elapsed, 1) if elapsed else None)
-    return result
+    figures = summary(iter_rows(cfg.output, SUMMARY_COLUMNS))
+    return {**figures, "model": model, "output": cfg.output, "seconds": round(elapsed, 2),
+            "tokens_per_s": round(figures["tokens"] / elapsed, 1) if elapsed else None,
+            "rows_skipped_already_done": result["rows_skipped_already_done"], "engine_faults": result["engine_faults"]}

@@ -29,7 +29,7 @@ FLAGS = {
     "global_batch_size": "global_batch_size", "micro_batch_size": "micro_batch_size", "epochs": "epochs",
     "max_steps": "max_steps", "seed": "seed", "autocast": "autocast", "dtype": "dtype", "max_length": "max_length",
     "overlong": "overlong", "checkpoint_every": "checkpoint_every", "eval_every": "eval_every",
-    "resume_from": "resume_from", "max_failures": "max_failures", "address": "address",
+    "resume_from": "resume_from", "max_failures": "max_failures", "address": "address", "storage_path": "storage_path",
     "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
     "cpus_per_worker": "scaling.cpus_per_worker", "strategy": "scaling.strategy",
     "gradient_checkpointing": "gradient_checkpointing", "fused_head": "fused_head", "packing": "packing",
@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML TrainConfig; flags given on the command line override it")
     p.add_argument("--input", help="corpus (JSONL/Parquet), or the output of score / rewrite; dpo/simpo: pair "
                                    "rows (prompt|messages, chosen, rejected) or a rewrite output")
-    p.add_argument("--output-dir", help="checkpoints, metrics.jsonl, tensorboard/")
+    p.add_argument("--output-dir", help="metrics.jsonl, tensorboard/ and (without --storage-path) the checkpoints: "
+                   "a local or shared POSIX folder")
     p.add_argument("--model", help="local HF folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--eval-input", help="held-out corpus for eval loss / CLL")
     p.add_argument("--eval-rows", type=int, help="rows held out of --input when --eval-input is not given")
@@ -86,7 +87,10 @@ def add_parser(sub) -> None:
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 0: only the last)")
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 0: only the last)")
     g.add_argument("--resume-from", help="checkpoint folder to continue from exactly")
-    g.add_argument("--max-failures", type=int, help="worker failures Ray Train recovers from (default 0)")
+    g.add_argument("--max-failures", type=int, help="worker failures Ray Train recovers from, each time from the "
+                   "last checkpoint (default 3)")
+    g.add_argument("--storage-path", help="where Ray Train keeps checkpoints: shared storage or s3://... (default: "
+                   "--output-dir)")
     g.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     g.add_argument("--gpus-per-worker", type=float)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +77,22 @@ def row_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+def check_text(value, field: str) -> str:
+    """`value` as text of the row's `field`; raises RowError when it is not a string or not valid Unicode."""
+    return _check_text(value, field)
+
+
+def check_answer(row: dict):
+    """The row's reference `answer`: None, a string or a number (an integer is kept as it is); raises
+    RowError for anything else (an object, a list, a boolean), which no verifier can compare."""
+    answer = row.get("answer")
+    if answer is None or isinstance(answer, str) and _check_text(answer, "answer") is not None:
+        return answer
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        return answer
+    raise RowError(f"'answer' must be a string or a number, got {type(answer).__name__}")
+
+
 def parse_row(row: dict, need_response: bool = True) -> Example:
     """Validate a row; raises RowError with the reason."""
     if row.get("error"):
@@ -130,35 +144,14 @@ def with_id(row: dict) -> dict:
     return {**row, "id": text, "error": row.get("error") or problem}
 
 
-def apply_rows(fn, rows: list[dict], engine, kwargs: dict) -> list[dict]:
-    """fn over a batch; if the batch raises, row by row, so one bad row cannot fail the job:
-    a row that raises alone keeps its columns and gets `error`."""
-    try:
-        out = fn(rows, engine, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - isolate the row(s) responsible
-        logging.getLogger(__name__).warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc)
-        out = []
-        for row in rows:
-            try:
-                out += fn([row], engine, **kwargs)
-            except Exception as row_exc:  # noqa: BLE001
-                out.append({**with_id(row), "error": f"{type(row_exc).__name__}: {row_exc}"})
-    if len(out) != len(rows):
-        raise RuntimeError(f"row function returned {len(out)} rows for {len(rows)}: it must keep rows 1:1")
-    return out
-
-
 # ---------------------------------------------------------------------------- files
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
     """Whether two paths (or URIs such as s3://b/k) name the same file or folder."""
-    a, b = str(a), str(b)
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return Path(a).resolve() == Path(b).resolve()
+    from opsft.data.storage import same_location
+
+    return same_location(a, b)
 
 
 def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
@@ -172,10 +165,14 @@ def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: Iterable[str 
 
 
 def check_corpus_paths(input: str, outputs: list[str | Path]) -> None:
-    """Before any work: the input and output corpora have known formats, and no output is the input."""
+    """Before any work: the input exists, the input and output corpora have known formats, and no
+    output is the input."""
+    from opsft.data.reader import corpus_files
+
     for path in (input, *outputs):
         file_format(path)
     refuse_overwrite(outputs, [input])
+    corpus_files(input)  # a missing input, or a folder without corpus files
 
 
 def file_format(path: str | Path) -> str:
@@ -185,20 +182,6 @@ def file_format(path: str | Path) -> str:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     raise ValueError(f"{path}: unknown corpus format (use .jsonl or .parquet)")
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """All rows of a JSONL or Parquet file, as dicts; bad JSONL lines become error rows."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such corpus file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a corpus file (read a job's output folder with opsft.jobs.files)")
-    if file_format(path) == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    return jsonl_rows(path.read_bytes())
 
 
 def jsonl_rows(data: bytes) -> list[dict]:
@@ -260,18 +243,19 @@ def unrepresentable(value, depth: int = 0, where: str = "row") -> str | None:
 
 
 def write_rows(rows: Iterable[dict], path: str | Path) -> None:
-    """Write rows as JSONL or Parquet (by extension), atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows as JSONL or Parquet (by extension), atomically (temp file + rename), to a local
+    path or a URI (s3://...)."""
+    from opsft.data import storage
+
     rows = list(rows)
-    with atomic_path(path) as tmp:
+    with storage.atomic_output(path) as handle:
         if file_format(path) == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(rows_table(rows), tmp)
+            pq.write_table(rows_table(rows), handle)
         else:
-            with open(tmp, "wb") as handle:
-                handle.writelines(jsonl_line(row) for row in rows)
+            for row in rows:
+                handle.write(jsonl_line(row))
 
 
 def write_rows_chunked(make_rows: Callable[[], Iterable[dict]], path: str | Path, chunk_rows: int = 50_000) -> int:
@@ -283,25 +267,25 @@ def write_rows_chunked(make_rows: Callable[[], Iterable[dict]], path: str | Path
     write_rows would have written it. Atomic like write_rows; returns the rows written."""
     import pyarrow as pa
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        if file_format(path) != "parquet":
-            n = 0
-            with open(tmp, "wb") as handle:
-                for row in make_rows():
-                    handle.write(jsonl_line(row))
-                    n += 1
-            return n
-        types: dict = {}
-        for chunk in _chunks(make_rows(), chunk_rows):
-            for field in rows_table(chunk).schema:
-                types[field.name] = _widen(types.get(field.name), field.type)
-        while True:  # a chunk whose values do not convert to the widened type makes that column text
-            try:
-                return _write_parquet_chunks(make_rows, tmp, chunk_rows, types)
-            except _ColumnMismatch as exc:
-                types[exc.column] = pa.string()
+    from opsft.data import storage
+
+    if file_format(path) != "parquet":
+        n = 0
+        with storage.atomic_output(path) as handle:
+            for row in make_rows():
+                handle.write(jsonl_line(row))
+                n += 1
+        return n
+    types: dict = {}
+    for chunk in _chunks(make_rows(), chunk_rows):
+        for field in rows_table(chunk).schema:
+            types[field.name] = _widen(types.get(field.name), field.type)
+    while True:  # a chunk whose values do not convert to the widened type makes that column text
+        try:
+            with storage.atomic_output(path) as handle:
+                return _write_parquet_chunks(make_rows, handle, chunk_rows, types)
+        except _ColumnMismatch as exc:
+            types[exc.column] = pa.string()
 
 
 class _ColumnMismatch(Exception):
@@ -325,13 +309,13 @@ def _widen(old, new):
         return pa.string()
 
 
-def _write_parquet_chunks(make_rows, tmp: Path, chunk_rows: int, types: dict) -> int:
+def _write_parquet_chunks(make_rows, handle, chunk_rows: int, types: dict) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([(name, t) for name, t in types.items()])
     n = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with pq.ParquetWriter(handle, schema) as writer:
         for chunk in _chunks(make_rows(), chunk_rows):
             table = rows_table(chunk, types)
             arrays = []
@@ -374,9 +358,10 @@ def atomic_path(path: str | Path):
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """A small text file (a summary, a marker) written through atomic_path."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """A small text file (a summary, a marker) written atomically, to a local path or a URI."""
+    from opsft.data import storage
+
+    storage.write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def jsonl_line(row: dict) -> bytes:

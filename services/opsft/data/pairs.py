@@ -12,10 +12,13 @@ ignored by training. Both responses answer the same prompt.
 
 from __future__ import annotations
 
-from opsft.data.corpus import RowError, _check_text, row_messages, with_id
+from collections.abc import Callable, Iterable, Iterator
 
-# preference_pairs' skip reasons, in the order they are checked
-SKIP_REASONS = ("error", "self_correct", "self_unjudged", "empty_self_response", "no_chosen", "same_text")
+from opsft.data.corpus import RowError, check_answer, check_text, row_messages, with_id
+
+# why a rewrite row makes no pair, in the order they are checked
+SKIP_REASONS = ("error", "bad_answer", "self_correct", "self_unjudged", "empty_self_response", "no_chosen",
+                "same_text", "too_long")
 
 
 def parse_pair(row: dict) -> tuple[list[dict], str, str]:
@@ -28,7 +31,7 @@ def parse_pair(row: dict) -> tuple[list[dict], str, str]:
         text = row.get(side)
         if text is None:
             raise RowError(f"row has no '{side}' (a pair row needs prompt|messages, chosen, rejected)")
-        text = _check_text(text, side)
+        text = check_text(text, side)
         if not text.strip():
             raise RowError(f"'{side}' is empty")
         out.append(text)
@@ -42,58 +45,94 @@ def is_rewrite_output(rows: list[dict]) -> bool:
     return bool(rows) and not any("chosen" in r for r in rows) and any("self_verified" in r for r in rows)
 
 
-def preference_pairs(rows: list[dict]) -> tuple[list[dict], dict]:
-    """(pair rows, counts) from `opsft rewrite` output rows (policy self-first).
+def preference_pairs(rows: Iterable[dict], fits: Callable[[dict], bool] | None = None) -> tuple[list[dict], dict]:
+    """(pair rows, counts) from `opsft rewrite` output rows (policy self-first): the rows of
+    pair_rows that are pairs, and the counts of all rows."""
+    counts = empty_counts()
+    pairs = [row for row in pair_rows(rows, counts, fits) if "no_pair" not in row]
+    return pairs, counts
+
+
+def empty_counts() -> dict:
+    return {"rows": 0, "pairs": 0, **{reason: 0 for reason in SKIP_REASONS}}
+
+
+def pair_rows(rows: Iterable[dict], counts: dict | None = None,
+              fits: Callable[[dict], bool] | None = None) -> Iterator[dict]:
+    """One output row per `opsft rewrite` output row (policy self-first), in order: a pair, or a row
+    that says why there is none (`no_pair`: the reason, and `error`: "no pair: ...", so training
+    counts and skips it). `counts` (rows, pairs, one count per reason) is updated as rows go by;
+    `fits(pair)` says whether a pair fits the model (else `too_long`).
 
     For each row, in this order:
-      - a row with `error` is skipped (counted `error`);
-      - `self_verified` True: the model already answers correctly, no rejected side: skipped
+      - a row with `error` (reason `error`), or an `answer` that is not a string or a number
+        (`bad_answer`);
+      - `self_verified` True: the model already answers correctly, no rejected side
         (`self_correct`);
       - `self_verified` None or absent (no reference answer to judge by, or policy hd-all, which
-        does not ask the model first): skipped (`self_unjudged`);
-      - `self_verified` False with an empty `self_response`: skipped (`empty_self_response`);
+        does not ask the model first) (`self_unjudged`);
+      - `self_verified` False with an empty `self_response` (`empty_self_response`);
       - otherwise rejected = `self_response` (the model's own wrong greedy answer) and chosen =
         `response` when `verified` is True (a verified hinted-decoding rewrite; source hd), else
         `original_response` (the corpus's reference solution: source original, including rows
         drop_unverified marked `dropped`, and hd rows whose answer could not be checked);
-        no chosen text: skipped (`no_chosen`); chosen equal to rejected: skipped (`same_text`).
-    A pair row keeps the row's id, prompt or messages, and answer when present, and adds
-    `chosen_source` (hd | original). counts: rows, pairs, and one count per skip reason."""
-    counts = {"rows": len(rows), "pairs": 0, **{reason: 0 for reason in SKIP_REASONS}}
-    pairs = []
+        no chosen text (`no_chosen`), chosen equal to rejected (`same_text`), a prompt with either
+        side longer than the model takes (`too_long`).
+    A row keeps the row's id, prompt or messages, and answer when present; a pair adds `chosen`,
+    `rejected` and `chosen_source` (hd | original)."""
+    counts = counts if counts is not None else empty_counts()
     for row in rows:
-        reason, pair = _pair_of(row)
-        if reason:
-            counts[reason] += 1
+        counts["rows"] += 1
+        reason, out = _pair_of(row)
+        if reason is None and fits is not None and not fits(out):
+            reason = "too_long"
+        if reason is None:
+            counts["pairs"] += 1
+            yield out
             continue
-        pairs.append(pair)
-    counts["pairs"] = len(pairs)
-    return pairs, counts
+        counts[reason] += 1
+        why = out.pop("row_error", None) or _WHY[reason]
+        yield {**out, "no_pair": reason, "error": f"no pair: {why}"}
 
 
-def _pair_of(row: dict) -> tuple[str | None, dict | None]:
+_WHY = {"error": "the row has an error", "bad_answer": "its answer is not a string or a number",
+        "self_correct": "the model's own answer is right", "self_unjudged": "the model's own answer was not judged",
+        "empty_self_response": "the model's own answer is empty", "no_chosen": "no chosen text",
+        "same_text": "chosen and rejected are the same text", "too_long": "longer than the model takes"}
+
+
+def _base(row: dict) -> dict:
+    row = with_id(row)
+    out = {"id": row["id"]}
+    for key in ("messages", "prompt", "answer"):
+        if row.get(key) is not None:
+            out[key] = row[key]
+    return out
+
+
+def _pair_of(row: dict) -> tuple[str | None, dict]:
+    base = _base(row)
     if row.get("error"):
-        return "error", None
+        return "error", {**base, "row_error": str(row["error"])}
+    try:
+        check_answer(row)
+    except RowError:
+        base.pop("answer", None)
+        return "bad_answer", base
     verdict = row.get("self_verified")
     if verdict is True:
-        return "self_correct", None
+        return "self_correct", base
     if verdict is not False:
-        return "self_unjudged", None
+        return "self_unjudged", base
     rejected = row.get("self_response")
     if not isinstance(rejected, str) or not rejected.strip():
-        return "empty_self_response", None
+        return "empty_self_response", base
     if row.get("verified") is True:
         chosen, source = row.get("response"), row.get("source") or "hd"
     else:
         chosen, source = row.get("original_response"), "original"
     if not isinstance(chosen, str) or not chosen.strip():
-        return "no_chosen", None
+        return "no_chosen", base
     if chosen.strip() == rejected.strip():
-        return "same_text", None
-    row = with_id(row)
-    pair = {"id": row["id"]}
-    for key in ("messages", "prompt", "answer"):
-        if row.get(key) is not None:
-            pair[key] = row[key]
-    pair.update(chosen=chosen, rejected=rejected, chosen_source=source)
-    return None, pair
+        return "same_text", base
+    return None, {**base, "chosen": chosen, "rejected": rejected, "chosen_source": source}

@@ -1,12 +1,13 @@
 """Model runners behind one small protocol (see base.Engine): `hf` (transformers, CPU or
-CUDA, exact CLL, the hinted decoder) and `vllm` (imported lazily, GPU clusters).
+CUDA, exact CLL, the hinted decoder), `vllm` (imported lazily, GPU clusters) and `fake`
+(deterministic, no model, fault injection: rehearsals and tests).
 
 `make_engine` is the one factory; the protocol file (base.py) knows no implementation."""
 
 from opsft.engines.base import Engine, GenerationParams, TokenScores
 
-__all__ = ["Engine", "GenerationParams", "TokenScores", "make_engine"]
-KINDS = ("hf", "vllm")
+__all__ = ["Engine", "GenerationParams", "TokenScores", "engine_from_config", "make_engine"]
+KINDS = ("hf", "vllm", "fake")
 
 
 def make_engine(kind: str, model: str | None = None, **options) -> Engine:
@@ -19,4 +20,17 @@ def make_engine(kind: str, model: str | None = None, **options) -> Engine:
         from opsft.engines.vllm import VLLMEngine
 
         return VLLMEngine(model, **options)
+    if kind == "fake":
+        from opsft.engines.fake import FakeEngine
+
+        return FakeEngine(model, **options)
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def engine_from_config(cfg, *runners: str) -> Engine:
+    """The engine of an EngineConfig, with these vLLM runners ("score", "generate") started now: a
+    rate then excludes the start, and a runner that cannot start fails here (an engine fault)."""
+    engine = make_engine(cfg.kind, cfg.model, **cfg.options())
+    if runners and hasattr(engine, "start"):
+        engine.start(*runners)
+    return engine

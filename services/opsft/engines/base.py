@@ -43,6 +43,13 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
         """New token ids for each prompt (without the prompt; stop token included if hit)."""
 
+    def check(self) -> None:
+        """Raise if the engine cannot serve a known-good request (opsft.faults: a failing check makes
+        an error the engine's, never a row's)."""
+
+    def close(self) -> None:
+        """Free what the engine holds (device memory, engine processes); it is not used again."""
+
 
 class DecodeStream(Protocol):
     """A batch of sequences decoded one token per step, rows tagged by item index (each of the
@@ -82,7 +89,7 @@ def can_decode(engine) -> bool:
 
 # What each engine kind can do; a job refuses a stage whose engine lacks the capability before it
 # starts (tests/test_recipe.py checks this table against the classes).
-CAPABILITIES = {"hf": frozenset({"score", "generate", "decode"}), "vllm": frozenset({"score", "generate", "decode"})}
+CAPABILITIES = {kind: frozenset({"score", "generate", "decode"}) for kind in ("hf", "vllm", "fake")}
 
 
 def require(kind: str, capability: str, stage: str) -> None:

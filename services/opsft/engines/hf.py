@@ -117,6 +117,20 @@ class HFEngine:
                 offset += n
         return results  # type: ignore[return-value]
 
+    def check(self) -> None:
+        """A known-good request through score_tokens (opsft.faults): raises when the engine cannot score."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        ids = list(self.tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"])[:6] + [eos]
+        self.score_tokens([ids], [1])
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def close(self) -> None:
+        """Drop the model (a CUDA engine's memory goes back to the allocator's cache, then the device)."""
+        self.model = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ decoding (hinted decoding's streams)
 
     def open_stream(self, prompts: list[list[int]], items: list[int], prefill_rows: int = 4) -> Stream:

@@ -243,8 +243,14 @@ class VLLMEngine:
                               max_num_batched_tokens=self.batched_tokens)
                 if self.scorer == "topk":
                     kwargs["max_logprobs"] = max(self.top_k, 1)
-            with _engine_core_in_process(kind == "generate"):
-                self.runners[kind] = LLM(**kwargs)
+            try:
+                with _engine_core_in_process(kind == "generate"):
+                    self.runners[kind] = LLM(**kwargs)
+            except Exception as exc:  # a runner that cannot start is the engine's fault, never a row's
+                from opsft.faults import EngineFault
+
+                raise EngineFault(f"the vLLM {kind} runner of {self.model_id} did not start: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         return self.runners[kind]
 
     def start(self, *kinds: str) -> None:
@@ -259,6 +265,18 @@ class VLLMEngine:
         if self._head is None:
             self._head = load_lm_head(self.model_id, self.device)
         return self._head
+
+    def check(self) -> None:
+        """A known-good request through each runner started so far (opsft.faults): raises when a runner
+        cannot serve (a dead engine core raises vLLM's EngineDeadError)."""
+        from vllm import SamplingParams
+
+        ids = list(self.tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"])[:6] or [0, 0]
+        if "score" in self.runners:
+            self.runners["score"].encode([{"prompt_token_ids": ids}], pooling_task="token_embed", use_tqdm=False)
+        if "generate" in self.runners:
+            self.runners["generate"].generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0),
+                                              use_tqdm=False)
 
     def close(self) -> None:
         """Shut the started runners down and free their memory (the engine can start them again)."""
@@ -376,7 +394,7 @@ def probe(request: dict) -> dict:
     opsft.scoring.score_rows."""
     import time
 
-    from opsft.data.corpus import read_rows
+    from opsft.data.reader import read_rows
     from opsft.scoring import score_rows
 
     start = time.monotonic()

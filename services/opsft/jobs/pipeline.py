@@ -1,19 +1,21 @@
-"""Build and run a Ray Data corpus job: read -> parse (ids, resume) -> one or more map steps
-(an actor pool holding an engine that applies a row function, or CPU tasks) -> part files.
-Generic over the row functions: `opsft score` runs one step (score_spec below: opsft.scoring.score_rows),
-`opsft rewrite --ray` and the realignment cycle run the recipe's stages (rewrite_spec below).
+"""Build and run a Ray Data corpus job: read the input in pieces (the rows not yet done) -> one
+or more map steps (an actor pool holding an engine that applies a row function, or CPU tasks)
+-> part files with progress records. Generic over the row functions: `opsft score` runs one step
+(score_spec below: opsft.scoring.score_rows), `opsft rewrite --ray` and the realignment cycle
+run the recipe's stages (rewrite_spec below).
 
     spec = JobSpec(input="corpus.jsonl", output="scored.parquet", fn="opsft.scoring:score_rows",
                    engine=EngineConfig(), pool=PoolConfig(min_size=1, max_size=2))
     plan = build_plan(spec)        # lazy: plan.stages / plan.dataset can be inspected, nothing runs
     summary = run_job(spec)        # executes; resumes from what the output already holds
 
-`build_plan` needs a Ray connection (it lists the input files); `opsft.cluster.connect()` makes one.
+Resume, exactly once, and faults: docs/reliability.md. `build_plan` needs a Ray connection;
+`opsft.cluster.connect()` makes one.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
 import math
 import os
@@ -24,13 +26,15 @@ from typing import Any
 import ray
 import ray.data
 
-from opsft.config import EngineConfig, PoolConfig
+from opsft.config import ROWS_PER_PART, EngineConfig, PoolConfig
+from opsft.data import parts
 from opsft.data.corpus import file_format
-from opsft.jobs import files
-from opsft.jobs.stages import EngineActor, PartsDatasink, parse_jsonl_files, parse_table, task_batch
+from opsft.data.reader import corpus_ranges
+from opsft.faults import JobFailed
+from opsft.jobs.stages import EngineActor, JobMonitor, PartsDatasink, read_pieces, task_batch
 
 log = logging.getLogger(__name__)
-# CPU share of the light stages (parse, write): actors that take every CPU of a node must not
+# CPU share of the light stages (read, write): actors that take every CPU of a node must not
 # starve them (2 engine actors x 1 CPU on a 2-CPU machine would otherwise never write a row).
 LIGHT_CPUS = 0.25
 
@@ -57,9 +61,9 @@ class JobSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
-    column_types: dict | None = None  # Arrow types of the columns fn adds (see files.SCORE_TYPES)
+    column_types: dict | None = None  # Arrow types of the columns fn adds (see parts.SCORE_TYPES)
     name: str = "job"
-    rows_per_file: int | None = None  # rows per output part (resume granularity); None = one per actor batch
+    rows_per_part: int = ROWS_PER_PART  # rows per output part (at least; the last part may hold fewer)
     steps: list[StepSpec] | None = None  # None: one step, fn on engine / pool
     dropped_output: str | None = None  # rows marked `dropped` go here (a folder of parts too)
 
@@ -86,28 +90,26 @@ class Stage:
 class Plan:
     spec: JobSpec
     stages: list[Stage]
-    dataset: Any  # the lazy ray.data.Dataset (not yet written)
+    dataset: Any  # the lazy ray.data.Dataset (not yet written); None when every row is done
     datasink: PartsDatasink
-    skipped_ids: int
+    n_rows: int  # rows of the input
+    done: parts.Progress  # what the outputs already held
+    pieces: int  # input pieces still to read
 
 
 def _engine_payload(engine: EngineConfig) -> dict:
     return {"kind": engine.kind, "model": engine.model, "options": engine.options()}
 
 
-def _remote_args(max_restarts: int, max_task_retries: int) -> dict:
-    """Actor fault tolerance: a dead engine actor is restarted and its batch retried."""
-    return {"max_restarts": max_restarts, "max_task_retries": max_task_retries}
+def _fn_name(fn) -> str:
+    return fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
 
 
-def _read(spec: JobSpec, skip: frozenset):
-    if file_format(spec.input) == "jsonl":
-        ds = ray.data.read_binary_files(spec.input, file_extensions=["jsonl", "json"], num_cpus=LIGHT_CPUS)
-        return ds.map_batches(parse_jsonl_files, fn_kwargs={"skip_ids": skip}, batch_size=1, batch_format="numpy",
-                              num_cpus=LIGHT_CPUS)
-    ds = ray.data.read_parquet(spec.input, num_cpus=LIGHT_CPUS)
-    return ds.map_batches(parse_table, fn_kwargs={"skip_ids": skip}, batch_format="pyarrow",
-                          batch_size=spec.pool.batch_size, num_cpus=LIGHT_CPUS)
+def job_steps(spec: JobSpec) -> list[dict]:
+    """What the job computes, step by step (its identity: a rerun with other steps is refused)."""
+    return [{"name": s.name, "fn": _fn_name(s.fn), "fn_kwargs": json.loads(json.dumps(s.fn_kwargs, default=str)),
+             "engine": None if s.engine is None else s.engine.identity()}
+            for s in spec.all_steps()]
 
 
 def light_repartition(ds, rows_per_block: int):
@@ -131,21 +133,25 @@ def warn_if_pool_cannot_fit(pools: list[PoolConfig]) -> None:
                     " + ".join(f"{p.min_size} x {p.num_cpus:g}" for p in pools), LIGHT_CPUS, need, have)
 
 
-def _actor_step(ds, step: StepSpec, pool: PoolConfig):
+def _actor_step(ds, step: StepSpec, pool: PoolConfig, monitor):
     resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
     custom = {"resources": dict(pool.resources)} if pool.resources else {}  # e.g. one engine per labelled node
+    # Ray Data restarts a dead actor and retries its batch without bound; the job's monitor bounds the
+    # tries of each batch (pool.max_task_retries) and names the cause when a batch exceeds them.
     ds = ds.map_batches(
         EngineActor,
-        fn_constructor_kwargs={"engine": _engine_payload(step.engine), "fn": step.fn, "fn_kwargs": step.fn_kwargs},
+        fn_constructor_kwargs={"engine": _engine_payload(step.engine), "fn": step.fn, "fn_kwargs": step.fn_kwargs,
+                               "monitor": monitor, "step": step.name},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        batch_size=pool.batch_size, batch_format="pyarrow", zero_copy_batch=False,
-        ray_remote_args_fn=functools.partial(_remote_args, pool.max_restarts, pool.max_task_retries),
-        **resources, **custom,
+        batch_size=pool.batch_size, batch_format="pyarrow", zero_copy_batch=False, **resources, **custom,
     )
-    stage = Stage(f"{step.name}:{step.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
-                  {**resources, **pool.resources, "max_restarts": pool.max_restarts,
-                   "max_task_retries": pool.max_task_retries})
-    return ds, stage
+    return ds, _actor_stage(step, pool)
+
+
+def _actor_stage(step: StepSpec, pool: PoolConfig) -> Stage:
+    return Stage(f"{step.name}:{step.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
+                 {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **pool.resources,
+                  "max_task_retries": pool.max_task_retries})
 
 
 def engine_pools(spec: JobSpec) -> list[PoolConfig]:
@@ -162,55 +168,105 @@ def local_num_cpus(pools: list[PoolConfig]) -> int:
     return max(os.cpu_count() or 1, math.ceil(need))
 
 
-def build_plan(spec: JobSpec) -> Plan:
-    """The lazy Dataset of a job, and its stages as configured (reads the output's done ids)."""
+def _todo(pieces: list[dict], done: parts.Progress) -> list[dict]:
+    """The input pieces that still hold rows to do, each with the intervals of its rows already done."""
+    todo = []
+    for piece in pieces:
+        first, stop = int(piece["first_row"]), int(piece["first_row"]) + int(piece["rows"])
+        mine = parts.within(done.intervals, first, stop)
+        if parts.covered(mine) < stop - first:
+            todo.append({"piece": json.dumps(piece), "done": json.dumps(mine)})
+    return todo
+
+
+def build_plan(spec: JobSpec, monitor=None) -> Plan:
+    """The lazy Dataset of a job and its stages as configured: the input's pieces (driver: the
+    Parquet footers, or one streamed pass over JSONL for its line ends), minus what the outputs'
+    progress records say is done. `monitor`: the job's JobMonitor actor (run_job makes one)."""
     file_format(spec.input), file_format(spec.output)  # clear errors for unknown extensions
     steps = spec.all_steps()
     for step in steps:
         pool = step.pool or spec.pool
         if pool.min_size > pool.max_size:
             raise ValueError(f"{step.name}: pool.min_size {pool.min_size} > pool.max_size {pool.max_size}")
-    skip = frozenset(i for out in spec.outputs() for i in files.done_ids(out))
-    # Streaming re-blocking: a JSONL file is one block after parsing; blocks of batch_size rows spread
-    # the work over the pool and let results be written (and resumed) as they come.
-    ds = light_repartition(_read(spec, skip), spec.pool.batch_size)
-    stages = [Stage("read", "read"), Stage("parse", "task", resources={"num_cpus": LIGHT_CPUS}),
+    pieces = corpus_ranges(spec.input)
+    n_rows = pieces[0]["n_rows"] if pieces else 0
+    done = parts.progress(*spec.outputs())
+    todo = _todo(pieces, done)
+    stages = [Stage("read", "task", resources={"num_cpus": LIGHT_CPUS}),
               Stage("reblock", "task", batch_size=spec.pool.batch_size)]
+    ds = None
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map_batches(read_pieces, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+        # streaming re-blocking: blocks of batch_size rows spread the work over the pools and let results be
+        # written (and resumed) as they come
+        ds = light_repartition(ds, spec.pool.batch_size)
     for step in steps:
+        pool = step.pool or spec.pool
         if step.engine is None:  # a CPU stage: light tasks, no engine
-            ds = ds.map_batches(task_batch, fn_kwargs={"fn": step.fn, "fn_kwargs": step.fn_kwargs},
-                                batch_size=spec.pool.batch_size, batch_format="pyarrow", zero_copy_batch=False,
-                                num_cpus=LIGHT_CPUS)
+            if ds is not None:
+                ds = ds.map_batches(task_batch, fn_kwargs={"fn": step.fn, "fn_kwargs": step.fn_kwargs},
+                                    batch_size=spec.pool.batch_size, batch_format="pyarrow", zero_copy_batch=False,
+                                    num_cpus=LIGHT_CPUS)
             stages.append(Stage(step.name, "task", batch_size=spec.pool.batch_size,
                                 resources={"num_cpus": LIGHT_CPUS}))
-        else:
-            ds, stage = _actor_step(ds, step, step.pool or spec.pool)
+        elif ds is not None:
+            ds, stage = _actor_step(ds, step, pool, monitor)
             stages.append(stage)
+        else:
+            stages.append(_actor_stage(step, pool))
     stages.append(Stage(f"write:{file_format(spec.output)}", "write", resources={"num_cpus": LIGHT_CPUS}))
-    sink = PartsDatasink(spec.output, spec.column_types, spec.rows_per_file, spec.dropped_output)
-    return Plan(spec, stages, ds, sink, len(skip))
+    sink = PartsDatasink(spec.output, spec.column_types, spec.rows_per_part, spec.dropped_output)
+    return Plan(spec, stages, ds, sink, n_rows, done, len(todo))
 
 
 def run_job(spec: JobSpec) -> dict:
-    """Execute the plan; a summary of rows in/out, error rows and tokens/s."""
+    """Execute the plan; a summary of rows in / out, error rows, retries and tokens/s. Raises
+    JobFailed (naming the cause) when a batch kept failing, or when a row went missing."""
     for out in spec.outputs():
-        removed = files.remove_temporaries(out)
+        parts.check_folder(out)
+        removed = parts.remove_temporaries(out)
         if removed:
-            log.info("removed %d half-written part(s) of an earlier run in %s", removed, out)
-    plan = build_plan(spec)
-    warn_if_pool_cannot_fit(engine_pools(spec))
-    if plan.skipped_ids:
-        log.info("resuming: %d rows already in %s are skipped", plan.skipped_ids, " + ".join(spec.outputs()))
-    start = time.monotonic()
-    plan.dataset.write_datasink(plan.datasink, ray_remote_args={"num_cpus": LIGHT_CPUS})
-    elapsed = time.monotonic() - start
-    res = plan.datasink.result or {"rows": 0, "skipped": 0, "error_rows": 0, "dropped": 0, "tokens": 0}
+            log.info("removed %d half-written file(s) of an earlier run in %s", removed, out)
+    max_tries = 1 + max((s.pool or spec.pool).max_task_retries for s in spec.all_steps())
+    monitor = ray.remote(JobMonitor).options(num_cpus=0).remote(max_tries)
+    try:
+        plan = build_plan(spec, monitor)
+        parts.claim(spec.outputs(), parts.job_identity(spec.input, job_steps(spec)), has_rows=plan.done.parts > 0)
+        warn_if_pool_cannot_fit(engine_pools(spec))
+        if plan.done.rows:
+            log.info("resuming: %d of %d rows already in %s are skipped", plan.done.rows, plan.n_rows,
+                     " + ".join(spec.outputs()))
+        start = time.monotonic()
+        if plan.dataset is not None:
+            try:
+                plan.dataset.write_datasink(plan.datasink, ray_remote_args={"num_cpus": LIGHT_CPUS})
+            except Exception as exc:
+                report = ray.get(monitor.report.remote())
+                raise JobFailed(_failure(spec, exc, report)) from exc
+        elapsed = time.monotonic() - start
+        report = ray.get(monitor.report.remote())
+    finally:
+        end_job(monitor)
+    after = parts.progress(*spec.outputs())
+    lost = plan.n_rows - parts.covered(parts.within(after.intervals, 0, plan.n_rows))
+    if lost or after.duplicated:
+        raise JobFailed(f"{spec.name}: the outputs hold {after.rows} rows for {plan.n_rows} input rows ({lost} "
+                        f"missing, {after.duplicated} written twice); the rows already written are kept: rerun to "
+                        "finish")
+    res = plan.datasink.result or {"rows": 0, "error_rows": 0, "dropped": 0, "tokens": 0, "parts": 0}
     summary = {
-        "rows_in": res["rows"] + res["skipped"],
+        "rows_in": plan.n_rows,
         "rows_written": res["rows"],
-        "rows_skipped_already_done": res["skipped"],
-        "rows_out_total": sum(len(files.output_ids(out)) for out in spec.outputs()),
+        "rows_skipped_already_done": plan.done.rows,
+        "rows_out_total": after.rows,
+        "rows_lost": lost,
         "error_rows": res["error_rows"],
+        "error_rows_total": int(after.stats.get("error_rows", 0)),
+        "parts": after.parts,
+        "engine_faults": report["engine_faults"],
+        "batches_retried": report["batches_retried"],
         "tokens": res["tokens"],
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(res["tokens"] / elapsed, 1) if elapsed > 0 else None,
@@ -222,17 +278,47 @@ def run_job(spec: JobSpec) -> dict:
     return summary
 
 
+def end_job(monitor) -> None:
+    """End the job's engine actors and its monitor. Ray Data ends its actors when a job finishes, but an
+    actor that was restarting when a job failed can outlive it, holding its CPUs and GPUs (seen: the next
+    job on the cluster waited for ever)."""
+    try:
+        actors = ray.get(monitor.actors.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - the monitor itself may be gone; nothing more to end then
+        actors = []
+    for actor in actors + [monitor]:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+
+
+def _failure(spec: JobSpec, exc: Exception, report: dict) -> str:
+    """One line: why the job stopped (the monitor's reason when it gave up on a batch)."""
+    text = " ".join(str(exc).split())
+    start = text.find("batch ")
+    if start >= 0 and "was started" in text[start:]:  # the monitor's own words, inside Ray's wrapping
+        reason = text[start:].split(" Traceback")[0]
+    else:
+        last = report["faults"][-1]["cause"] if report["faults"] else None
+        reason = f"{type(exc).__name__}: {text[:300]}" + (f"; last engine fault: {last}" if last else "")
+    return (f"{spec.name} stopped ({report['engine_faults']} engine fault(s), {report['batches_retried']} batch(es) "
+            f"retried): {reason}; rows written so far are kept, a rerun resumes")
+
+
 def score_spec(input: str, output: str, engine: EngineConfig, pool: PoolConfig, *, include_eos: bool = False,
-               tokens: bool = False, temperature: float = 1.0, name: str = "score") -> JobSpec:
+               tokens: bool = False, temperature: float = 1.0, name: str = "score",
+               rows_per_part: int = ROWS_PER_PART) -> JobSpec:
     """The Ray Data job of `opsft score`: what `opsft score --ray` and the realignment cycle's score and
     rescore stages run (opsft.scoring.score_rows on an actor pool, the score columns' fixed types)."""
     return JobSpec(input=input, output=output, fn="opsft.scoring:score_rows", engine=engine, pool=pool,
                    fn_kwargs={"include_eos": include_eos, "tokens": tokens, "temperature": temperature},
-                   column_types=files.SCORE_TYPES, name=name)
+                   column_types=parts.SCORE_TYPES, name=name, rows_per_part=rows_per_part)
 
 
 def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engine: EngineConfig | None = None,
-                 pool: PoolConfig | None = None, dropped_output: str | None = None) -> JobSpec:
+                 pool: PoolConfig | None = None, dropped_output: str | None = None,
+                 rows_per_part: int = ROWS_PER_PART) -> JobSpec:
     """The Ray Data job of the on-policy recipe (opsft.recipe's stages, one map step each): what
     `opsft rewrite --ray` and the realignment cycle both run. cfg: a RewriteConfig (its engine and
     pool, or `engine` / `pool` given here, with cfg.stages' per-stage overrides); `model`
@@ -253,4 +339,5 @@ def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engi
             stage_engine = stage_engine.model_copy(update={"model": model})
         steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs, stage_engine, cfg.stage_pool(stage, pool)))
     return JobSpec(input=input, output=output, fn="opsft.recipe:rewrite_stage", engine=engine or cfg.engine,
-                   pool=pool or cfg.pool, name="rewrite", steps=steps, dropped_output=dropped_output)
+                   pool=pool or cfg.pool, name="rewrite", steps=steps, dropped_output=dropped_output,
+                   rows_per_part=rows_per_part)

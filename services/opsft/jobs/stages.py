@@ -1,45 +1,63 @@
-"""The stages of a Ray Data corpus job: parse input into rows (with ids), the actor that holds
-an engine and applies a per-batch function `fn(rows, engine, **kwargs) -> rows`, and the
-datasink that writes part files and counts what it wrote.
+"""The stages of a Ray Data corpus job: read pieces of the input into rows (with ids and their
+row numbers), the actor that holds an engine and applies a per-batch function
+`fn(rows, engine, **kwargs) -> rows`, the monitor that bounds retries, and the datasink that
+writes part files with their progress records.
 
-Rows travel between stages as one pickled dict per Arrow row (column `row`) next to their
-`id`: a corpus has arbitrary, sometimes mixed-type columns, and pickling keeps every value
-exactly as read, whatever the other blocks hold. Only the writer turns rows into Parquet
-or JSONL (opsft.jobs.files). See docs/data_jobs.md.
+Rows travel between stages as one pickled dict per Arrow row (column `row`) next to their `id`
+and their input row number (`_row`): a corpus has arbitrary, sometimes mixed-type columns, and
+pickling keeps every value exactly as read, whatever the other blocks hold. Only the writer
+turns rows into Parquet or JSONL (opsft.data.parts). See docs/data_jobs.md and docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import json
 import logging
+import os
 import pickle
+import sys
 import time
 
 import pyarrow as pa
+import ray
 from ray.data import Datasink
 
-from opsft.data.corpus import apply_rows, jsonl_rows, with_id
-from opsft.jobs import files
+from opsft.data import parts
+from opsft.data.corpus import with_id
+from opsft.data.reader import read_range
+from opsft.faults import EngineFault, Guard, JobFailed, describe
 
 log = logging.getLogger(__name__)
+ROW = "_row"  # the carrier column of each row's number in the input corpus
+EXIT_ENGINE_FAULT = 75  # the exit status of an engine actor that ends itself after an engine fault
 
 
-def _carrier(rows: list[dict], skip_ids: frozenset) -> pa.Table:
-    rows = [with_id(r) for r in rows]
-    ids = [r["id"] for r in rows]
+def _carrier(numbered: list[tuple[int, dict]]) -> pa.Table:
+    rows = [with_id(r) for _, r in numbered]
     return pa.table({"row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
-                     "id": pa.array(ids, pa.string()),
-                     "skip": pa.array([i in skip_ids for i in ids], pa.bool_())})
+                     "id": pa.array([r["id"] for r in rows], pa.string()),
+                     ROW: pa.array([n for n, _ in numbered], pa.int64())})
 
 
-def parse_jsonl_files(batch: dict, skip_ids: frozenset = frozenset()) -> pa.Table:
-    """read_binary_files batch (bytes, path) -> carrier rows; a bad line becomes an error row."""
-    return _carrier([row for data in batch["bytes"] for row in jsonl_rows(bytes(data))], skip_ids)
+def read_pieces(batch: pa.Table) -> pa.Table:
+    """A batch of input pieces (opsft.data.reader.corpus_ranges, as JSON, with the intervals of
+    their rows already done) -> carrier rows of the rows still to do; a bad line is an error row."""
+    numbered = []
+    for item in batch.to_pylist():
+        piece, done = json.loads(item["piece"]), json.loads(item["done"])
+        numbered += [(n, row) for n, row in read_range(piece) if not (done and parts.contains(done, n))]
+    return _carrier(numbered)
 
 
-def parse_table(batch: pa.Table, skip_ids: frozenset = frozenset()) -> pa.Table:
-    """read_parquet batch (any columns) -> carrier rows."""
-    return _carrier(batch.to_pylist(), skip_ids)
+def rows_of(batch: pa.Table) -> list[dict]:
+    return [pickle.loads(b) for b in batch.column("row").to_pylist()]
+
+
+def with_rows(batch: pa.Table, rows: list[dict]) -> pa.Table:
+    return pa.table({"row": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
+                     "id": batch.column("id"), ROW: batch.column(ROW)})
 
 
 def load_function(ref):
@@ -52,72 +70,149 @@ def load_function(ref):
     return getattr(importlib.import_module(module), name)
 
 
-def apply_batch(batch: pa.Table, fn, fn_kwargs: dict, engine) -> pa.Table:
-    """fn over the rows of a carrier batch that are not skipped (row errors isolated: apply_rows)."""
-    skip = batch.column("skip").to_pylist()
-    todo = [k for k, s in enumerate(skip) if not s]
-    if not todo:
-        return batch
-    blobs = batch.column("row").to_pylist()
-    out = apply_rows(fn, [pickle.loads(blobs[k]) for k in todo], engine, fn_kwargs)
-    for k, row in zip(todo, out, strict=True):
-        blobs[k] = pickle.dumps(row, protocol=5)
-    return pa.table({"row": pa.array(blobs, pa.binary()), "id": batch.column("id"), "skip": batch.column("skip")})
-
-
 def task_batch(batch: pa.Table, fn, fn_kwargs: dict | None = None) -> pa.Table:
-    """A stage without an engine (a Ray Data task, e.g. verification): fn(rows, None, **fn_kwargs)."""
-    return apply_batch(batch, load_function(fn), dict(fn_kwargs or {}), None)
+    """A stage without an engine (a Ray Data task, e.g. verification): fn(rows, None, **fn_kwargs);
+    a row that raises alone gets `error` (there is no engine to blame)."""
+    if not batch.num_rows:
+        return batch
+    return with_rows(batch, Guard(None).apply(load_function(fn), rows_of(batch), dict(fn_kwargs or {})))
+
+
+def batch_key(step: str, batch: pa.Table) -> str:
+    """A batch's name across retries (Ray hands a retried task the same rows): step and row numbers."""
+    numbers = batch.column(ROW)
+    return f"{step}:{numbers[0].as_py()}..{numbers[-1].as_py()}:{batch.num_rows}"
+
+
+class JobMonitor:
+    """One per job (a Ray actor of no CPU): counts how often each batch was started, and records
+    engine faults, so that a batch retried too often fails the job with its cause, and the
+    summary says what was retried."""
+
+    def __init__(self, max_tries: int):
+        self.max_tries = max_tries
+        self.tries: collections.Counter = collections.Counter()
+        self.faults: list[dict] = []
+        self.retried = 0  # batches that finished after at least one retry
+        self.engines: list = []  # every engine actor of the job (run_job ends them all when the job ends)
+
+    def register(self, actor) -> None:
+        self.engines.append(actor)
+
+    def actors(self) -> list:
+        return list(self.engines)
+
+    def begin(self, key: str) -> str | None:
+        """Count one start of this batch; the reason to give up when it was started too often."""
+        self.tries[key] += 1
+        if self.tries[key] <= self.max_tries:
+            return None
+        mine = [f for f in self.faults if f["batch"] == key]
+        cause = (f"engine fault: {mine[-1]['cause']} (on {mine[-1]['host']}, pid {mine[-1]['pid']})" if mine else
+                 "its engine actor died each time without reporting an engine fault (killed: out of memory, "
+                 "preemption, a lost node?)")
+        return (f"batch {key} was started {self.tries[key]} times (at most {self.max_tries}): {cause}; "
+                f"{len(self.faults)} engine fault(s) in this job. A rerun resumes where it stopped")
+
+    def end(self, key: str) -> None:
+        if self.tries.pop(key, 1) > 1:
+            self.retried += 1
+
+    def fault(self, record: dict) -> None:
+        self.faults.append(record)
+
+    def report(self) -> dict:
+        return {"engine_faults": len(self.faults), "batches_retried": self.retried,
+                "faults": self.faults[-20:], "unfinished": dict(self.tries)}
 
 
 class EngineActor:
-    """A Ray Data callable class: builds the engine once per actor, then maps batches."""
+    """A Ray Data callable class: builds the engine once per actor, then maps batches. An engine
+    fault (opsft.faults) is recorded with the job's monitor and ends this process, so that Ray
+    restarts the actor with a new engine and runs the batch again; a batch started more than the
+    monitor allows fails the job, naming the cause."""
 
-    def __init__(self, engine: dict, fn: str, fn_kwargs: dict | None = None):
+    def __init__(self, engine: dict, fn: str, fn_kwargs: dict | None = None, monitor=None, step: str = "step"):
         from opsft.engines import make_engine
 
         start = time.monotonic()
-        self.fn, self.fn_kwargs = load_function(fn), dict(fn_kwargs or {})
+        self.fn, self.fn_kwargs, self.monitor, self.step = load_function(fn), dict(fn_kwargs or {}), monitor, step
         self.engine = make_engine(engine["kind"], engine.get("model"), **engine.get("options", {}))
+        self.guard = Guard(self.engine)
+        if monitor is not None:  # so that the job ends this actor even when Ray Data loses track of it
+            ray.get(monitor.register.remote(ray.get_runtime_context().current_actor))
         log.info("engine %s on %s ready in %.1fs", engine["kind"], self.engine.model_id, time.monotonic() - start)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_batch(batch, self.fn, self.fn_kwargs, self.engine)
+        if not batch.num_rows:
+            return batch
+        key = batch_key(self.step, batch)
+        if self.monitor is not None:
+            stop = ray.get(self.monitor.begin.remote(key))
+            if stop:
+                raise JobFailed(stop)
+        try:
+            out = self.guard.apply(self.fn, rows_of(batch), self.fn_kwargs)
+        except EngineFault as fault:
+            self._die(key, fault)
+        if self.monitor is not None:
+            self.monitor.end.remote(key)
+        return with_rows(batch, out)
+
+    def _die(self, key: str, fault: EngineFault) -> None:
+        """Record the fault, then end this process: Ray restarts the actor (a new engine) and runs the
+        batch again. Nothing of the batch was written."""
+        record = {"batch": key, "step": self.step, "cause": fault.cause, "check": fault.check,
+                  "host": os.uname().nodename, "pid": os.getpid(), "time": time.time()}
+        log.error("engine fault in %s (%s): %s; ending this actor so that Ray restarts it with a new engine",
+                  self.step, key, describe(fault))
+        try:
+            if self.monitor is not None:
+                ray.get(self.monitor.fault.remote(record), timeout=60)
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_ENGINE_FAULT)
 
 
 class PartsDatasink(Datasink):
-    """Writes each write task's rows as one part file; counts rows, errors and tokens. With
-    `dropped_output`, rows marked `dropped` (rewrite's drop_unverified) go to parts of that folder."""
+    """Writes each write task's rows as one part file with its progress record; counts rows,
+    errors and tokens. With `dropped_output`, rows marked `dropped` (rewrite's drop_unverified)
+    go to parts of that folder."""
 
-    def __init__(self, output: str, column_types: dict | None = None, rows_per_file: int | None = None,
+    def __init__(self, output: str, column_types: dict | None = None, rows_per_part: int | None = None,
                  dropped_output: str | None = None):
-        self.output, self.column_types, self.rows_per_file = output, column_types, rows_per_file
+        self.output, self.column_types, self.rows_per_part = output, column_types, rows_per_part
         self.dropped_output = dropped_output
         self.result: dict | None = None
 
     @property
     def min_rows_per_write(self) -> int | None:
-        return self.rows_per_file
+        return self.rows_per_part
 
     def write(self, blocks, ctx) -> dict:
-        rows, skipped = [], 0
+        rows, numbers = [], []
         for block in blocks:
-            for blob, skip in zip(block.column("row").to_pylist(), block.column("skip").to_pylist(), strict=True):
-                if skip:
-                    skipped += 1
-                else:
-                    rows.append(pickle.loads(blob))
-        dropped = [r for r in rows if r.get("dropped")] if self.dropped_output else []
-        kept = [r for r in rows if not r.get("dropped")] if self.dropped_output else rows
-        if kept:
-            files.write_part(self.output, kept, self.column_types)
-        if dropped:
-            files.write_part(self.dropped_output, dropped, self.column_types)
-        return {"rows": len(rows), "skipped": skipped, "error_rows": sum(1 for r in rows if r.get("error")),
-                "dropped": len(dropped), "tokens": sum(int(r.get("n_tokens") or 0) for r in rows)}
+            rows += rows_of(block)
+            numbers += block.column(ROW).to_pylist()
+        side = [bool(self.dropped_output and r.get("dropped")) for r in rows]
+        written = 0
+        for to_side in (False, True):
+            mine = [(r, n) for r, n, s in zip(rows, numbers, side, strict=True) if s == to_side]
+            if not mine:
+                continue
+            kept = [r for r, _ in mine]
+            stats = {"error_rows": sum(1 for r in kept if r.get("error")), "dropped": len(kept) if to_side else 0,
+                     "tokens": sum(int(r.get("n_tokens") or 0) for r in kept)}
+            parts.write_part(self.dropped_output if to_side else self.output, kept, [n for _, n in mine],
+                             self.column_types, stats)
+            written += 1
+        return {"rows": len(rows), "error_rows": sum(1 for r in rows if r.get("error")), "dropped": sum(side),
+                "tokens": sum(int(r.get("n_tokens") or 0) for r in rows), "parts": written}
 
     def on_write_complete(self, write_result) -> None:
-        total = {"rows": 0, "skipped": 0, "error_rows": 0, "dropped": 0, "tokens": 0}
+        total = {"rows": 0, "error_rows": 0, "dropped": 0, "tokens": 0, "parts": 0}
         for part in write_result.write_returns:
             for key in total:
                 total[key] += part[key]

@@ -2,23 +2,27 @@
 
     opsft realign --config realign.yaml
 
-Stages, each writing into the cycle's folder `<output_dir>/cycles/vNNNN/`:
+Stages, each writing into the cycle's data folder `<data_dir>/cycles/vNNNN/` (data_dir: a folder
+or s3://..., default output_dir; the state and the lock stay in the POSIX folder output_dir):
 
     score     the corpus under the current model               -> scored.parquet/  (Ray Data job: a folder of parts)
     select    rows that drifted off-policy (CLL threshold or bottom quantile)
                                                                -> selected.parquet, kept.parquet
     rewrite   the selected rows (self-first hinted decoding)   -> rewritten.parquet/
-    merge     kept rows, then the rewritten ones               -> corpus.parquet (the new corpus)
-    train     fine-tune the current model on it (IDFT)         -> train/       (Ray Train)
+    merge     kept rows, then the rewritten ones               -> corpus.parquet (the new corpus; `rewritten`
+                                                                  says which rows this cycle rewrote)
+    train     fine-tune the current model on it (IDFT)         -> train/ (Ray Train; its checkpoints, and
+                                                                  train/final, the stable copy of the last one)
     rescore   the new corpus under the new model               -> rescored.parquet/
     report    before/after CLL, counts by source, training     -> report/summary.json + PNGs
     promote   POST /v1/models/reload to a scoring service (optional)
 
 The current model is the checkpoint of the newest completed cycle, else `model` from the
 config (with `start_from: model`, always `model`). `state.json` records the completed
-stages: a cycle that crashed continues from its last completed stage when run again (a
-stage cut off midway is redone, or resumes by row id for the Ray Data jobs). The cycle's
-fingerprint (corpus content, current model, config) names what it was made from: a run
+stages: a cycle that crashed continues from its last completed stage when run again (a Ray Data
+job resumes from its parts' progress records, training from its last checkpoint; the others are
+redone). Every stage streams: the driver holds a batch of rows at a time, never the corpus. The
+cycle's fingerprint (corpus content, current model, config) names what it was made from: a run
 whose inputs did not change finds the finished cycle and does nothing. A lock on the output
 folder keeps two cycles from running at once.
 """
@@ -30,15 +34,15 @@ import heapq
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
-from opsft.data.corpus import write_rows_chunked, write_text_atomic
+from opsft.data import storage
+from opsft.data.corpus import write_rows, write_rows_chunked, write_text_atomic
 from opsft.realign.lock import OutputLock
-from opsft.score_columns import SCORE_FIELDS, SCORED_COLUMNS
+from opsft.score_columns import SCORED_COLUMNS
 
 log = logging.getLogger(__name__)
 STAGES = ("score", "select", "rewrite", "merge", "train", "rescore", "report", "promote")
@@ -54,29 +58,49 @@ class InjectedCrash(RuntimeError):
 
 def drift_key(row: dict) -> tuple[float, str] | None:
     """(cll, id): the order in which rows drifted off-policy (ties broken by id); None for a row
-    that is never selected (an error, no score, a NaN score)."""
+    that is never selected (an error, no score, a score that is not a number, NaN)."""
     cll = row.get("cll")
-    if row.get("error") or cll is None or cll != cll:
+    if row.get("error") or isinstance(cll, bool) or not isinstance(cll, int | float) or cll != cll:
         return None
-    return (cll, str(row["id"]))
+    return (float(cll), str(row["id"]))
 
 
 def drift_rule(make_rows: Callable[[], Iterable[dict]], mode: str, value: float) -> Callable[[dict], bool]:
     """Which rows to rewrite: cll < value (mode 'threshold'), or the lowest `value` fraction by
     (cll, id) (mode 'quantile': deterministic under ties). `make_rows()` gives a fresh pass over the
-    scored rows (only id, cll and error are read); a quantile takes two passes and holds only the
-    selected rows' keys, never the corpus."""
+    scored rows (only id, cll and error are read). A quantile takes two passes: the first keeps the
+    scores on disk in sorted runs (opsft.report.SortedColumn) and finds the cut-off score exactly;
+    the second collects the ids needed among the rows tied at the cut-off. Memory holds those ids
+    only, never the corpus."""
     if mode == "threshold":
         return lambda row: (key := drift_key(row)) is not None and key[0] < value
     if mode != "quantile":
         raise ValueError(f"select mode must be 'threshold' or 'quantile', got {mode!r}")
     if not 0 <= value <= 1:
         raise ValueError(f"quantile must be in [0, 1], got {value}")
-    n_scored = sum(drift_key(row) is not None for row in make_rows())
-    count = int(round(value * n_scored))
-    if count == 0:
-        return lambda row: False
-    cutoff = heapq.nsmallest(count, (k for k in map(drift_key, make_rows()) if k is not None))[-1]
+    import tempfile
+
+    import numpy as np
+
+    from opsft.report import SortedColumn
+
+    with tempfile.TemporaryDirectory(prefix="opsft-select-") as folder:
+        scores = SortedColumn(folder)
+        chunk: list[float] = []
+        for key in map(drift_key, make_rows()):
+            if key is not None:
+                chunk.append(key[0])
+                if len(chunk) >= 65536:
+                    scores.add(np.array(chunk))
+                    chunk = []
+        scores.add(np.array(chunk))
+        count = int(round(value * scores.n))
+        if count == 0:
+            return lambda row: False
+        cut = scores.kth(count - 1)
+        need = count - int(scores.counts(np.array([cut]), "left")[0])  # rows at the cut-off score to take
+    tied = heapq.nsmallest(need, (k[1] for k in map(drift_key, make_rows()) if k is not None and k[0] == cut))
+    cutoff = (cut, tied[-1])
     return lambda row: (key := drift_key(row)) is not None and key <= cutoff
 
 
@@ -89,12 +113,13 @@ def select_drifted(rows: list[dict], mode: str, value: float) -> set[str]:
 def merge_corpus(kept: Iterable[dict], rewritten: Iterable[dict]) -> Iterator[dict]:
     """The new corpus, streamed: the kept rows (source 'kept' unless they carry one), then the
     rewritten rows; the score columns of the old model are dropped (they describe the old corpus),
-    a row's own error is kept."""
+    a row's own error is kept; `rewritten` says whether this cycle rewrote the row."""
     tagged = chain(((row, "kept") for row in kept), ((row, None) for row in rewritten))
     for row, default_source in tagged:
         base = {k: v for k, v in row.items() if k not in SCORED_COLUMNS}
         if default_source:
             base.setdefault("source", default_source)
+        base["rewritten"] = default_source is None
         if row.get("error"):
             base["error"] = row["error"]
         yield base
@@ -114,8 +139,11 @@ def _file_digest(path: Path, h) -> None:
 
 
 def model_fingerprint(model: str) -> str:
-    path = Path(model)
     h = hashlib.sha256()
+    if storage.is_uri(model):  # object storage: the files' names, sizes and modification times
+        h.update(json.dumps([model, storage.fingerprint_entries(model)]).encode())
+        return h.hexdigest()
+    path = Path(model)
     if not path.is_dir():
         h.update(model.encode())  # a hub id
         return h.hexdigest()
@@ -126,7 +154,12 @@ def model_fingerprint(model: str) -> str:
 
 
 def corpus_fingerprint(path: str) -> str:
+    """The corpus' content (a local file or folder, read in 1 MiB blocks), or on object storage its
+    objects' names, sizes and modification times (an object's time changes with every write)."""
     h = hashlib.sha256()
+    if storage.is_uri(path):
+        h.update(json.dumps(storage.fingerprint_entries(path)).encode())
+        return h.hexdigest()
     p = Path(path)
     for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
         if f.is_file():
@@ -165,8 +198,9 @@ class Cycle:
         return resolve_model(self.cfg.model)
 
     def fingerprint(self, model: str) -> str:
-        config = self.cfg.model_dump(mode="json", exclude={"output_dir", "start_from", "promote_url",
-                                                                "promote_api_key_env", "promote_timeout_s"})
+        config = self.cfg.model_dump(mode="json", exclude={"output_dir", "data_dir", "rows_per_part", "start_from",
+                                                                "promote_url", "promote_api_key_env",
+                                                                "promote_timeout_s"})
         blob = json.dumps({"corpus": corpus_fingerprint(self.cfg.corpus), "model": model_fingerprint(model),
                            "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -183,7 +217,8 @@ class Cycle:
             if folder is None:
                 folder = self.root / "cycles" / f"v{len(self.cycles()) + 1:04d}"
                 folder.mkdir(parents=True)
-                _save_state(folder, {"fingerprint": fp, "model": model, "corpus": str(self.cfg.corpus),
+                data = storage.join(self.cfg.data_dir, "cycles", folder.name) if self.cfg.data_dir else str(folder)
+                _save_state(folder, {"fingerprint": fp, "model": model, "corpus": str(self.cfg.corpus), "data": data,
                                      "started": time.time(), "stages": [], "outputs": {}})
             else:
                 log.info("resuming %s after stage(s) %s", folder, _load_state(folder)["stages"])
@@ -209,7 +244,7 @@ class Cycle:
         _save_state(folder, state)
         write_text_atomic(self.root / "LATEST", json.dumps({"cycle": str(folder),
                                                            "checkpoint": state["outputs"]["train"]["checkpoint"],
-                                                           "corpus": str(folder / "corpus.parquet")}))
+                                                           "corpus": data_path(folder, state, "corpus.parquet")}))
         return {"cycle": str(folder), "status": "completed", **state}
 
 
@@ -229,13 +264,9 @@ def maybe_crash(stage: str) -> None:
         raise InjectedCrash(f"injected crash in stage {stage} ({FAIL_ENV})")
 
 
-def fresh(path: Path) -> Path:
-    """A stage output that was cut off midway is redone from scratch."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    return path
+def data_path(folder: Path, state: dict, name: str) -> str:
+    """Where a stage output of this cycle lives: in its data folder (local, or s3://...)."""
+    return storage.join(state.get("data") or str(folder), name)
 
 
 # ---------------------------------------------------------------------------- default stage runners
@@ -260,97 +291,136 @@ def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = N
 
     _connect(cycle)
     # the same job as `opsft score --ray`
-    spec = score_spec(corpus or str(cycle.cfg.corpus), str(folder / out_name),
-                      _engine_for(cycle, model or state["model"]), cycle.cfg.pool, name=out_name)
+    spec = score_spec(corpus or str(cycle.cfg.corpus), data_path(folder, state, out_name),
+                      _engine_for(cycle, model or state["model"]), cycle.cfg.pool, name=out_name,
+                      rows_per_part=cycle.cfg.rows_per_part)
     maybe_crash("score" if out_name == "scored.parquet" else "rescore")
-    return run_job(spec)  # resumes by id from the part files already written
+    return run_job(spec)  # resumes from the progress records of the parts already written
 
 
 def run_select(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import iter_rows
+    from opsft.data.reader import iter_rows
 
-    scored = str(folder / "scored.parquet")
+    scored = data_path(folder, state, "scored.parquet")
     sel = cycle.cfg.select
     drifted = drift_rule(lambda: iter_rows(scored, ["id", "cll", "error"]), sel.mode,
                          sel.threshold if sel.mode == "threshold" else sel.quantile)
     maybe_crash("select")
     # streamed: each output is written chunk by chunk from passes over the scored parts
-    selected = write_rows_chunked(lambda: (r for r in iter_rows(scored) if drifted(r)), folder / "selected.parquet")
-    kept = write_rows_chunked(lambda: (r for r in iter_rows(scored) if not drifted(r)), folder / "kept.parquet")
+    selected = write_rows_chunked(lambda: (r for r in iter_rows(scored) if drifted(r)),
+                                  data_path(folder, state, "selected.parquet"))
+    kept = write_rows_chunked(lambda: (r for r in iter_rows(scored) if not drifted(r)),
+                              data_path(folder, state, "kept.parquet"))
     return {"selected": selected, "kept": kept}
 
 
 def run_rewrite(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import count_rows
+    from opsft.data.reader import count_rows
     from opsft.jobs.pipeline import rewrite_spec, run_job
 
-    if not count_rows(str(folder / "selected.parquet")):
-        fresh(folder / "rewritten.parquet").mkdir()
+    out = data_path(folder, state, "rewritten.parquet")
+    if not count_rows(data_path(folder, state, "selected.parquet")):
+        storage.delete(out)
+        write_rows([], out)  # nothing drifted: an empty corpus, so the merge reads the same way
         return {"rows_in": 0, "rows_written": 0}
     _connect(cycle)
     # the same job as `opsft rewrite --ray`: one Ray Data pipeline, a map step per recipe stage; the rows
     # marked dropped stay in rewritten.parquet and the merge stage sets them aside
-    spec = rewrite_spec(cycle.cfg.rewrite, str(folder / "selected.parquet"), str(folder / "rewritten.parquet"),
-                        model=state["model"], engine=cycle.cfg.engine, pool=cycle.cfg.pool)
+    spec = rewrite_spec(cycle.cfg.rewrite, data_path(folder, state, "selected.parquet"), out, model=state["model"],
+                        engine=cycle.cfg.engine, pool=cycle.cfg.pool, rows_per_part=cycle.cfg.rows_per_part)
     maybe_crash("rewrite")
     return run_job(spec)
 
 
 def run_merge(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import iter_rows
+    from opsft.data.reader import iter_rows
 
     def merged():
-        return merge_corpus(iter_rows(str(folder / "kept.parquet")), iter_rows(str(folder / "rewritten.parquet")))
+        return merge_corpus(iter_rows(data_path(folder, state, "kept.parquet")),
+                            iter_rows(data_path(folder, state, "rewritten.parquet")))
 
     maybe_crash("merge")
     # rewrite.drop_unverified: the dropped rows are not trained on; corpus + dropped = every row
-    rows = write_rows_chunked(lambda: (r for r in merged() if not r.get("dropped")), folder / "corpus.parquet")
-    dropped = write_rows_chunked(lambda: (r for r in merged() if r.get("dropped")), folder / "dropped.parquet")
+    corpus = data_path(folder, state, "corpus.parquet")
+    rows = write_rows_chunked(lambda: (r for r in merged() if not r.get("dropped")), corpus)
+    dropped = write_rows_chunked(lambda: (r for r in merged() if r.get("dropped")),
+                                 data_path(folder, state, "dropped.parquet"))
     sources: dict[str, int] = {}
-    for row in iter_rows(str(folder / "corpus.parquet"), ["source"]):
+    for row in iter_rows(corpus, ["source"]):
         key = row["source"] or "kept"
         sources[key] = sources.get(key, 0) + 1
     return {"rows": rows, "dropped": dropped, "sources": sources}
 
 
 def run_train(cycle: Cycle, folder: Path, state: dict) -> dict:
+    """Ray Train on the new corpus. Never started over: a rerun (or a Ray Train restart after a worker
+    failure, train.max_failures) continues from the last checkpoint in train/. Metrics go to the
+    local <cycle>/train/; checkpoints to the data folder (s3:// when data_dir is)."""
     from opsft.train.ray_job import run_ray
 
-    out = fresh(folder / "train")
-    tcfg = cycle.cfg.train.model_copy(update={"input": str(folder / "corpus.parquet"), "output_dir": str(out),
+    out = folder / "train"
+    checkpoints = data_path(folder, state, "train") if state.get("data") not in (None, str(folder)) else None
+    tcfg = cycle.cfg.train.model_copy(update={"input": data_path(folder, state, "corpus.parquet"),
+                                              "output_dir": str(out), "storage_path": checkpoints,
                                               "model": state["model"], "address": cycle.cfg.address})
     maybe_crash("train")
     summary = run_ray(tcfg)
-    final = Path(out) / "final"
-    shutil.copytree(summary["checkpoint"], final)  # a stable path: Ray's checkpoint folder names vary
-    return {"checkpoint": str(final), "data": summary["data"], "final_metrics": summary["final"]}
+    final = data_path(folder, state, "train/final")
+    storage.delete(final)  # a stable path: Ray's checkpoint folder names vary
+    storage.copy_tree(summary["checkpoint"], final)
+    return {"checkpoint": final, "data": summary["data"], "final_metrics": summary["final"]}
 
 
 def run_rescore(cycle: Cycle, folder: Path, state: dict) -> dict:
-    return run_score(cycle, folder, state, corpus=str(folder / "corpus.parquet"),
+    return run_score(cycle, folder, state, corpus=data_path(folder, state, "corpus.parquet"),
                      model=state["outputs"]["train"]["checkpoint"], out_name="rescored.parquet")
 
 
+def mean_cll(path: str, only_rewritten: bool = False) -> float | None:
+    """Mean CLL of a scored corpus's rows (no error, a finite CLL), streamed; only the rows this cycle
+    rewrote (`rewritten` true) when asked."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from opsft.data.reader import iter_batches
+
+    total, n = 0.0, 0
+    for table in iter_batches(path, ["cll", "error", "rewritten"]):
+        cll = table.column("cll")
+        if not (pa.types.is_floating(cll.type) or pa.types.is_integer(cll.type)):
+            continue
+        values = pc.cast(cll, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        keep = np.isfinite(values)
+        error = table.column("error")
+        if not pa.types.is_null(error.type):
+            keep &= ~pc.fill_null(pc.greater(pc.utf8_length(pc.cast(error, pa.string())), 0), False).to_numpy(
+                zero_copy_only=False)
+        if only_rewritten:
+            flag = table.column("rewritten")
+            keep &= pc.fill_null(pc.cast(flag, pa.bool_()), False).to_numpy(zero_copy_only=False) \
+                if pa.types.is_boolean(flag.type) else np.zeros(len(values), dtype=bool)
+        total += float(values[keep].sum())
+        n += int(keep.sum())
+    return total / n if n else None
+
+
 def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
-    from opsft.jobs.files import iter_rows
     from opsft.report import build_report
 
-    # the score columns only (no text): a few numbers a row, not the corpus
-    columns = ["id", "error", *SCORE_FIELDS, "token_phi"]
-    before = list(iter_rows(str(folder / "scored.parquet"), columns))
-    after = list(iter_rows(str(folder / "rescored.parquet"), columns))
-    selected = {str(r["id"]) for r in iter_rows(str(folder / "selected.parquet"), ["id"])}
+    scored, rescored = data_path(folder, state, "scored.parquet"), data_path(folder, state, "rescored.parquet")
     maybe_crash("report")
-    summary = build_report([("before", before), ("after", after)], fresh(folder / "report"))
+    report = data_path(folder, state, "report")
+    summary = build_report([("before", scored), ("after", rescored)], report)  # streamed: flat memory
     compact = {
-        "cll_before": _mean_cll(before), "cll_after": _mean_cll(after),
-        "rewritten_cll_before": _mean_cll([r for r in before if str(r["id"]) in selected]),
-        "rewritten_cll_after": _mean_cll([r for r in after if str(r["id"]) in selected]),
+        "cll_before": mean_cll(scored), "cll_after": mean_cll(rescored),
+        "rewritten_cll_before": mean_cll(data_path(folder, state, "selected.parquet")),
+        "rewritten_cll_after": mean_cll(rescored, only_rewritten=True),
         "sources": state["outputs"]["merge"]["sources"],
         "training": state["outputs"]["train"].get("final_metrics"),
     }
-    write_text_atomic(folder / "report" / "cycle.json", json.dumps(compact, indent=2, default=str))
-    return {"folder": str(folder / "report"), **compact, "separation": summary.get("pairs")}
+    write_text_atomic(storage.join(report, "cycle.json"), json.dumps(compact, indent=2, default=str))
+    return {"folder": report, **compact, "separation": summary.get("pairs")}
 
 
 def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
@@ -366,11 +436,6 @@ def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
     maybe_crash("promote")
     with urllib.request.urlopen(request, timeout=cycle.cfg.promote_timeout_s) as response:
         return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}")}
-
-
-def _mean_cll(rows: list[dict]) -> float | None:
-    vals = [r["cll"] for r in rows if not r.get("error") and r.get("cll") is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def default_runners() -> dict[str, Callable]:

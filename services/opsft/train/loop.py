@@ -16,6 +16,8 @@ computed before the first step and kept in every checkpoint (a resume reuses the
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from opsft.data.chat import model_max_length
-from opsft.data.corpus import read_rows
+from opsft.data.reader import read_rows
 from opsft.train.checkpoint import check_compatible, load_trainer_state, restore_training, save_checkpoint
 from opsft.train.data import (
     BatchPlan,
@@ -242,21 +244,30 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
 
                 if runtime.checkpoint is not None:
                     last["checkpoint"] = runtime.checkpoint(metrics, write, write_shards)
-            _maybe_fail(cfg, done)
+            _maybe_fail(cfg, done, rank, W)
     finally:
         if writer:
             writer.close()
     return last
 
 
-def _maybe_fail(cfg, done: int) -> None:
+def _maybe_fail(cfg, done: int, rank: int = 0, world_size: int = 1) -> None:
+    """testing: after step `fail_after_step`, once per output_dir: raise on every worker, or (fail_mode
+    kill) SIGKILL the last worker's process, as the OOM killer or a lost node would."""
     if cfg.fail_after_step != done or not cfg.output_dir:
         return
-    marker = Path(cfg.output_dir) / FAIL_MARKER
-    if marker.exists():
+    if cfg.fail_mode == "kill" and rank != world_size - 1:
         return
+    marker = Path(cfg.output_dir) / FAIL_MARKER
     marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # it happened already: the resumed run goes on
     marker.write_text(str(done))
+    if cfg.fail_mode == "kill":
+        log.warning("fail_after_step=%d: killing worker %d (testing recovery)", done, rank)
+        os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFailure(f"fail_after_step={done}: injected failure (testing recovery)")
 
 
@@ -283,7 +294,7 @@ def load_for_training(cfg, device, model_source: str, checkpoint: str | None = N
 
     from opsft.models import load_model, resolve_model
 
-    folder = checkpoint or cfg.resume_from
+    folder = checkpoint or (resolve_model(cfg.resume_from, everything=True) if cfg.resume_from else None)
     resume_state = load_trainer_state(folder) if folder else None
     if resume_state is not None:
         resume_state["folder"] = str(folder)  # an FSDP checkpoint's shards are read from it after sharding

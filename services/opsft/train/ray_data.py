@@ -15,18 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from opsft.data import storage
+from opsft.data.reader import RANGE_BYTES, corpus_files, corpus_ranges, read_range
 from opsft.train.data import OVERLONG
 from opsft.train.shards import (
     DATA_CPUS,
     ERROR,
     MIN_RANGE_BYTES,
-    RANGE_BYTES,
     STATUSES,
     TOKENISE_BATCH,
     check_usable,
-    corpus_ranges,
     corpus_stats,
-    read_range,
     tokenise_rows,
 )
 
@@ -76,7 +75,7 @@ def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overl
     read_rows(path), in no particular order: `row` says where each came from. Raises on the driver,
     before any Ray work, what read_rows and prepare_data raise for a missing file, a folder, an
     unknown format or a corpus without rows. The workers read `path` itself: it must be reachable
-    from every node (a shared file system), as for read_rows. Before a TorchTrainer whose workers
+    from every node (a shared file system, or object storage: s3://...). Before a TorchTrainer whose workers
     hold every CPU, materialize() it (module doc). max_tasks: at most this many read and
     tokenise tasks at once (each worker process imports transformers and loads the tokenizer once)."""
     import ray.data
@@ -84,7 +83,7 @@ def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overl
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
     if range_bytes is None:  # some 64 read tasks for a mid-sized file, 1-16 MiB each
-        size = Path(path).stat().st_size if Path(path).exists() else 0
+        size = sum(int(storage.info(f).size or 0) for f in corpus_files(path))
         range_bytes = min(RANGE_BYTES, max(MIN_RANGE_BYTES, size // 64))
     ranges = corpus_ranges(path, range_bytes)
     if not ranges:

@@ -10,7 +10,7 @@ TrainConfig.scaling. Workers: read their part (ray.train.get_dataset_shard), bui
 exchange), load the model (or the checkpoint Ray hands back after a failure, or cfg.resume_from),
 wrap it (DDP via ray.train.torch.prepare_model, or FSDP2 via opsft.train.fsdp) and run the shared
 loop, which fetches each step's rows from the workers that hold them; checkpoints go through
-ray.train.report into <output_dir>/ray/.
+ray.train.report into <storage_path>/ray/ (storage_path: output_dir, a shared folder or s3://).
 
 So no worker holds the corpus, and the rows of step k are still the same whatever the number of
 workers and however Ray split the blocks: exact normalisation and resuming depend on that.
@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 
 from opsft.cluster import connect
+from opsft.data import storage
+from opsft.data.reader import corpus_files
 from opsft.train import fsdp
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
 from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
-from opsft.train.shards import ShardedCorpus, check_corpus_file, dist_gather
+from opsft.train.shards import ShardedCorpus, dist_gather
 from opsft.train.step import wants_bf16
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,10 @@ def run_ray(cfg) -> dict:
     if not cfg.output_dir:
         raise ValueError("output_dir is required (checkpoints and metrics go there)")
     output_dir = Path(cfg.output_dir).resolve()
-    model_path = cfg.resume_from or resolve_model(cfg.model)
+    storage_path = cfg.storage_path or str(output_dir)
+    if not storage.is_uri(storage_path):
+        storage_path = str(Path(storage_path).resolve())
+    model_path = resolve_model(cfg.resume_from, everything=True) if cfg.resume_from else resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_length = resolve_max_length(cfg, AutoConfig.from_pretrained(model_path), tokenizer)
     if cfg.loss.pairs:  # the driver reads the pairs; every worker gets them all
@@ -187,7 +192,7 @@ def run_ray(cfg) -> dict:
             datasets["eval"] = ray.data.from_items(_to_rows(eval_ex))
         has_eval = bool(eval_ex)
     else:
-        check_corpus_file(cfg.input)  # a missing or unknown file fails before Ray starts
+        corpus_files(cfg.input)  # a missing or unknown file fails before Ray starts
         connect(cfg.address, log_to_driver=True)
         datasets, data_summary, has_eval = _corpus_datasets(cfg, model_path, max_length)
     sc = cfg.scaling
@@ -195,18 +200,22 @@ def run_ray(cfg) -> dict:
     cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dump, "model": resolve_model(cfg.model), "has_eval": has_eval,
+        # a URI goes as it is: each worker fetches it to its own node (opsft.models.fetch_model)
+        train_loop_config={"cfg": cfg_dump, "has_eval": has_eval,
+                           "model": cfg.model if storage.is_uri(cfg.model or "") else resolve_model(cfg.model),
                            "sharded": not cfg.loss.pairs, "max_length": max_length},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=str(output_dir),
+            name=RUN_NAME, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
-    return {"data": data_summary, "final": result.metrics,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    checkpoint = None
+    if result.checkpoint is not None:  # a path inside the storage's filesystem: a URI again for object storage
+        checkpoint = storage.full_path(storage_path, result.checkpoint.path)
+    return {"data": data_summary, "final": result.metrics, "checkpoint": checkpoint,
             "metrics_file": str(output_dir / "metrics.jsonl")}

@@ -32,21 +32,22 @@ tasks wait for ever (seen: 2 workers x 1 CPU on a 2-CPU cluster), so materialize
 the driver before fit (its blocks stay in the
 object store, on the nodes; a restart splits them again without tokenising again).
 
+The ranges and their reading are the one corpus reader's (opsft.data.reader: JSONL byte ranges,
+Parquet row groups, .gz files whole; local paths or object storage).
+
 Token losses only (TrainExample); pair data stays on the driver path (opsft.train.pairs).
-Note: read_rows reads a .jsonl.gz file's bytes as they are (no decompression); so does this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from opsft.data.corpus import BOM, file_format, parse_jsonl_line
+from opsft.data.reader import RANGE_BYTES, corpus_ranges, read_range
 from opsft.train.data import PrepareStats, TrainExample, prepare_examples, split_eval
 
-RANGE_BYTES = 16 << 20  # a JSONL range is at least this long (up to the next line end), or the rest of the file
 MIN_RANGE_BYTES = 1 << 20  # corpus_dataset's default range: file size / 64, within [1, 16] MiB
 TOKENISE_BATCH = 256  # rows per tokenising call
 DATA_CPUS = 0.25  # CPU share of the read and tokenise tasks (beside Train workers that hold whole CPUs)
@@ -54,90 +55,7 @@ STATUSES = ("ok", "truncated", "too_long", "error")  # a row's outcome in tokeni
 OK, TRUNCATED, TOO_LONG, ERROR = range(len(STATUSES))
 
 
-# ---------------------------------------------------------------------------- driver: ranges of the corpus
-
-
-def check_corpus_file(path: str | Path) -> str:
-    """The file's format; raises what read_rows raises for a missing file, a folder or an unknown format."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such corpus file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a corpus file (read a job's output folder with opsft.jobs.files)")
-    return file_format(path)
-
-
-def corpus_ranges(path: str | Path, range_bytes: int = RANGE_BYTES) -> list[dict]:
-    """The pieces of a corpus file that read_range reads, in order, each with `first_row` (its
-    first row's position among the rows read_rows returns) and, for JSONL, `first_line` (the
-    lines before it, blank ones included: read_rows' error messages count them). Pieces without
-    a row are left out; each piece has the corpus' row count, `n_rows`. The driver scans the bytes
-    (line ends only) or the Parquet metadata."""
-    fmt = check_corpus_file(path)
-    path = Path(path).resolve()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        meta, ranges, first = pq.ParquetFile(path).metadata, [], 0
-        for group in range(meta.num_row_groups):
-            rows = meta.row_group(group).num_rows
-            if rows:
-                ranges.append({"kind": "parquet", "path": str(path), "group": group, "first_row": first})
-            first += rows
-    else:
-        ranges, first = _jsonl_ranges(path, max(1, range_bytes))
-    return [{**piece, "n_rows": first} for piece in ranges]
-
-
-def _jsonl_ranges(path: Path, range_bytes: int) -> tuple[list[dict], int]:
-    ranges: list[dict] = []
-    line = row = 0
-    with open(path, "rb") as handle:
-        start = len(BOM) if handle.read(len(BOM)) == BOM else 0
-        handle.seek(start)
-        buf = b""
-        while True:
-            chunk = handle.read(range_bytes)
-            buf += chunk
-            cut = len(buf) if not chunk else _last_line_end(buf)
-            if chunk and not cut:  # one line longer than range_bytes so far: read on
-                continue
-            if cut:
-                lines = buf[:cut].splitlines()
-                rows = sum(1 for raw in lines if raw.strip())
-                if rows:
-                    ranges.append({"kind": "jsonl", "path": str(path), "start": start, "end": start + cut,
-                                   "first_line": line, "first_row": row})
-                line, row, start, buf = line + len(lines), row + rows, start + cut, buf[cut:]
-            if not chunk:
-                return ranges, row
-
-
-def _last_line_end(buf: bytes) -> int:
-    """The end of the last complete line in buf (0: none): after its last LF, or after a CR that a
-    byte other than LF follows (a CR at the very end may be the first half of a CRLF: not a cut)."""
-    return max(buf.rfind(b"\n") + 1, buf.rfind(b"\r", 0, len(buf) - 1) + 1)
-
-
 # ---------------------------------------------------------------------------- cluster: read and tokenise
-
-
-def read_range(piece: dict) -> Iterator[tuple[int, dict]]:
-    """(row position, row) of one piece of corpus_ranges, exactly as read_rows returns them."""
-    if piece["kind"] == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(piece["path"]).read_row_group(int(piece["group"]))
-        yield from enumerate(table.to_pylist(), int(piece["first_row"]))
-        return
-    with open(piece["path"], "rb") as handle:
-        handle.seek(int(piece["start"]))
-        data = handle.read(int(piece["end"]) - int(piece["start"]))
-    row = int(piece["first_row"])
-    for lineno, raw in enumerate(data.splitlines(), int(piece["first_line"]) + 1):
-        if raw.strip():
-            yield row, parse_jsonl_line(raw, lineno)
-            row += 1
 
 
 def tokenise_rows(rows: Iterable[tuple[int, dict]], tokenizer, max_length: int, overlong: str,
