@@ -22,6 +22,22 @@ SLOW_MACHINE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_P
 for _key, _value in SLOW_MACHINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
+# Object storage on loopback (tests/test_object_storage.py): an S3-compatible server (moto's server mode,
+# from PyPI) on a port chosen here, before any Ray process starts, so that the Ray workers the tests
+# start inherit where s3:// goes (pyarrow reads AWS_ENDPOINT_URL). Nothing leaves 127.0.0.1.
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "opsft-test",
+          "AWS_SECRET_ACCESS_KEY": "opsft-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+for _key, _value in S3_ENV.items():
+    os.environ.setdefault(_key, _value)
+
 # The property tests (tests/test_fuzz_rows.py) draw the same examples on every run, so CI cannot
 # fail on a new draw; HYPOTHESIS_PROFILE=explore draws new ones (run it to hunt, not in CI).
 settings.register_profile("default", derandomize=True, database=None)
@@ -75,3 +91,44 @@ def ray_local():
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **SLOW_MACHINE_ENV}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (the port of AWS_ENDPOINT_URL), for the whole session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    port = endpoint.rsplit(":", 1)[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120  # a hang guard: the server is up when it answers
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the S3 test server did not start (exit {proc.poll()})") from None
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A new, empty bucket: its s3:// URI."""
+    import re
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    pafs.S3FileSystem(allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"

@@ -140,7 +140,7 @@ def test_engine_actor_killed_mid_job_is_retried_and_output_equals_an_uninterrupt
             spec.fn, spec.fn_kwargs = step.fn, step.fn_kwargs
         summary = run_job(spec)
         assert summary["rows_in"] == summary["rows_out_total"] == len(rows)
-        assert summary["batches_retried"] == (1 if kill_at else 0) and summary["rows_lost"] == 0
+        assert summary["batch_retries"] == (1 if kill_at else 0) and summary["rows_lost"] == 0
         return sorted(read_rows(str(tmp_path / name)), key=lambda r: r["id"])
 
     clean = run("clean.parquet", kill_at=None)
@@ -186,7 +186,7 @@ def test_killed_job_resumes_without_duplicates(ray_local, tmp_path):
     job = spec(tmp_path, fn=_crash_after_first_part, name="out.jsonl", inp="in.parquet", batch_size=2,
                max_task_retries=0)
     job.fn_kwargs, job.rows_per_part = {"output": out, "crash_flag": str(flag)}, 2
-    with pytest.raises(JobFailed, match="started 2 times .* died each time"):
+    with pytest.raises(JobFailed, match="stopped .* started 2 times .* died each time .* a rerun resumes"):
         run_job(job)
     before = parts.progress(out)
     assert 0 < before.rows < len(rows)
@@ -278,3 +278,50 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
             assert (got[key] is None) == (want[key] is None) and (got[key] is None or
                                                                    got[key] == pytest.approx(want[key], abs=1e-5))
     assert {r["source"] for r in ray_kept.values() if not r.get("error")} == {"hd"}
+
+
+def test_engine_deaths_kills_and_hangs_are_retried_never_written_and_poison_rows_are(ray_local, tmp_path):
+    """The score job and the rewrite job on the fake engine (no model: everything else real), with
+    every fault at once: engines that die (every call then raises a CUDA error), an actor SIGKILLed,
+    a call that never returns (the stall watchdog ends its actor), and a row the engine cannot score
+    while it stays healthy. Faults are retried on new actors and never written; the poisoned rows
+    and the corpus' bad rows are the only error rows; the rows equal a run without faults."""
+    from opsft.config import RewriteConfig
+    from opsft.engines.fake import FakeEngine
+    from opsft.jobs.pipeline import rewrite_spec, run_job, score_spec
+
+    tok = FakeEngine().tokenizer
+    poison = tok(" zebra", add_special_tokens=False)["input_ids"][-1]
+    rows = [{"id": f"r{i}", "prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1),
+             "response": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."} for i in range(40)]
+    rows[7]["response"] = "A zebra. The answer is 15."  # scored: the engine raises for it alone (a row fault)
+    write_jsonl(tmp_path / "in.jsonl", rows)  # with one line that is not JSON
+    # four faults in all: even a batch that met every one of them is tried once more (4 retries)
+    pool = PoolConfig(num_cpus=0.25, batch_size=4, max_task_retries=4, stall_timeout_s=5)
+
+    def run(job: str, name: str, faults: dict | None) -> tuple[dict, list[dict]]:
+        fake = {"poison_token": poison, **(faults or {})}
+        engine = EngineConfig(kind="fake", fake=fake)
+        inp, out = str(tmp_path / "in.jsonl"), str(tmp_path / name)
+        spec = (score_spec(inp, out, engine, pool, rows_per_part=8) if job == "score" else
+                rewrite_spec(RewriteConfig(max_new_tokens=16, hint_max_new_tokens=16), inp, out, engine=engine,
+                             pool=pool, rows_per_part=8))
+        summary = run_job(spec)
+        return summary, read_rows(out)
+
+    faults = {"dead_after": 2, "deaths": 2, "kill_after": 3, "kills": 1, "hang_after": 4, "hangs": 1}
+    for job in ("score", "rewrite"):
+        clean_summary, clean = run(job, f"{job}-clean.parquet", None)
+        summary, got = run(job, f"{job}-faults.parquet", {**faults, "fault_dir": str(tmp_path / f"tickets-{job}")})
+        tickets = sorted(p.name for p in (tmp_path / f"tickets-{job}").iterdir())
+        assert tickets == ["death-1", "death-2", "hang-1", "kill-1"]  # every fault happened
+        assert summary["engine_faults"] == 3 and summary["batch_retries"] >= 4  # the kill leaves no record
+        assert summary["rows_lost"] == 0 and summary["rows_out_total"] == summary["rows_in"] == len(rows) + 1
+        assert got == clean  # the same rows, in input order, whatever was retried
+        errors = {r["id"]: r["error"] for r in got if r.get("error")}
+        if job == "score":
+            assert set(errors) == {"r7", next(r["id"] for r in got if r.get("raw_line"))}
+            assert "cannot be scored" in errors["r7"]
+        else:  # the rewrite scores the new and the original responses: its poisoned row is an error row too
+            assert "r7" in errors and len(errors) == 2
+        assert clean_summary["engine_faults"] == clean_summary["batch_retries"] == 0

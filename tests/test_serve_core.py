@@ -340,3 +340,111 @@ def test_a_reload_closes_the_old_engine_after_its_last_call(tiny_engine):
     answer = asyncio.run(scenario())
     assert answer["model_version"] == 0 and answer["results"][0]["n_tokens"] > 0  # finished on the old engine
     assert log == ["old engine: call started", "old engine: call done", f"closed {tiny_engine.model_id}"]
+
+
+# ---------------------------------------------------------------------------- an engine that fails
+
+
+class FailingEngine:
+    """The tiny engine whose score_tokens raises a plain RuntimeError (no CUDA words) once it has made
+    `healthy_calls` calls, as a process whose device faulted does; or, with `poison`, raises for any
+    sequence holding that token id only (a request the engine cannot score; the engine stays healthy)."""
+
+    def __init__(self, engine, healthy_calls: int | None = None, poison: int | None = None):
+        self.engine, self.left, self.poison = engine, healthy_calls, poison
+        self.model_id = engine.model_id
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def close(self):
+        pass  # the tiny engine is the module's: it stays open
+
+    def score_tokens(self, sequences, *args, **kwargs):
+        if self.left is not None:
+            if self.left <= 0:
+                raise RuntimeError("device lost")
+            self.left -= 1
+        if self.poison is not None and any(self.poison in s for s in sequences):
+            raise ValueError("cannot score this sequence")
+        return self.engine.score_tokens(sequences, *args, **kwargs)
+
+
+def _scorer(factory, batching=False):
+    from opsft.serve.deployments import Scorer
+
+    class Registry:
+        class current:
+            @staticmethod
+            async def remote():
+                return {"model": "first", "version": 0}
+
+    async def make():
+        cls = Scorer.func_or_class
+        scorer = cls.__new__(cls)
+        await scorer.__init__({"batching": batching}, Registry(), factory)
+        return scorer
+
+    return make
+
+
+def test_a_dead_engine_answers_503_and_fails_the_health_check_never_422(tiny_engine):
+    make = _scorer(lambda model: FailingEngine(tiny_engine, healthy_calls=1) if model == "first" else tiny_engine)
+
+    async def scenario():
+        scorer = await make()
+        job = Job(rows=[dict(ROWS[0])])
+        first = await scorer.score(job)
+        scorer.check_health()  # healthy
+        second = await scorer.score(job)  # the engine died: its check (a known-good request) fails too
+        third = await scorer.score(Job(rows=[dict(ROWS[1])]))
+        with pytest.raises(RuntimeError, match="engine fault"):
+            scorer.check_health()  # Serve replaces this replica
+        await scorer.load({"model": "second", "version": 1})  # a new engine: healthy again
+        scorer.check_health()
+        return first, second, third, await scorer.score(job)
+
+    first, second, third, after = asyncio.run(scenario())
+    assert "results" in first and "results" in after
+    for answer in (second, third):
+        assert answer["status"] == 503 and answer["engine_fault"] and "device lost" in answer["detail"]
+
+
+def test_a_request_the_engine_cannot_score_is_422_and_the_others_in_its_batch_are_scored(tiny_engine):
+    from opsft.data.chat import response_ids
+
+    poison = response_ids(tiny_engine.tokenizer, " zebra")[-1]
+    make = _scorer(lambda model: FailingEngine(tiny_engine, poison=poison))
+
+    async def scenario():
+        scorer = await make()
+        good, bad = Job(rows=[dict(ROWS[0])]), Job(rows=[{"prompt": "Name an animal.", "response": "A zebra"}])
+        answers = await scorer._run([good, bad])  # one merged call: it raises, then each job alone
+        scorer.check_health()  # the engine passed its check: not an engine fault
+        return answers
+
+    good, bad = asyncio.run(scenario())
+    assert good["results"][0]["cll"] == pytest.approx(score_rows([ROWS[0]], tiny_engine)[0]["cll"], abs=1e-5)
+    assert bad["status"] == 422 and "cannot score this sequence" in bad["detail"]
+
+
+def test_the_ingress_sends_a_request_again_when_a_scorer_engine_failed():
+    from opsft.serve.deployments import SCORE_ATTEMPTS, retry_engine_faults
+
+    dead = {"status": 503, "engine_fault": True, "detail": "the scorer's engine failed"}
+
+    def calls(*answers):
+        made = []
+
+        async def call():
+            made.append(answers[len(made)])
+            return made[-1]
+
+        return call, made
+
+    call, made = calls(dead, {"results": [1]})
+    assert asyncio.run(retry_engine_faults(call)) == {"results": [1]} and len(made) == 2
+    call, made = calls(*[dead] * SCORE_ATTEMPTS)
+    assert asyncio.run(retry_engine_faults(call))["status"] == 503 and len(made) == SCORE_ATTEMPTS
+    call, made = calls({"status": 422, "detail": "items[0]: bad"})
+    assert asyncio.run(retry_engine_faults(call))["status"] == 422 and len(made) == 1  # a 4xx is not sent again

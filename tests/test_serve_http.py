@@ -376,3 +376,62 @@ def test_a_request_on_a_killed_replica_is_answered_by_another(base, tiny_dir, tm
         assert r.json()["results"][0]["cll"] == pytest.approx(want["cll"], abs=1e-4)
     finally:
         serve.delete("faulty")
+
+
+# ---------------------------------------------------------------------------- an engine that dies in its replica
+
+
+class DieAfterFirstCall:
+    """Engine factory: the first replica's HF engine dies after one scoring call (every later call raises
+    a plain RuntimeError, as a process whose device faulted does); replicas made after that are healthy."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, model: str | None):
+        from opsft.engines.hf import HFEngine
+
+        return DyingEngine(HFEngine(model, device="cpu"), self.marker)
+
+
+class DyingEngine:
+    def __init__(self, engine, marker: str):
+        self.engine, self.marker = engine, marker
+        self.calls, self.doomed = 0, not os.path.exists(marker)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_tokens(self, *args, **kwargs):
+        self.calls += 1
+        if self.doomed and self.calls > 1:
+            with open(self.marker, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            raise RuntimeError("device lost (injected)")
+        return self.engine.score_tokens(*args, **kwargs)
+
+
+def test_a_dead_engine_is_a_503_then_a_new_replica_never_a_422(base, tiny_dir, tmp_path):
+    from opsft.serve.app import build_app
+    from ray import serve
+
+    marker = tmp_path / "died"
+    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=1, num_cpus=0.1, torch_threads=1, batching=False)
+    serve.run(build_app(cfg, engine_factory=DieAfterFirstCall(str(marker))), name="dying", route_prefix="/dying")
+    try:
+        url = base + "/dying/v1/score"
+        assert httpx.post(url, json={"items": ITEMS[:1]}, timeout=300).status_code == 200
+        dead = httpx.post(url, json={"items": ITEMS[:1]}, timeout=300)  # the engine died under this request
+        assert dead.status_code == 503 and "device lost" in dead.json()["detail"], dead.text
+        assert dead.headers["retry-after"] == "5"
+        deadline, codes = time.monotonic() + 240, []  # a hang guard: Serve's health check replaces the replica
+        while time.monotonic() < deadline:
+            r = httpx.post(url, json={"items": ITEMS[:1]}, timeout=300)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                break
+            time.sleep(1)
+        assert codes[-1] == 200 and set(codes) <= {200, 503}, codes  # never a 4xx on a good request
+        assert len(set(marker.read_text().split())) == 1  # one engine died; the one that answered is a new replica's
+    finally:
+        serve.delete("dying")

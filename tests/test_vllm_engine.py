@@ -410,3 +410,72 @@ def test_vllm_hinted_decoding_survives_pairs_falling_out_of_step(model_dir, real
         assert agree_up_to_a_near_tie(real_engine, items[k], runs["long"], g, w), k
     print(f"out of step: {got['stats']}")
     assert got["stats"].get("out_of_step_retried", 0) >= 1 and "out_of_step" not in got["stats"]
+
+
+# ---------------------------------------------------------------------------- exit codes and a dead engine core
+
+KILL_CORE = '''"""opsft with the vLLM pooling runner's engine core SIGKILLed right before the first scoring call."""
+import os, signal, sys
+
+from opsft.engines import vllm as v
+
+original, killed = v.VLLMEngine.score_tokens, []
+
+
+def engine_cores():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().split(")")[-1].split()[1])
+            with open(f"/proc/{pid}/cmdline") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if parent == os.getpid() and "EngineCore" in command:
+            found.append(int(pid))
+    return found
+
+
+def killing(self, *args, **kwargs):
+    if not killed:
+        killed.extend(engine_cores())
+        print(f"killing the engine core {killed}", file=sys.stderr, flush=True)
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+
+if __name__ == "__main__":  # vLLM spawns its workers: the guard it needs
+    v.VLLMEngine.score_tokens = killing
+    from opsft.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_score_runs_exit_0_and_a_killed_engine_core_is_retried_on_a_new_engine(model_dir, tmp_path):
+    """`opsft score --engine vllm` three times in a row: each closes its engine and exits 0 (a run that
+    wrote its output says so, every time). The third run's pooling-runner engine core (vLLM's own
+    process) is SIGKILLed under its first call: vLLM's EngineDeadError is an engine fault (never an
+    error row), the engine is replaced and the rows scored again, and the output equals the first run's."""
+    hostile_corpus(tmp_path / "in.jsonl")
+    (tmp_path / "kill_core.py").write_text(KILL_CORE)
+    common = ["score", "--engine", "vllm", "--input", "in.jsonl", "--model", model_dir]
+    for k in (1, 2):
+        run_in_vllm_venv(["-m", "opsft.cli", *common, "--output", f"out{k}.jsonl"], tmp_path, f"run{k} score")
+    run_in_vllm_venv(["kill_core.py", *common, "--output", "out3.jsonl"], tmp_path, "run3 score (engine core killed)")
+    log = (tmp_path / "run3.log").read_text()
+    assert "killing the engine core [" in log and "killing the engine core []" not in log
+    assert "EngineDeadError" in log and '"engine_faults": 1' in log
+    first = read_rows(tmp_path / "out1.jsonl")
+    assert len(first) == 13 and sum(1 for r in first if r["error"]) == 9  # the hostile corpus's bad rows only
+    for k in (2, 3):
+        other = read_rows(tmp_path / f"out{k}.jsonl")
+        assert [r["id"] for r in other] == [r["id"] for r in first]
+        for a, b in zip(first, other, strict=True):
+            assert a["error"] == b["error"]
+            assert (a["cll"] is None) == (b["cll"] is None)
+            if a["cll"] is not None:  # the same engine settings: the same scores, up to float32 batch noise
+                assert b["cll"] == pytest.approx(a["cll"], abs=TOL)

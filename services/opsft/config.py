@@ -31,6 +31,9 @@ class FakeOptions(Strict):
     kill_after: int | None = Field(None, ge=0, description="a process SIGKILLs itself after this many calls, while "
                                    "`kills` tickets last")
     kills: int = Field(0, ge=0, description="process kills in all (tickets in fault_dir)")
+    hang_after: int | None = Field(None, ge=0, description="a call never returns after this many calls, while `hangs` "
+                                   "tickets last")
+    hangs: int = Field(0, ge=0, description="hung calls in all (tickets in fault_dir)")
     fault_dir: str | None = Field(None, description="a folder every engine process can write: the tickets")
     poison_token: int | None = Field(None, ge=0, description="a sequence holding this token id raises (a row fault)")
 
@@ -90,6 +93,9 @@ class PoolConfig(Strict):
     max_task_retries: int = Field(3, ge=0, description="times one batch is tried again after its engine faulted or "
                                   "its actor died (a new engine each time); then the job fails, naming the cause. "
                                   "In-process: times the engine is rebuilt for one batch")
+    stall_timeout_s: float | None = Field(3600.0, gt=0, description="an engine actor whose batch has run this long is "
+                                          "taken for hung (a stuck device, a lost engine process): an engine fault, "
+                                          "its batch retried on a new actor; None = wait for ever")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, e.g. "
                                         "{engine_slot: 1} to place engines on the nodes that offer that resource")
 
@@ -203,6 +209,8 @@ class ServeConfig(Strict):
     api_key_env: str = Field("OPSFT_API_KEY", description="environment variable holding the bearer token")
     api_key_file: str | None = Field(None, description="file holding the bearer token (wins over the env var)")
     reload_timeout_s: float = Field(600.0, gt=0)
+    stall_timeout_s: float = Field(600.0, gt=0, description="a scoring call that runs this long is taken for a hung "
+                                   "engine: 503, and the replica is replaced")
 
 
 # ---------------------------------------------------------------------------- training (opsft train)

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from opsft.faults import EngineFault, JobFailed
+
     try:
         return int(args.run(args) or 0)
     except (OSError, ValueError) as exc:  # bad input, flags, config, paths, an unreachable cluster
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opsft {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except (JobFailed, EngineFault) as exc:  # engines kept failing: the cause, in one line; a rerun resumes
+        if args.verbose:
+            raise
+        print(f"opsft {args.command}: failed: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def one_line(exc: Exception) -> str:

@@ -92,15 +92,17 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     for label, path in models:
         report(f"== {label}: {path or 'embedded default'}")
         engine = make_engine(cfg.engine.kind, path or cfg.engine.model, **cfg.engine.options())
-        result, records = evaluate_model(engine, tasks, family=cfg.family, seed=cfg.seed, exclude=exclude,
-                                         passages=cfg.passages, tokens_per_passage=cfg.tokens_per_passage,
-                                         text_source=cfg.text, report=report)
+        try:
+            result, records = evaluate_model(engine, tasks, family=cfg.family, seed=cfg.seed, exclude=exclude,
+                                             passages=cfg.passages, tokens_per_passage=cfg.tokens_per_passage,
+                                             text_source=cfg.text, report=report)
+        finally:  # vllm: its runners are shut down before the next model's start, and before the command exits
+            if hasattr(engine, "close"):
+                engine.close()
+            del engine
+            gc.collect()
         results.append({"label": label, **result})
         items += [{"model": label, **r} for r in records]
-        if hasattr(engine, "close"):  # vllm: shut its runners down before the next model's start
-            engine.close()
-        del engine
-        gc.collect()
     table = results_table(results, [r["label"] for r in results])
     if cfg.output:
         out = Path(cfg.output)

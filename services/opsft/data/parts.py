@@ -36,9 +36,7 @@ from opsft import score_columns
 from opsft.data import reader, storage
 from opsft.data.corpus import file_format, jsonl_line, rows_table
 
-PART_PREFIX = "part-"
-MANIFEST_PREFIX = ".rows-"
-JOB_FILE = reader.JOB_FILE
+PART_PREFIX, MANIFEST_PREFIX, JOB_FILE = reader.PART_PREFIX, reader.MANIFEST_PREFIX, reader.JOB_FILE
 
 # Arrow types for the columns opsft adds, so a part whose rows are all errors (nulls)
 # still has the same schema as the others.
@@ -121,6 +119,8 @@ def write_part(folder: str, rows: list[dict], row_numbers: list[int],
     manifest; returns the part's path. The same rows always get the same part name."""
     if len(row_numbers) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(row_numbers)} row numbers")
+    order = sorted(range(len(rows)), key=lambda k: row_numbers[k])  # a part holds its rows in input order
+    rows, row_numbers = [rows[k] for k in order], [row_numbers[k] for k in order]
     fmt = file_format(folder)
     intervals = coalesce(row_numbers)
     name = part_name(intervals, fmt)

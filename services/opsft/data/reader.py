@@ -5,6 +5,10 @@ commands, the Ray Data jobs, training and the realignment cycle all read through
 A corpus is a file, or a folder: the part files of a job's output (`part-*`), else every
 corpus file in it, in name order. Its rows are numbered 0..n-1 in that order (blank JSONL lines
 are not rows); a bad JSONL line is an error row (opsft.data.corpus's rules), never a failure.
+A job's output folder (opsft.data.parts: every part with its progress record) is read in the
+order of its input: each part holds its input rows sorted, and the parts are merged by input
+row number, a few at a time (only parts that were written at the same time interleave), so a
+job's output has the same row order whatever the order its parts were written in.
 
     for row in iter_rows("s3://b/corpus.jsonl"): ...             # streamed, one pass
     for table in iter_batches("scored.parquet", ["id", "cll"]):   # Arrow tables of some columns
@@ -24,6 +28,8 @@ corpus' row count `n_rows`.
 from __future__ import annotations
 
 import gzip
+import heapq
+import json
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -36,10 +42,70 @@ RANGE_BYTES = 16 << 20  # a JSONL piece is at least this long (up to the next li
 WINDOW = 16 << 20  # bytes read at a time when a JSONL file is streamed
 BATCH_ROWS = 8192  # rows per Arrow batch when a file is streamed
 PART_PREFIX = "part-"
+MANIFEST_PREFIX = ".rows-"  # opsft.data.parts: a part's progress record (the input rows it holds)
 JOB_FILE = ".opsft-job.json"  # opsft.data.parts: what a job's output folder is the output of
 
 
 # ---------------------------------------------------------------------------- which files
+
+
+def _expand(intervals) -> Iterator[int]:
+    for a, b in intervals:
+        yield from range(int(a), int(b))
+
+
+def _positions(intervals, start: int, stop: int) -> list[list[int]]:
+    """The numbers at positions [start, stop) of the expansion of sorted intervals, as intervals."""
+    out, seen = [], 0
+    for a, b in intervals:
+        a, b = int(a), int(b)
+        lo, hi = max(start, seen), min(stop, seen + b - a)
+        if lo < hi:
+            out.append([a + lo - seen, a + hi - seen])
+        seen += b - a
+        if seen >= stop:
+            break
+    return out
+
+
+def job_parts(path) -> list[tuple[str, list[list[int]]]] | None:
+    """For a job's output folder (every part with its progress record): (part path, the sorted
+    intervals of the input rows it holds), by first input row. None for anything else."""
+    if storage.info(path).type.name != "Directory":
+        return None
+    listed = storage.listdir(path)
+    names = {e.base_name for e in listed}
+    parts = [e for e in listed if e.type.name == "File" and e.base_name.startswith(PART_PREFIX)]
+    if not parts or any(f"{MANIFEST_PREFIX}{e.base_name}.json" not in names for e in parts):
+        return None
+    out = []
+    for e in parts:
+        record = json.loads(storage.read_bytes(storage.join(path, f"{MANIFEST_PREFIX}{e.base_name}.json")))
+        out.append((storage.full_path(path, e.path), [[int(a), int(b)] for a, b in record["intervals"]]))
+    return sorted(out, key=lambda p: (p[1][0][0] if p[1] else -1, p[0]))
+
+
+class _Dense:
+    """Input row numbers -> dense positions 0..n-1 of a job's output (rows the job wrote elsewhere,
+    e.g. dropped, leave no gap)."""
+
+    def __init__(self, parts: list[tuple[str, list[list[int]]]]):
+        self.merged = sorted([a, b] for _, ivs in parts for a, b in ivs)
+        self.offsets, total = [], 0
+        for a, b in self.merged:
+            self.offsets.append(total)
+            total += b - a
+        self.n = total
+
+    def dense(self, intervals: list[list[int]]) -> list[list[int]]:
+        import bisect
+
+        out = []
+        for a, b in intervals:
+            k = bisect.bisect_right(self.merged, [a, float("inf")]) - 1
+            start = self.offsets[k] + a - self.merged[k][0]
+            out.append([start, start + b - a])
+        return out
 
 
 def corpus_files(path) -> list[str]:
@@ -141,17 +207,45 @@ def _parquet_batches(path, columns: list[str] | None, batch_rows: int = BATCH_RO
             yield table
 
 
+def _file_rows(f, columns: list[str] | None) -> Iterator[dict]:
+    if file_format(f) == "parquet":
+        for table in _parquet_batches(f, columns):
+            yield from table.to_pylist()
+    elif columns is None:
+        yield from _jsonl_file_rows(f)
+    else:
+        yield from ({c: row.get(c) for c in columns} for row in _jsonl_file_rows(f))
+
+
 def iter_rows(path, columns: list[str] | None = None) -> Iterator[dict]:
-    """Every row of a corpus (file or folder), streamed; only `columns` when given (a column a row
-    lacks reads as None)."""
-    for f in corpus_files(path):
-        if file_format(f) == "parquet":
-            for table in _parquet_batches(f, columns):
-                yield from table.to_pylist()
-        elif columns is None:
-            yield from _jsonl_file_rows(f)
-        else:
-            yield from ({c: row.get(c) for c in columns} for row in _jsonl_file_rows(f))
+    """Every row of a corpus (file or folder), streamed, in corpus order (a job's output folder: in
+    the order of its input); only `columns` when given (a column a row lacks reads as None)."""
+    parts = job_parts(path)
+    if parts is None:
+        for f in corpus_files(path):
+            yield from _file_rows(f, columns)
+        return
+    yield from _merged(parts, columns)
+
+
+def _merged(parts: list[tuple[str, list[list[int]]]], columns: list[str] | None) -> Iterator[dict]:
+    """The rows of a job's parts in input row order: a part is opened when the merge reaches its first
+    row, so only parts that overlap are open at once."""
+    heap: list = []
+    waiting = 0
+    while heap or waiting < len(parts):
+        while waiting < len(parts) and (not heap or parts[waiting][1][0][0] <= heap[0][0]):
+            path, intervals = parts[waiting]
+            rows = zip(_expand(intervals), _file_rows(path, columns), strict=True)
+            first = next(rows, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], waiting, first[1], rows))
+            waiting += 1
+        number, k, row, rows = heapq.heappop(heap)
+        yield row
+        following = next(rows, None)
+        if following is not None:
+            heapq.heappush(heap, (following[0], k, following[1], rows))
 
 
 def iter_batches(path, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
@@ -217,6 +311,9 @@ def corpus_ranges(path, range_bytes: int = RANGE_BYTES) -> list[dict]:
     out). Each: kind, path, first_row, rows, n_rows (the corpus' row count) and where it is in its
     file: JSONL `start`/`end` bytes and `first_line` (the lines before it in its file, blank ones
     included: error messages count them); Parquet `group`."""
+    parts = job_parts(path)
+    if parts is not None:
+        return _job_ranges(parts)
     pieces: list[dict] = []
     first = 0
     for f in corpus_files(path):
@@ -236,7 +333,32 @@ def corpus_ranges(path, range_bytes: int = RANGE_BYTES) -> list[dict]:
         else:
             found, first = _jsonl_ranges(f, max(1, range_bytes), first)
             pieces += found
-    return [{**piece, "n_rows": first} for piece in pieces]
+    return [{**piece, "n_rows": first, "numbers": [[piece["first_row"], piece["first_row"] + piece["rows"]]]}
+            for piece in pieces]
+
+
+def _job_ranges(parts: list[tuple[str, list[list[int]]]]) -> list[dict]:
+    """The pieces of a job's output folder, numbered in input order (dense): each part's row groups
+    (a JSONL part is one piece), with the corpus numbers of their rows as intervals (`numbers`)."""
+    dense = _Dense(parts)
+    pieces = []
+    for path, intervals in parts:
+        if file_format(path) == "parquet":
+            with storage.open_input(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+            groups = [(g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        else:
+            groups = [(None, sum(b - a for a, b in intervals))]
+        seen = 0
+        for group, rows in groups:
+            if not rows:
+                continue
+            numbers = dense.dense(_positions(intervals, seen, seen + rows))
+            piece = {"kind": "parquet", "group": group} if group is not None else {"kind": "jsonl.part"}
+            pieces.append({**piece, "path": path, "first_row": numbers[0][0], "rows": rows, "numbers": numbers})
+            seen += rows
+    pieces.sort(key=lambda p: p["first_row"])
+    return [{**piece, "n_rows": dense.n} for piece in pieces]
 
 
 def _jsonl_ranges(path, range_bytes: int, first_row: int) -> tuple[list[dict], int]:
@@ -267,14 +389,16 @@ def _jsonl_ranges(path, range_bytes: int, first_row: int) -> tuple[list[dict], i
 def read_range(piece: dict) -> Iterator[tuple[int, dict]]:
     """(row number, row) of each row of one piece of corpus_ranges, exactly as iter_rows gives them."""
     row = int(piece["first_row"])
+    numbers = _expand(piece["numbers"]) if "numbers" in piece else None
     if piece["kind"] == "parquet":
         with storage.open_input(piece["path"]) as handle:
             table = pq.ParquetFile(handle).read_row_group(int(piece["group"]))
-        yield from enumerate(table.to_pylist(), row)
+        rows = table.to_pylist()
+        yield from zip(numbers, rows, strict=True) if numbers is not None else enumerate(rows, row)
         return
-    if piece["kind"] == "jsonl.gz":
-        for offset, data in enumerate(_jsonl_file_rows(piece["path"])):
-            yield row + offset, data
+    if piece["kind"] in ("jsonl.gz", "jsonl.part"):
+        rows = _jsonl_file_rows(piece["path"])
+        yield from zip(numbers, rows, strict=True) if numbers is not None else enumerate(rows, row)
         return
     fs, inner = storage.filesystem(piece["path"])
     with fs.open_input_file(inner) as handle:

@@ -13,6 +13,7 @@ Faults (options; tickets in `fault_dir` so that a total holds over every process
   dead_after N, deaths K   after N calls the engine dies: every call (and check) raises a CUDA
                            error, as a process whose device faulted does; K such deaths in all
   kill_after N, kills K    after N calls the process SIGKILLs itself (OOM killer, preemption)
+  hang_after N, hangs K    after N calls a call never returns (a stuck device, a lost engine process)
   poison_token T           a sequence holding token id T raises ValueError: a row fault, the
                            engine stays healthy
 """
@@ -23,6 +24,7 @@ import hashlib
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +59,8 @@ class FakeEngine:
     name = "fake"
 
     def __init__(self, model: str | None = None, *, max_length: int = 2048, dead_after: int | None = None,
-                 deaths: int = 0, kill_after: int | None = None, kills: int = 0, fault_dir: str | None = None,
-                 poison_token: int | None = None, tokenizer=None):
+                 deaths: int = 0, kill_after: int | None = None, kills: int = 0, hang_after: int | None = None,
+                 hangs: int = 0, fault_dir: str | None = None, poison_token: int | None = None, tokenizer=None):
         from transformers import AutoTokenizer
 
         from opsft.models import resolve_model
@@ -68,6 +70,7 @@ class FakeEngine:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         self.max_length = int(max_length)
         self.dead_after, self.deaths, self.kill_after, self.kills = dead_after, deaths, kill_after, kills
+        self.hang_after, self.hangs = hang_after, hangs
         self.fault_dir, self.poison_token = fault_dir, poison_token
         self.calls = 0
         self.dead = False
@@ -81,6 +84,10 @@ class FakeEngine:
         if self.kill_after is not None and self.calls > self.kill_after and take_ticket(self.fault_dir, "kill",
                                                                                           self.kills):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang_after is not None and self.calls > self.hang_after and take_ticket(self.fault_dir, "hang",
+                                                                                          self.hangs):
+            while True:  # a call that never returns (a stuck device)
+                time.sleep(3600)
         if self.dead_after is not None and self.calls > self.dead_after and take_ticket(self.fault_dir, "death",
                                                                                           self.deaths):
             self.dead = True

@@ -168,6 +168,37 @@ def _engine_core_in_process(on: bool):
             os.environ[name] = before
 
 
+@contextlib.contextmanager
+def dead_core_raises(llm, poll_s: float = 1.0):
+    """While a call runs: if the runner's engine core process dies, the call raises vLLM's
+    EngineDeadError instead of waiting for ever. vLLM 0.32's synchronous multiprocess client marks the
+    engine dead when its core process exits, but a call already waiting on the output queue is never
+    woken (its async client does wake it: the same error is put on the queue, as here). The runner
+    whose core runs in this process (the generate runner) has no such queue: nothing to watch."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources, queue = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+    if resources is None or queue is None:
+        yield
+        return
+    import threading
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(poll_s):
+            if resources.engine_dead:
+                queue.put_nowait(EngineDeadError())
+                return
+
+    threading.Thread(target=watch, name="opsft-vllm-core-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -273,15 +304,20 @@ class VLLMEngine:
 
         ids = list(self.tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"])[:6] or [0, 0]
         if "score" in self.runners:
-            self.runners["score"].encode([{"prompt_token_ids": ids}], pooling_task="token_embed", use_tqdm=False)
+            with dead_core_raises(self.runners["score"]):
+                self.runners["score"].encode([{"prompt_token_ids": ids}], pooling_task="token_embed", use_tqdm=False)
         if "generate" in self.runners:
-            self.runners["generate"].generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0),
-                                              use_tqdm=False)
+            with dead_core_raises(self.runners["generate"]):
+                self.runners["generate"].generate([{"prompt_token_ids": ids}],
+                                                  SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
 
     def close(self) -> None:
         """Shut the started runners down and free their memory (the engine can start them again)."""
         for llm in self.runners.values():
-            llm.llm_engine.engine_core.shutdown()
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - a runner whose core died may fail to shut down; it is gone anyway
+                pass
         self.runners.clear()
         gc.collect()
         if not self.cpu:
@@ -310,8 +346,9 @@ class VLLMEngine:
         weight, bias = self.head()
         results: list[TokenScores] = []
         for group in token_groups([len(s) for s in sequences], self.max_batch_tokens):
-            outputs = llm.encode([{"prompt_token_ids": list(sequences[i])} for i in group],
-                                 pooling_task="token_embed", use_tqdm=False)
+            with dead_core_raises(llm):
+                outputs = llm.encode([{"prompt_token_ids": list(sequences[i])} for i in group],
+                                     pooling_task="token_embed", use_tqdm=False)
             hidden, labels = [], []
             for i, out in zip(group, outputs, strict=True):
                 data = out.outputs.data
@@ -338,7 +375,9 @@ class VLLMEngine:
             raise ValueError("the top-k scorer supports temperature 1 only (use scorer='exact')")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.top_k, detokenize=False)
         prompts = [{"prompt_token_ids": list(seq)} for seq in sequences]
-        outputs = self.runner("generate").generate(prompts, params, use_tqdm=False)
+        runner = self.runner("generate")
+        with dead_core_raises(runner):
+            outputs = runner.generate(prompts, params, use_tqdm=False)
         results = []
         for seq, start, out in zip(sequences, starts, outputs, strict=True):
             logps, ents = [], []
@@ -360,8 +399,9 @@ class VLLMEngine:
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                                   stop_token_ids=stops, detokenize=False)
-        outputs = self.runner("generate").generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
-                                                   use_tqdm=False)
+        runner = self.runner("generate")
+        with dead_core_raises(runner):
+            outputs = runner.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
         result = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)

@@ -141,7 +141,7 @@ def _actor_step(ds, step: StepSpec, pool: PoolConfig, monitor):
     ds = ds.map_batches(
         EngineActor,
         fn_constructor_kwargs={"engine": _engine_payload(step.engine), "fn": step.fn, "fn_kwargs": step.fn_kwargs,
-                               "monitor": monitor, "step": step.name},
+                               "monitor": monitor, "step": step.name, "stall_timeout_s": pool.stall_timeout_s},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         batch_size=pool.batch_size, batch_format="pyarrow", zero_copy_batch=False, **resources, **custom,
     )
@@ -172,9 +172,8 @@ def _todo(pieces: list[dict], done: parts.Progress) -> list[dict]:
     """The input pieces that still hold rows to do, each with the intervals of its rows already done."""
     todo = []
     for piece in pieces:
-        first, stop = int(piece["first_row"]), int(piece["first_row"]) + int(piece["rows"])
-        mine = parts.within(done.intervals, first, stop)
-        if parts.covered(mine) < stop - first:
+        mine = [iv for a, b in piece["numbers"] for iv in parts.within(done.intervals, a, b)]
+        if parts.covered(mine) < int(piece["rows"]):
             todo.append({"piece": json.dumps(piece), "done": json.dumps(mine)})
     return todo
 
@@ -266,7 +265,7 @@ def run_job(spec: JobSpec) -> dict:
         "error_rows_total": int(after.stats.get("error_rows", 0)),
         "parts": after.parts,
         "engine_faults": report["engine_faults"],
-        "batches_retried": report["batches_retried"],
+        "batch_retries": report["batch_retries"],
         "tokens": res["tokens"],
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(res["tokens"] / elapsed, 1) if elapsed > 0 else None,
@@ -295,15 +294,14 @@ def end_job(monitor) -> None:
 
 def _failure(spec: JobSpec, exc: Exception, report: dict) -> str:
     """One line: why the job stopped (the monitor's reason when it gave up on a batch)."""
-    text = " ".join(str(exc).split())
-    start = text.find("batch ")
-    if start >= 0 and "was started" in text[start:]:  # the monitor's own words, inside Ray's wrapping
-        reason = text[start:].split(" Traceback")[0]
+    if report.get("stopped"):  # the monitor gave up on a batch: its own words
+        reason = report["stopped"]
     else:
+        text = " ".join(str(exc).split())
         last = report["faults"][-1]["cause"] if report["faults"] else None
         reason = f"{type(exc).__name__}: {text[:300]}" + (f"; last engine fault: {last}" if last else "")
-    return (f"{spec.name} stopped ({report['engine_faults']} engine fault(s), {report['batches_retried']} batch(es) "
-            f"retried): {reason}; rows written so far are kept, a rerun resumes")
+    return (f"{spec.name} stopped ({report['engine_faults']} engine fault(s), {report['batch_retries']} batch "
+            f"retries): {reason}; rows written so far are kept, a rerun resumes")
 
 
 def score_spec(input: str, output: str, engine: EngineConfig, pool: PoolConfig, *, include_eos: bool = False,

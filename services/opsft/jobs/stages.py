@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -93,8 +94,9 @@ class JobMonitor:
         self.max_tries = max_tries
         self.tries: collections.Counter = collections.Counter()
         self.faults: list[dict] = []
-        self.retried = 0  # batches that finished after at least one retry
+        self.retries = 0  # tries beyond the first of the batches that finished (a batch tried 3 times: 2)
         self.engines: list = []  # every engine actor of the job (run_job ends them all when the job ends)
+        self.stopped: str | None = None  # why the job was given up, when it was
 
     def register(self, actor) -> None:
         self.engines.append(actor)
@@ -111,18 +113,18 @@ class JobMonitor:
         cause = (f"engine fault: {mine[-1]['cause']} (on {mine[-1]['host']}, pid {mine[-1]['pid']})" if mine else
                  "its engine actor died each time without reporting an engine fault (killed: out of memory, "
                  "preemption, a lost node?)")
-        return (f"batch {key} was started {self.tries[key]} times (at most {self.max_tries}): {cause}; "
-                f"{len(self.faults)} engine fault(s) in this job. A rerun resumes where it stopped")
+        self.stopped = (f"batch {key} was started {self.tries[key]} times (at most {self.max_tries}): {cause}; "
+                        f"{len(self.faults)} engine fault(s) in this job")
+        return self.stopped
 
     def end(self, key: str) -> None:
-        if self.tries.pop(key, 1) > 1:
-            self.retried += 1
+        self.retries += self.tries.pop(key, 1) - 1
 
     def fault(self, record: dict) -> None:
         self.faults.append(record)
 
     def report(self) -> dict:
-        return {"engine_faults": len(self.faults), "batches_retried": self.retried,
+        return {"engine_faults": len(self.faults), "batch_retries": self.retries, "stopped": self.stopped,
                 "faults": self.faults[-20:], "unfinished": dict(self.tries)}
 
 
@@ -132,11 +134,15 @@ class EngineActor:
     restarts the actor with a new engine and runs the batch again; a batch started more than the
     monitor allows fails the job, naming the cause."""
 
-    def __init__(self, engine: dict, fn: str, fn_kwargs: dict | None = None, monitor=None, step: str = "step"):
+    def __init__(self, engine: dict, fn: str, fn_kwargs: dict | None = None, monitor=None, step: str = "step",
+                 stall_timeout_s: float | None = None):
         from opsft.engines import make_engine
 
         start = time.monotonic()
         self.fn, self.fn_kwargs, self.monitor, self.step = load_function(fn), dict(fn_kwargs or {}), monitor, step
+        self.busy: tuple[str, float] | None = None  # the batch running now, and since when
+        if stall_timeout_s:
+            threading.Thread(target=self._watch, args=(stall_timeout_s,), name="opsft-stall-watch", daemon=True).start()
         self.engine = make_engine(engine["kind"], engine.get("model"), **engine.get("options", {}))
         self.guard = Guard(self.engine)
         if monitor is not None:  # so that the job ends this actor even when Ray Data loses track of it
@@ -151,13 +157,26 @@ class EngineActor:
             stop = ray.get(self.monitor.begin.remote(key))
             if stop:
                 raise JobFailed(stop)
+        self.busy = (key, time.monotonic())
         try:
             out = self.guard.apply(self.fn, rows_of(batch), self.fn_kwargs)
         except EngineFault as fault:
             self._die(key, fault)
+        finally:
+            self.busy = None
         if self.monitor is not None:
             self.monitor.end.remote(key)
         return with_rows(batch, out)
+
+    def _watch(self, limit_s: float) -> None:
+        """A batch that runs longer than limit_s is taken for a hung engine (a call that never returns:
+        a stuck device, an engine process lost without an error): an engine fault."""
+        while True:
+            time.sleep(min(5.0, limit_s / 4))
+            busy = self.busy
+            if busy is not None and time.monotonic() - busy[1] > limit_s:
+                self._die(busy[0], EngineFault(f"the engine stalled: no result for {limit_s:g} s "
+                                               f"(pool.stall_timeout_s) in stage {self.step}"))
 
     def _die(self, key: str, fault: EngineFault) -> None:
         """Record the fault, then end this process: Ray restarts the actor (a new engine) and runs the

@@ -2,7 +2,9 @@
 tokenizer, and score several requests in one call of opsft.scoring.score_rows (the same code
 `opsft score` runs, so the numbers are the same up to the float noise of batched matmuls).
 
-A request ("job") is answered either {"results": [...]} or {"status": 4xx, "detail": why}.
+A request ("job") is answered either {"results": [...]} or {"status": 4xx, "detail": why}. An
+engine that fails (opsft.faults: an engine fault) is never a 4xx: `score_jobs_guarded` raises
+EngineFault, and the replica answers 503 and asks to be replaced.
 """
 
 from __future__ import annotations
@@ -80,3 +82,23 @@ def score_jobs(engine, jobs: list[Job], temperature: float = 1.0) -> list[dict]:
             else:
                 answers[k] = {"results": [answer_row(engine.tokenizer, r, jobs[k].return_tokens) for r in mine]}
     return answers  # type: ignore[return-value]
+
+
+def score_jobs_guarded(guard, jobs: list[Job], temperature: float = 1.0) -> list[dict]:
+    """score_jobs on guard.engine (an opsft.faults.Guard) with its rules: a failure the engine is to
+    blame for raises EngineFault (no answer is a 4xx then); otherwise each job is scored alone, and a
+    job that still fails alone on a healthy engine is answered 422, naming the cause."""
+    from opsft.faults import describe
+
+    try:
+        return score_jobs(guard.engine, jobs, temperature)
+    except Exception as exc:  # noqa: BLE001 - the engine's fault (raised again) or one request's
+        guard.blame(exc)
+    answers = []
+    for job in jobs:
+        try:
+            answers += score_jobs(guard.engine, [job], temperature)
+        except Exception as exc:  # noqa: BLE001
+            guard.blame(exc)
+            answers.append({"status": 422, "detail": f"the model cannot score this request: {describe(exc)}"})
+    return answers

@@ -4,10 +4,12 @@
   replica that starts later (autoscaling, restart) loads what the registry names.
 - Scorer (the replicas that hold an engine): validates each request's items with the
   tokenizer, merges concurrent requests into one scoring call (@serve.batch), runs it on
-  one worker thread, and swaps engines on `load(record)` while requests keep flowing.
+  one worker thread, and swaps engines on `load(record)` while requests keep flowing. An
+  engine fault (opsft.faults: the engine, re-checked, fails) answers 503 and fails the
+  replica's health check, so Serve replaces it; it is never a 4xx on a good request.
 - ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth; sends a request again when the
-  scorer replica it went to dies (scoring has no side effects); on a reload it promotes the
-  new checkpoint in the registry and broadcasts `load` to every scorer replica.
+  scorer replica it went to dies or its engine failed (scoring has no side effects); on a reload
+  it promotes the new checkpoint in the registry and broadcasts `load` to every scorer replica.
 
 The engine is built by `engine_factory(model)`; the default makes an opsft engine from the
 config (tests may hand in another picklable callable).
@@ -30,7 +32,8 @@ from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from opsft.config import EngineConfig, ServeConfig
-from opsft.serve.core import Job, check_job, score_jobs
+from opsft.faults import EngineFault, Guard
+from opsft.serve.core import Job, check_job, score_jobs_guarded
 from opsft.serve.http import Limits, build_http_app
 
 log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
@@ -96,7 +99,8 @@ class Scorer:
         self.replica = replica_name()
         record = await registry.current.remote()
         engine = await asyncio.to_thread(self.factory, record["model"])
-        self.current = (engine, record, utc_now())  # swapped as one attribute
+        self.current = (engine, record, utc_now(), Guard(engine))  # swapped as one attribute
+        self.dead: str | None = None  # an engine fault: this replica answers 503 until Serve replaces it
         self._score_batch.set_max_batch_size(self.cfg.max_batch_requests)
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.items = Counter("opsft_scored_items", description="items scored")
@@ -108,7 +112,18 @@ class Scorer:
         log.info("scorer %s serving %s (version %d, %d torch threads)", self.replica, engine.model_id,
                  record["version"], threads)
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine failed is replaced (a new process, a new engine)."""
+        if self.dead:
+            raise RuntimeError(f"scorer {self.replica}: engine fault: {self.dead}")
+
+    def unavailable(self) -> dict:
+        return {"status": 503, "engine_fault": True,
+                "detail": f"the scorer's engine failed ({self.dead}); the replica is being replaced, try again"}
+
     async def score(self, job: Job) -> dict:
+        if self.dead:
+            return self.unavailable()
         engine = self.current[0]
         error = check_job(engine, job)
         if error is not None:
@@ -122,12 +137,25 @@ class Scorer:
         return await self._run(jobs)
 
     async def _run(self, jobs: list[Job]) -> list[dict]:
-        engine, record, _ = self.current  # in-flight calls finish on the engine they started with
+        engine, record, _, guard = self.current  # in-flight calls finish on the engine they started with
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         self.in_flight[id(engine)] += 1
         try:
-            answers = await loop.run_in_executor(self.worker, score_jobs, engine, jobs, self.cfg.temperature)
+            call = loop.run_in_executor(self.worker, score_jobs_guarded, guard, jobs, self.cfg.temperature)
+            try:
+                answers = await asyncio.wait_for(asyncio.shield(call), self.cfg.stall_timeout_s)
+            except TimeoutError:  # a call that never returns: the engine hung (its thread is left to the replica's end)
+                raise EngineFault(f"the engine stalled: no result for {self.cfg.stall_timeout_s:g} s "
+                                  "(stall_timeout_s)") from None
+        except EngineFault as fault:
+            if self.current[0] is engine:  # a reload since may have replaced it already
+                self.dead = str(fault)
+                log.error("scorer %s: engine fault (%s); answering 503 until Serve replaces this replica",
+                          self.replica, fault)
+                return [self.unavailable() for _ in jobs]
+            return [{"status": 503, "engine_fault": True, "detail": f"the previous engine failed ({fault}); "
+                     "try again"} for _ in jobs]
         finally:
             self.in_flight[id(engine)] -= 1
         seconds = time.perf_counter() - start
@@ -150,7 +178,8 @@ class Scorer:
                 start = time.perf_counter()
                 engine = await asyncio.to_thread(self.factory, record["model"])
                 old = self.current[0]
-                self.current = (engine, record, utc_now())
+                self.current = (engine, record, utc_now(), Guard(engine))
+                self.dead = None  # a new engine
                 self.retiring.add(asyncio.create_task(self._retire(old)))
                 log.info("scorer %s now serves %s (version %d), loaded in %.1f s", self.replica,
                          engine.model_id, record["version"], time.perf_counter() - start)
@@ -172,7 +201,7 @@ class Scorer:
             self.retiring.discard(asyncio.current_task())
 
     def info(self) -> dict:
-        engine, record, loaded_at = self.current
+        engine, record, loaded_at, _ = self.current
         return {"replica": self.replica, "model": engine.model_id, "version": record["version"],
                 "loaded_at": loaded_at}
 
@@ -194,6 +223,19 @@ async def retry_if_replica_died(call, attempts: int = SCORE_ATTEMPTS):
             log.warning("scorer replica died during a request (%s); sending it again (try %d of %d)",
                         type(exc).__name__, attempt + 1, attempts)
     raise AssertionError("unreachable")
+
+
+async def retry_engine_faults(call, attempts: int = SCORE_ATTEMPTS) -> dict:
+    """`await call()`, made again (up to `attempts` in all) while its answer says the scorer's engine
+    failed (that replica answers 503 until Serve replaces it; the router picks another). A 503 only
+    when every try met a failed engine."""
+    for attempt in range(1, attempts + 1):
+        answer = await call()
+        if not answer.get("engine_fault"):
+            return answer
+        log.warning("a scorer's engine failed under a request (try %d of %d): %s", attempt, attempts,
+                    answer["detail"])
+    return answer
 
 
 def replica_name() -> str:
@@ -239,7 +281,9 @@ class ScoreAPI:
         self.latency.observe(ms, tags={"route": route})
 
     async def score(self, job: Job) -> dict:
-        return await retry_if_replica_died(lambda: self.scorer.score.remote(job))
+        """The scorer's answer; sent again (to another replica, as the router picks) when the replica died
+        or its engine failed."""
+        return await retry_engine_faults(lambda: retry_if_replica_died(lambda: self.scorer.score.remote(job)))
 
     async def models(self, replicas: list[dict] | None = None) -> dict:
         record = await self.registry.current.remote()

@@ -194,8 +194,9 @@ def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
         job = Job(rows=[item.as_row() for item in req.items], include_eos=req.include_eos,
                   return_tokens=req.return_tokens)
         answer = await service.score(job)
-        if "status" in answer:
-            return json_error(answer["status"], answer["detail"])
+        if "status" in answer:  # a 503 (the engine failed; its replica is being replaced) says when to come back
+            return json_error(answer["status"], answer["detail"],
+                              headers={"Retry-After": "5"} if answer["status"] == 503 else None)
         return answer
 
     @app.post("/v1/models/reload", response_model=ModelsResponse, responses=ERRORS)

@@ -13,19 +13,19 @@ import functools
 import pickle
 from pathlib import Path
 
-import numpy as np
-
 from opsft.data import storage
 from opsft.data.reader import RANGE_BYTES, corpus_files, corpus_ranges, read_range
-from opsft.train.data import OVERLONG
+from opsft.train.data import OVERLONG, PrepareStats
 from opsft.train.shards import (
     DATA_CPUS,
     ERROR,
     MIN_RANGE_BYTES,
+    OK,
     STATUSES,
     TOKENISE_BATCH,
+    TOO_LONG,
+    TRUNCATED,
     check_usable,
-    corpus_stats,
     tokenise_rows,
 )
 
@@ -110,23 +110,27 @@ def worker_datasets(ds, world_size: int, name: str = "train") -> dict:
 def corpus_summary(ds, source: str = "corpus", max_length: int | None = None, eval_rows: int = 0,
                    check: bool = True) -> dict:
     """PrepareStats.as_dict() of a corpus_dataset, from its light columns streamed to the driver (no
-    token ids: ~30 bytes a row), raising on the driver, before any training worker starts, what
+    token ids; counts per batch, and the row and reason of each error row only: the driver's memory
+    does not grow with the corpus), raising on the driver, before any training worker starts, what
     prepare_data raises (unless check is false): no rows, no usable row, eval_rows leaving no
     training row."""
-    cols, errors, response_tokens = {"row": [], "status": [], "length": []}, [], 0
+    stats = PrepareStats()
+    errors: list[tuple[int, str]] = []
     for batch in ds.select_columns(["row", "status", "reason", "length", "response_tokens"]).iter_batches(
             batch_format="numpy", batch_size=65536):
-        for key in cols:
-            cols[key].append(batch[key])
-        bad = batch["status"] == STATUSES[ERROR]
+        names = batch["status"].astype(str)
+        usable = (names == STATUSES[OK]) | (names == STATUSES[TRUNCATED])
+        stats.rows += len(names)
+        stats.used += int(usable.sum())
+        stats.too_long_skipped += int((names == STATUSES[TOO_LONG]).sum())
+        stats.truncated += int((names == STATUSES[TRUNCATED]).sum())
+        stats.tokens += int(batch["length"][usable].sum())
+        stats.response_tokens += int(batch["response_tokens"].sum())
+        bad = names == STATUSES[ERROR]
         errors += list(zip(batch["row"][bad].tolist(), batch["reason"][bad].tolist(), strict=True))
-        response_tokens += int(batch["response_tokens"].sum())
-    rows = np.concatenate(cols["row"]) if cols["row"] else np.zeros(0, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    status = np.array([STATUSES.index(str(x)) for x in np.concatenate(cols["status"])[order]], dtype=np.int8) \
-        if len(rows) else np.zeros(0, dtype=np.int8)
-    lengths = np.concatenate(cols["length"])[order] if len(rows) else np.zeros(0, dtype=np.int64)
-    stats = corpus_stats(status, lengths, [{"errors": errors, "response_tokens": response_tokens}])
+    for _, reason in sorted(errors):  # in file order: the dict's order too
+        stats.count_error(reason)
+    out = stats.as_dict()
     if check:
-        check_usable(stats, source, max_length, eval_rows)
-    return stats
+        check_usable(out, source, max_length, eval_rows)
+    return out
