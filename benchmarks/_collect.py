@@ -52,7 +52,11 @@ QUICK_ARGS = {
     "score_cli": ["--rows", "2", "--repeats", "1"],
     "hinted_vllm": ["--items", "2", "--new-tokens", "4", "--vllm-items", "2"],
     "train_data": ["--rows", "200"],
+    "scale_rehearsal": ["--quick"],
 }
+# The settings of a full run where they are not the script's defaults: the rehearsal at three sizes, so
+# that its figures show the driver's memory against the rows (issue 26).
+FULL_ARGS = {"scale_rehearsal": ["--rows", "100000", "300000", "1000000"]}
 # Benchmarks that measure a CUDA device: left out of a full run on a machine without one (their
 # --quick mode runs on the CPU, so QUICK=1 keeps them); `--only NAME` runs them anyway.
 NEEDS_CUDA = {"gpu_check"}
@@ -114,7 +118,7 @@ def run_benchmarks(scripts: dict[str, Path], quick: bool = False) -> tuple[list[
     with tempfile.TemporaryDirectory() as tmp:
         for name, script in scripts.items():
             shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-            cmd = [sys.executable, str(shown), *(QUICK_ARGS.get(name, []) if quick else [])]
+            cmd = [sys.executable, str(shown), *(QUICK_ARGS.get(name, []) if quick else FULL_ARGS.get(name, []))]
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             scratch = Path(tmp) / f"{name}.jsonl"
             runs.append(run_one(name, cmd, scratch))

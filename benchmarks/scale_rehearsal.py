@@ -168,10 +168,10 @@ def run_sizes(args) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="opsft-rehearsal-", dir=args.workdir) as work:
             cmd = [sys.executable, __file__, "--one", str(rows), "--workdir", work, *forwarded(args)]
             print(f"== {rows:,} rows: {' '.join(cmd[1:])}", flush=True)
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd)
             if proc.returncode:
                 raise SystemExit(f"the rehearsal of {rows} rows failed (exit {proc.returncode})")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results.append(json.loads((Path(work) / "result.json").read_text()))
             show(results[-1])
     return results
 
@@ -206,15 +206,18 @@ def main() -> None:
     parser.add_argument("--rows-per-part", type=int, default=20_000)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--workdir", help="where the corpora and outputs go (default: the system temp folder)")
+    parser.add_argument("--json", help="also write each size's figures to this file (a JSON list)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process of one size
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
-    if args.one is not None:
-        print(json.dumps(rehearse(args.one, args, Path(args.workdir))), flush=True)
+    if args.one is not None:  # the child: its figures to <workdir>/result.json (Ray Data logs to stdout)
+        (Path(args.workdir) / "result.json").write_text(json.dumps(rehearse(args.one, args, Path(args.workdir))))
         return
     if args.quick:
         args.rows, args.fault_after, args.batch, args.rows_per_part = [3000], 4, 64, 500
     results = run_sizes(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import Recorder

@@ -130,5 +130,7 @@ def bucket(s3_server, request):
     import pyarrow.fs as pafs
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
-    pafs.S3FileSystem(allow_bucket_creation=True).create_dir(name)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http",
+                      allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}"

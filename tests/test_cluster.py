@@ -70,7 +70,7 @@ def test_submitted_score_job_spreads_over_two_nodes_and_equals_the_local_run(tmp
 
 def test_plan_asks_for_the_custom_resource_and_leaves_the_pool_its_cpus(ray_local, tmp_path):
     """No cluster needed: the plan of a job whose pool asks for a custom resource, and whose light
-    stages (read, parse, reblock, write) ask for LIGHT_CPUS, so that a pool of 2 x 0.75 CPUs on
+    stages (read, reblock, write) ask for LIGHT_CPUS, so that a pool of 2 x 0.75 CPUs on
     2 CPUs still leaves them room (a reblocking task of Ray Data's default 1 CPU would wait forever)."""
     from opsft.config import EngineConfig, PoolConfig
     from opsft.jobs.pipeline import LIGHT_CPUS, JobSpec, build_plan
@@ -79,13 +79,12 @@ def test_plan_asks_for_the_custom_resource_and_leaves_the_pool_its_cpus(ray_loca
     pool = PoolConfig(min_size=2, max_size=2, num_cpus=0.75, resources={"opsft_engine": 1})
     plan = build_plan(JobSpec(input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o.parquet"),
                               fn="opsft.scoring:score_rows", engine=EngineConfig(), pool=pool))
-    assert plan.stages[3].resources == {"num_cpus": 0.75, "num_gpus": 0.0, "opsft_engine": 1,
-                                        "max_restarts": 3, "max_task_retries": 3}
+    assert plan.stages[2].resources == {"num_cpus": 0.75, "num_gpus": 0.0, "opsft_engine": 1, "max_task_retries": 3}
     actors = plan.dataset._logical_plan.dag
     assert actors.ray_remote_args["resources"] == {"opsft_engine": 1} and actors.ray_remote_args["num_cpus"] == 0.75
     reblock = actors.input_dependencies[0]
     assert type(reblock).__name__ == "StreamingRepartition" and reblock.ray_remote_args == {"num_cpus": LIGHT_CPUS}
-    assert reblock.input_dependencies[0].ray_remote_args["num_cpus"] == LIGHT_CPUS  # parse
+    assert reblock.input_dependencies[0].ray_remote_args["num_cpus"] == LIGHT_CPUS  # read
     # what Ray Data makes of it: every task before the actors asks for LIGHT_CPUS
     from ray.data._internal.logical.optimizers import get_execution_plan
 

@@ -293,11 +293,11 @@ def test_engine_deaths_kills_and_hangs_are_retried_never_written_and_poison_rows
     tok = FakeEngine().tokenizer
     poison = tok(" zebra", add_special_tokens=False)["input_ids"][-1]
     rows = [{"id": f"r{i}", "prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1),
-             "response": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."} for i in range(40)]
+             "response": f"{i} + {i + 1} = {2 * i + 1}. The answer is {2 * i + 1}."} for i in range(28)]
     rows[7]["response"] = "A zebra. The answer is 15."  # scored: the engine raises for it alone (a row fault)
     write_jsonl(tmp_path / "in.jsonl", rows)  # with one line that is not JSON
     # four faults in all: even a batch that met every one of them is tried once more (4 retries)
-    pool = PoolConfig(num_cpus=0.25, batch_size=4, max_task_retries=4, stall_timeout_s=5)
+    pool = PoolConfig(num_cpus=0.25, batch_size=4, max_task_retries=4, stall_timeout_s=3)
 
     def run(job: str, name: str, faults: dict | None) -> tuple[dict, list[dict]]:
         fake = {"poison_token": poison, **(faults or {})}

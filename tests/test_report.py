@@ -81,3 +81,48 @@ def test_cli_report_reads_files_and_job_folders(tmp_path):
                  "--output", str(tmp_path / "rep")]) == 0
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["sources"]["orig"]["rows"] == 21 and set(summary["pairs"]) == {"mine__orig"}
+
+
+def test_streamed_figures_equal_numpy_and_the_brute_force_count_on_any_split(tmp_path):
+    """The report's columns go to sorted runs on disk (report.SortedColumn): with runs of a few values
+    (many runs, as at 10M rows), the AUROC is the exact pair count, quantiles and the histogram equal
+    numpy's, mean and std equal numpy's to float64 rounding."""
+    from opsft.report import SortedColumn, streamed_auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(25):
+        a = rng.integers(-4, 5, rng.integers(1, 60)) * rng.choice([1.0, 0.25])
+        b = np.round(rng.normal(0, 2, rng.integers(1, 60)), int(rng.integers(0, 3)))
+        ca, cb = SortedColumn(str(tmp_path), run=7), SortedColumn(str(tmp_path), run=5)
+        for chunk in np.array_split(a, 3):
+            ca.add(chunk)
+        for chunk in np.array_split(b, 4):
+            cb.add(chunk)
+        assert streamed_auroc(ca, cb) == pytest.approx(brute_auroc(a, b), abs=1e-12)
+        for q in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0):
+            assert ca.quantile(q) == np.quantile(a, q) and cb.quantile(q) == np.quantile(b, q)
+        assert ca.mean_ == pytest.approx(a.mean(), abs=1e-12) and ca.std == pytest.approx(a.std(), abs=1e-9)
+        edges = np.linspace(a.min() - 0.1, a.max() + 0.3, 9)
+        assert (ca.histogram(edges) == np.histogram(a, edges)[0]).all()
+
+
+def test_a_hostile_scored_file_and_tokens_beyond_the_plot_range(tmp_path):
+    """Scores that are not finite numbers are error rows, in Parquet (vectorised) as in JSONL (row by
+    row); token phi all beyond the clipped plot range still plots."""
+    from opsft.data.corpus import write_rows
+
+    rows = [{"id": str(i), "cll": 0.1 * i, "logprob_mean": -1.0, "cll_frac_pos": 0.5, "n_tokens": 3,
+             "error": None, "token_phi": [9.0, 10.0, 11.0]} for i in range(6)]
+    rows += [{"id": "nan", "cll": float("nan"), "logprob_mean": -1.0, "cll_frac_pos": 0.5, "n_tokens": 3},
+             {"id": "inf", "cll": 1.0, "logprob_mean": float("inf"), "cll_frac_pos": 0.5, "n_tokens": 3},
+             {"id": "err", "cll": 1.0, "logprob_mean": -1.0, "cll_frac_pos": 0.5, "error": "bad"},
+             {"id": "empty-err", "cll": 2.0, "logprob_mean": -1.0, "cll_frac_pos": 0.5, "error": ""}]
+    for ext in ("parquet", "jsonl"):
+        write_rows(rows, tmp_path / f"s.{ext}")
+        summary = build_report([("x", str(tmp_path / f"s.{ext}")), ("y", rows)], tmp_path / f"rep-{ext}")
+        for label in ("x", "y"):
+            src = summary["sources"][label]
+            assert (src["rows"], src["error_rows"], src["cll"]["n"]) == (10, 3, 7), (ext, label)
+            assert src["token_phi"]["n"] == 18 and src["token_phi"]["frac_pos"] == 1.0
+        assert summary["pairs"]["x__y"]["cll"]["auroc"] == pytest.approx(0.5)
+        assert (tmp_path / f"rep-{ext}" / "token_phi_hist.png").exists()

@@ -350,12 +350,20 @@ class ScheduleConfig(Strict):
     cron: str = Field("0 3 * * *", description="minute hour day-of-month month day-of-week")
     timezone: str | None = Field(None, description="IANA name (e.g. Europe/Paris); None = this machine's local time")
     address: str | None = Field(None, description="Ray dashboard address; None = RAY_ADDRESS, else local subprocess")
-    state_dir: str | None = Field(None, description="history and lock; None = <realign output_dir>/.schedule")
+    state_dir: str | None = Field(None, description="history and lock (a POSIX folder); None = <realign "
+                                  "output_dir>/.schedule")
     working_dir: str | None = Field(".", description="Ray mode: uploaded as the job's working_dir; None = "
                                                      "use the opsft installed in the cluster's image")
     entrypoint: str | None = Field(None, description="None = python -m opsft.cli realign --config <config>")
     pip: list[str] = Field(default_factory=list, description="Ray mode: extra pip requirements of the job")
     poll_s: float = Field(30.0, gt=0, description="seconds between status checks of the running job")
+
+    @model_validator(mode="after")
+    def _state_dir_is_posix(self):
+        from opsft.data.storage import require_posix
+
+        require_posix(self.state_dir, "state_dir (the scheduler's lock and history)")
+        return self
 
 
 # ---------------------------------------------------------------------------- rewriting (opsft rewrite)

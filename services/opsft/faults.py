@@ -112,8 +112,8 @@ def _probe_ids(engine) -> list[int]:
 
 
 def probe(engine, capabilities: set[str]) -> None:
-    """Known-good requests through each capability (raises what the engine raises): the engine's
-    own `check()` when no capability is named (or it has one and nothing was served yet)."""
+    """Known-good requests through each of these capabilities (raises what the engine raises); with
+    none named (the engine has served nothing yet), the engine's own `check()`, if it has one."""
     base = unwrap(engine)
     if not capabilities:
         check = getattr(base, "check", None)

@@ -43,9 +43,16 @@ def run_local_job(input: str, output: str, fn: Callable, fn_kwargs: dict, slot: 
     work = {out: work_folder(out) for out in outputs}
     for folder in work.values():
         parts.remove_temporaries(folder)
-    done = parts.progress(*work.values())
-    parts.claim(list(work.values()), parts.job_identity(input, steps or [getattr(fn, "__qualname__", str(fn))]),
-                has_rows=done.parts > 0)
+    identity = parts.job_identity(input, steps or [getattr(fn, "__qualname__", str(fn))])
+    try:
+        done = parts.progress(*work.values())
+        parts.claim(list(work.values()), identity, has_rows=done.parts > 0)
+    except ValueError as exc:  # the work folder of an earlier, different run (opsft's own): started afresh
+        log.warning("%s; starting afresh", exc)
+        for folder in work.values():
+            storage.delete(folder)
+        done = parts.progress(*work.values())
+        parts.claim(list(work.values()), identity, has_rows=False)
     if done.rows:
         log.info("resuming an interrupted run: %d rows already done in %s", done.rows, work[output])
     pieces = corpus_ranges(input)

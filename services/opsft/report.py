@@ -365,6 +365,8 @@ def _edges(columns: list[SortedColumn], bins: int, clip: tuple[float, float] | N
     hi = max(c.hi for c in columns if c.n)
     if clip:
         lo, hi = max(lo, clip[0]), min(hi, clip[1])
+        if not lo < hi:  # every value beyond one end of the clip range: show the whole range
+            lo, hi = clip
     if not lo < hi:
         lo, hi = lo - 0.5, hi + 0.5
     return np.linspace(lo, hi, bins + 1)

@@ -71,8 +71,8 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     (results with their labels, the markdown table)."""
     import gc
     import json
-    from pathlib import Path
 
+    from opsft.data import storage
     from opsft.data.corpus import refuse_overwrite, write_rows, write_text_atomic
     from opsft.data.reader import read_rows
     from opsft.engines import make_engine
@@ -83,7 +83,7 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     if not tasks:
         raise ValueError("no tasks to evaluate (--tasks)")
     if cfg.output:
-        refuse_overwrite([cfg.output, *(Path(cfg.output) / name for name in OUTPUT_FILES)], cfg.exclude)
+        refuse_overwrite([cfg.output, *(storage.join(cfg.output, name) for name in OUTPUT_FILES)], cfg.exclude)
     exclude = [row for path in cfg.exclude for row in read_rows(path)]
     models = [labelled(m) for m in cfg.models] or [("default", None)]
     if len({label for label, _ in models}) != len(models):
@@ -104,10 +104,10 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
         results.append({"label": label, **result})
         items += [{"model": label, **r} for r in records]
     table = results_table(results, [r["label"] for r in results])
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "eval.json", json.dumps({"config": cfg.model_dump(), "results": results}, indent=2))
-        write_text_atomic(out / "table.md", table + "\n")
-        write_rows(items, out / "items.jsonl")
+    if cfg.output:  # a folder, or a URI (s3://...)
+        out = cfg.output
+        write_text_atomic(storage.join(out, "eval.json"),
+                          json.dumps({"config": cfg.model_dump(), "results": results}, indent=2))
+        write_text_atomic(storage.join(out, "table.md"), table + "\n")
+        write_rows(items, storage.join(out, "items.jsonl"))
     return results, table

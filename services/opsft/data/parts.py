@@ -185,7 +185,7 @@ def progress(*folders: str) -> Progress:
     of their complete parts. A part without a manifest (written by another tool or an older
     opsft) cannot be placed: refused, in one line."""
     out = Progress()
-    spans: list[list[int]] = []
+    spans: list[list[int]] = []  # merged as records are read: the done rows are few intervals, not one per batch
     for folder in folders:
         check_folder(folder)
         entries = storage.listdir(folder)
@@ -198,13 +198,14 @@ def progress(*folders: str) -> Progress:
                                  f"{e.base_name}.json), so its rows cannot be matched to the input: it was not "
                                  "written by this version of opsft; write to a new output folder")
             record = json.loads(storage.read_bytes(storage.full_path(folder, manifests[e.base_name].path)))
-            spans += record["intervals"]
+            spans, twice = merge(spans + record["intervals"])
+            out.duplicated += twice
             out.rows += int(record["rows"])
             out.parts += 1
             for key, value in record.items():
                 if key not in ("part", "rows", "intervals") and isinstance(value, int | float):
                     out.stats[key] = out.stats.get(key, 0) + value
-    out.intervals, out.duplicated = merge(spans)
+    out.intervals = spans
     return out
 
 

@@ -41,6 +41,7 @@ from opsft.data.corpus import BOM, file_format, parse_jsonl_line, rows_table
 RANGE_BYTES = 16 << 20  # a JSONL piece is at least this long (up to the next line end), or the rest of the file
 WINDOW = 16 << 20  # bytes read at a time when a JSONL file is streamed
 BATCH_ROWS = 8192  # rows per Arrow batch when a file is streamed
+MERGE_BATCH_ROWS = 256  # rows each open part holds while a job's parts are merged in input order
 PART_PREFIX = "part-"
 MANIFEST_PREFIX = ".rows-"  # opsft.data.parts: a part's progress record (the input rows it holds)
 JOB_FILE = ".opsft-job.json"  # opsft.data.parts: what a job's output folder is the output of
@@ -167,8 +168,9 @@ def _last_line_end(buf: bytes) -> int:
     return max(buf.rfind(b"\n") + 1, buf.rfind(b"\r", 0, len(buf) - 1) + 1)
 
 
-def _jsonl_file_rows(path) -> Iterator[dict]:
-    """The rows of one JSONL file, streamed (lines numbered from 1, blank lines counted)."""
+def _jsonl_file_rows(path, window: int = WINDOW) -> Iterator[dict]:
+    """The rows of one JSONL file, streamed `window` bytes at a time (lines numbered from 1, blank
+    lines counted)."""
     lineno = 0
     if _gz(path):
         data = gzip.decompress(storage.read_bytes(path))
@@ -176,7 +178,7 @@ def _jsonl_file_rows(path) -> Iterator[dict]:
     else:
         fs, inner = storage.filesystem(path)
         handle = fs.open_input_stream(inner)
-        windows = _jsonl_windows(handle, WINDOW)
+        windows = _jsonl_windows(handle, window)
     try:
         for piece in windows:
             for raw in piece.splitlines():
@@ -207,14 +209,14 @@ def _parquet_batches(path, columns: list[str] | None, batch_rows: int = BATCH_RO
             yield table
 
 
-def _file_rows(f, columns: list[str] | None) -> Iterator[dict]:
+def _file_rows(f, columns: list[str] | None, batch_rows: int = BATCH_ROWS) -> Iterator[dict]:
     if file_format(f) == "parquet":
-        for table in _parquet_batches(f, columns):
+        for table in _parquet_batches(f, columns, batch_rows):
             yield from table.to_pylist()
-    elif columns is None:
-        yield from _jsonl_file_rows(f)
     else:
-        yield from ({c: row.get(c) for c in columns} for row in _jsonl_file_rows(f))
+        window = WINDOW if batch_rows >= BATCH_ROWS else 1 << 18
+        rows = _jsonl_file_rows(f, window)
+        yield from rows if columns is None else ({c: row.get(c) for c in columns} for row in rows)
 
 
 def iter_rows(path, columns: list[str] | None = None) -> Iterator[dict]:
@@ -230,13 +232,14 @@ def iter_rows(path, columns: list[str] | None = None) -> Iterator[dict]:
 
 def _merged(parts: list[tuple[str, list[list[int]]]], columns: list[str] | None) -> Iterator[dict]:
     """The rows of a job's parts in input row order: a part is opened when the merge reaches its first
-    row, so only parts that overlap are open at once."""
+    row, so only parts that overlap are open at once (parts written side by side interleave: a job
+    over few large input pieces may have all its parts open), each holding MERGE_BATCH_ROWS rows."""
     heap: list = []
     waiting = 0
     while heap or waiting < len(parts):
         while waiting < len(parts) and (not heap or parts[waiting][1][0][0] <= heap[0][0]):
             path, intervals = parts[waiting]
-            rows = zip(_expand(intervals), _file_rows(path, columns), strict=True)
+            rows = zip(_expand(intervals), _file_rows(path, columns, MERGE_BATCH_ROWS), strict=True)
             first = next(rows, None)
             if first is not None:
                 heapq.heappush(heap, (first[0], waiting, first[1], rows))
