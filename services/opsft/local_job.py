@@ -55,7 +55,7 @@ def run_local_job(input: str, output: str, fn: Callable, fn_kwargs: dict, slot: 
         parts.claim(list(work.values()), identity, has_rows=False)
     if done.rows:
         log.info("resuming an interrupted run: %d rows already done in %s", done.rows, work[output])
-    pieces = corpus_ranges(input)
+    pieces = corpus_ranges(input, 4 << 20)
     n_rows = pieces[0]["n_rows"] if pieces else 0
     counts = {"rows": 0, "error_rows": 0, "dropped": 0}
     chunk: list[tuple[int, dict]] = []

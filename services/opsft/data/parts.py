@@ -37,6 +37,9 @@ from opsft.data import reader, storage
 from opsft.data.corpus import file_format, jsonl_line, rows_table
 
 PART_PREFIX, MANIFEST_PREFIX, JOB_FILE = reader.PART_PREFIX, reader.MANIFEST_PREFIX, reader.JOB_FILE
+# Rows per Parquet row group of a part: reading a job's folder in input order keeps one row group of
+# each part that overlaps others in memory, so small groups keep that small (~1 MB a part).
+PART_ROW_GROUP = 1024
 
 # Arrow types for the columns opsft adds, so a part whose rows are all errors (nulls)
 # still has the same schema as the others.
@@ -130,7 +133,7 @@ def write_part(folder: str, rows: list[dict], row_numbers: list[int],
     path = storage.join(folder, name)
     with storage.atomic_output(path) as handle:
         if fmt == "parquet":
-            pq.write_table(rows_table(rows, column_types), handle)
+            pq.write_table(rows_table(rows, column_types), handle, row_group_size=PART_ROW_GROUP)
         else:
             for row in rows:
                 handle.write(jsonl_line(row))

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # CPU share of the light stages (read, write): actors that take every CPU of a node must not
 # starve them (2 engine actors x 1 CPU on a 2-CPU machine would otherwise never write a row).
 LIGHT_CPUS = 0.25
+# Bytes of JSONL input per read task: small pieces keep the output's parts close to input order (parts
+# written side by side hold rows of the pieces in flight), which keeps reading them in order cheap.
+JOB_RANGE_BYTES = 4 << 20
 
 
 @dataclass
@@ -188,7 +191,7 @@ def build_plan(spec: JobSpec, monitor=None) -> Plan:
         pool = step.pool or spec.pool
         if pool.min_size > pool.max_size:
             raise ValueError(f"{step.name}: pool.min_size {pool.min_size} > pool.max_size {pool.max_size}")
-    pieces = corpus_ranges(spec.input)
+    pieces = corpus_ranges(spec.input, JOB_RANGE_BYTES)
     n_rows = pieces[0]["n_rows"] if pieces else 0
     done = parts.progress(*spec.outputs())
     todo = _todo(pieces, done)
