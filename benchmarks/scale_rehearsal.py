@@ -63,22 +63,6 @@ def write_corpus(path: Path, rows: int, bad: int) -> int:
     return written_bad
 
 
-def tiny_model(folder: Path) -> str:
-    """A 2-layer random Llama with the embedded model's tokenizer: the model training moves."""
-    import torch
-    from opsft.models import default_model_dir
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 class RSS:
     """The driver's resident set size, sampled every 0.2 s, with the peak of each stage."""
 
@@ -112,7 +96,10 @@ def rehearse(rows: int, args, work: Path) -> dict:
     corpus = work / "corpus.jsonl"
     start = time.monotonic()
     bad = write_corpus(corpus, rows, args.bad_rows)
-    model = tiny_model(work / "tiny")
+    from opsft.models import default_model_dir
+    from reliability import tiny_checkpoint  # a 2-layer random Llama with the embedded model's tokenizer
+
+    model = tiny_checkpoint(str(default_model_dir()), str(work / "tiny"))
     setup_s = time.monotonic() - start
     faults = work / "faults"
     cfg = RealignConfig.model_validate({

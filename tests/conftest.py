@@ -82,6 +82,15 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_model, tokenizer) -> str:
+    """The tiny random checkpoint on disk (engine actors and replicas load a folder): fast, deterministic."""
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster (2 CPUs) for the whole test session."""
     import ray

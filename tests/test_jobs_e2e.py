@@ -84,15 +84,6 @@ def test_score_job_preserves_rows_and_matches_in_process(ray_local, tmp_path, re
     assert table.schema.field("cll").type == pa.float64() and table.num_rows == len(rows) + 1
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_model, tokenizer) -> str:
-    """The tiny random checkpoint on disk (engine actors load a folder): fast, deterministic."""
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    tiny_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _killed_once(rows, engine, fn, tickets, kill_at, fn_kwargs):
     """The row function `fn`, except that the call holding ticket `kill_at` (calls are numbered
     in the order they start, across actors) SIGKILLs its own actor process, like an OOM kill:

@@ -25,14 +25,6 @@ def corpus_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_model, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    tiny_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def same_rows(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
     assert [r["id"] for r in a] == [r["id"] for r in b]
     for x, y in zip(a, b, strict=True):

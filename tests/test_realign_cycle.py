@@ -111,14 +111,6 @@ def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, mode
     assert Cycle(cfg).fingerprint(Cycle(cfg).current_model()) != resumed["fingerprint"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_model, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    tiny_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_a_training_worker_killed_inside_a_cycle_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dir, ray_local):
     """Two Ray Train workers (float64), one SIGKILLed after step 2 of 4 inside the cycle's train stage:
     Ray Train restarts the group from the step-2 checkpoint (train.max_failures, default 3) and the

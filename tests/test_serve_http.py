@@ -48,14 +48,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_model, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    tiny_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, model_dir):
     """What `opsft score --tokens` writes for ITEMS (the real CLI, in-process)."""
     from opsft.cli import main
@@ -320,17 +312,16 @@ def test_slow_clients_hold_no_one_up(base):
 # ---------------------------------------------------------------------------- a replica killed mid-request
 
 
-class BlockFirstCall:
-    """Engine factory: an HF engine whose first scoring call, across all replicas, writes its
-    replica's pid to `marker` and then waits to be killed; every later call scores normally."""
+class Wrapped:
+    """Engine factory: an HF engine wrapped in `wrapper(engine, marker)` (a test's engine that misbehaves)."""
 
-    def __init__(self, marker: str):
-        self.marker = marker
+    def __init__(self, wrapper, marker: str):
+        self.wrapper, self.marker = wrapper, marker
 
     def __call__(self, model: str | None):
         from opsft.engines.hf import HFEngine
 
-        return BlockingEngine(HFEngine(model, device="cpu"), self.marker)
+        return self.wrapper(HFEngine(model, device="cpu"), self.marker)
 
 
 class BlockingEngine:
@@ -359,7 +350,9 @@ def test_a_request_on_a_killed_replica_is_answered_by_another(base, tiny_dir, tm
 
     marker = tmp_path / "blocked"
     cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=2, num_cpus=0.1, torch_threads=1)
-    serve.run(build_app(cfg, engine_factory=BlockFirstCall(str(marker))), name="faulty", route_prefix="/faulty")
+    # the first scoring call, across all replicas, writes its replica's pid to `marker` and waits to be killed
+    serve.run(build_app(cfg, engine_factory=Wrapped(BlockingEngine, str(marker))), name="faulty",
+              route_prefix="/faulty")
     try:
         answer = {}
         sent = threading.Thread(target=lambda: answer.update(r=httpx.post(
@@ -379,19 +372,6 @@ def test_a_request_on_a_killed_replica_is_answered_by_another(base, tiny_dir, tm
 
 
 # ---------------------------------------------------------------------------- an engine that dies in its replica
-
-
-class DieAfterFirstCall:
-    """Engine factory: the first replica's HF engine dies after one scoring call (every later call raises
-    a plain RuntimeError, as a process whose device faulted does); replicas made after that are healthy."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __call__(self, model: str | None):
-        from opsft.engines.hf import HFEngine
-
-        return DyingEngine(HFEngine(model, device="cpu"), self.marker)
 
 
 class DyingEngine:
@@ -417,7 +397,9 @@ def test_a_dead_engine_is_a_503_then_a_new_replica_never_a_422(base, tiny_dir, t
 
     marker = tmp_path / "died"
     cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=1, num_cpus=0.1, torch_threads=1, batching=False)
-    serve.run(build_app(cfg, engine_factory=DieAfterFirstCall(str(marker))), name="dying", route_prefix="/dying")
+    # the first replica's engine dies after one call (every later call raises, as a device fault makes it);
+    # replicas made after that are healthy
+    serve.run(build_app(cfg, engine_factory=Wrapped(DyingEngine, str(marker))), name="dying", route_prefix="/dying")
     try:
         url = base + "/dying/v1/score"
         assert httpx.post(url, json={"items": ITEMS[:1]}, timeout=300).status_code == 200
