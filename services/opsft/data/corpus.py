@@ -258,7 +258,7 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> None:
                 handle.write(jsonl_line(row))
 
 
-def write_rows_chunked(make_rows: Callable[[], Iterable[dict]], path: str | Path, chunk_rows: int = 50_000) -> int:
+def write_rows_chunked(make_rows: Callable[[], Iterable[dict]], path: str | Path, chunk_rows: int = 10_000) -> int:
     """write_rows for more rows than memory holds: `make_rows()` returns a fresh iterator of the rows
     each time it is called. JSONL is written in one pass. Parquet takes two: the first finds each
     column's type over all chunks of `chunk_rows` rows (types Arrow can widen are widened, int to
