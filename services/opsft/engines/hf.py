@@ -75,15 +75,32 @@ class HFEngine:
         return ids.to(self.device), attn.to(self.device)
 
     def _plain_head(self):
-        """The LM head's (weight, bias) in float32 when the logits are a plain linear map of the
-        decoder's last hidden state, else None (e.g. final_logit_softcapping: the model's own
-        logits are used). A bf16 / fp16 head is cast per call (its values exactly), so the logits,
-        log p and H are float32 whatever the weights' dtype; an fp32 head is used as it is."""
+        """The LM head's (weight, bias) in float32 when the logits are a linear map of the decoder's
+        last hidden state (opsft.models.plain_lm_head: a plain head, or a logit scale such as Cohere's
+        logit_scale or Granite's logits_scaling folded in), else None (e.g. final_logit_softcapping:
+        the model's own logits are used). A bf16 / fp16 head is cast per call (its values exactly), so
+        the logits, log p and H are float32 whatever the weights' dtype; an fp32 head with no scale
+        is used as it is.
+
+        The first call for a model checks the head path against the model's own logits on one short
+        probe sequence (opsft.models.head_mismatch: for families opsft.models.HEAD_FAMILIES does not
+        describe); when they differ beyond what rounding explains, it warns once and this engine
+        scores that model with its own logits from then on."""
+        import warnings
+
+        from opsft.models import head_mismatch
+
         head = plain_lm_head(self.model)
         if head is None:
             return None
-        bias = head.bias.float() if head.bias is not None else None
-        return head.weight.float(), bias
+        verdict = getattr(self, "_head_verdict", None)  # (id of the model checked, whether its head path agrees)
+        if verdict is None or verdict[0] != id(self.model):
+            problem = head_mismatch(self.model, head)
+            if problem is not None:
+                warnings.warn(f"{self.model_id}: {problem}; scoring with the model's own logits instead (a "
+                              "[tokens x vocab] logits tensor per batch)", RuntimeWarning, stacklevel=3)
+            verdict = self._head_verdict = (id(self.model), problem is None)
+        return head.fold() if verdict[1] else None
 
     @torch.inference_mode()
     def score_tokens(self, sequences, starts, temperature: float = 1.0) -> list[TokenScores]:

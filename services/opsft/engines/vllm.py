@@ -39,7 +39,7 @@ import numpy as np
 from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.method.cll import DEFAULT_CHUNK
-from opsft.models import head_transform, resolve_model
+from opsft.models import head_spec, resolve_model
 
 SCORERS = ("exact", "topk")
 CPU_MAX_MODEL_LEN = 1024  # what fits the CPU KV cache of the default settings
@@ -91,22 +91,27 @@ def _safetensors_names(folder: Path) -> dict[str, Path]:
 
 
 def load_lm_head(model_id: str, device="cpu"):
-    """The LM head of a causal LM checkpoint as float32 (weight [V, d], bias [V] or None) on `device`.
+    """The LM head of a causal LM checkpoint as float32 (weight [V, d], bias [V] or None) on `device`,
+    such that the model's logits are hidden @ weight.T + bias for the hidden states vLLM's pooling
+    runner returns.
 
     Which tensor it is comes from the transformers model class, built on the meta device (no
     weights): the output embedding's weight, or, with tied word embeddings and no separate
-    head in the checkpoint, the input embedding's. Models whose logits are not a plain linear
-    map of the final hidden state (opsft.models.HEAD_TRANSFORMS, e.g. Gemma's soft-capping) are refused."""
+    head in the checkpoint, the input embedding's. A family's logit scale (opsft.models.head_spec:
+    Cohere's logit_scale, Granite's logits_scaling, ...) is folded in, in float32 (weight * s, bias
+    * s), except one vLLM's forward already applies to the hidden states (MiniCPM's scale_width);
+    models whose logits are not a linear map of the final hidden state (Gemma's soft-capping,
+    opsft.models.HEAD_FAMILIES) are refused with a ValueError naming the family and the field."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = checkpoint_folder(model_id)
     config = AutoConfig.from_pretrained(str(folder))
-    transform = head_transform(config)
-    if transform:
-        raise ValueError(f"{model_id}: its logits are transformed ({transform}); the exact vllm "
-                         "scorer applies a plain LM head: use the hf engine for this model")
+    try:  # the scales vLLM's pooled hidden states do not carry yet (HeadSpec.for_vllm_pooled)
+        spec = head_spec(config).for_vllm_pooled()
+    except ValueError as exc:  # opsft.models.UnsupportedHead: one line, with what to do
+        raise ValueError(f"{model_id}: {exc}") from exc
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     module_names = {id(m): name for name, m in skeleton.named_modules()}
@@ -131,7 +136,7 @@ def load_lm_head(model_id: str, device="cpu"):
     if weight.shape != head.weight.shape:
         raise ValueError(f"{model_id}: {name} has shape {tuple(weight.shape)}, the head needs "
                          f"{tuple(head.weight.shape)}")
-    return weight.to(device=device, dtype=torch.float32), bias
+    return spec.fold(weight.to(device=device, dtype=torch.float32), bias, inplace=True)  # read just now: ours
 
 
 def token_groups(lengths: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:

@@ -159,12 +159,15 @@ class LossHead(torch.nn.Module):
         cols = (labels != IGNORE).any(0).nonzero()
         first = int(cols[0]) if len(cols) else labels.shape[1] - 1
         head = plain_lm_head(self.lm) if fused else None
-        if head is not None:
+        if head is not None and head.scale_as_temperature:
+            # a family's logit scale s (opsft.models.head_spec) as a temperature: s * z / T = z / (T / s),
+            # exact, and the gradient is the scaled head's; rows past an unpadded vocabulary dropped
+            weight, bias = head.spec.rows(head.linear.weight), head.spec.rows(head.linear.bias)
             with autocast:
                 hidden = self.lm.get_decoder()(**inputs).last_hidden_state
-            logp, ent = linear_logprob_entropy(hidden[:, first:], head.weight, labels[:, first:], temperature,
-                                               bias=head.bias)
-            vocab = head.weight.shape[0]
+            logp, ent = linear_logprob_entropy(hidden[:, first:], weight, labels[:, first:],
+                                               temperature / head.spec.weight_scale, bias=bias)
+            vocab = weight.shape[0]
         else:
             with autocast:
                 logits = self.lm(**inputs, logits_to_keep=labels.shape[1] - first).logits
