@@ -102,13 +102,30 @@ def token_logprob_entropy(
     return logp.reshape(labels.shape), ent.reshape(labels.shape)
 
 
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  temperature: float) -> torch.Tensor:
+    """(h @ weight.T + bias) / temperature of a chunk, a new tensor of `dtype`: made in the weight's
+    dtype, then cast and divided in place (the values of `.to(dtype) / temperature`, without a
+    second chunk x V tensor)."""
+    return torch.nn.functional.linear(h, weight, bias).to(dtype).div_(temperature)
+
+
 class _LinearLogprobEntropy(torch.autograd.Function):
     """log p(label) and H(p) from final hidden states and an LM head, chunk by chunk of
     positions: the [chunk x V] logits of a chunk exist only while it is processed, in the forward
     pass and again (recomputed) in the backward pass. Saves hidden, the head and logsumexp per
     position: never [positions x V]. Gradients for hidden, weight and bias through log p (H carries
     none, as in _LogprobEntropy). Logits are made in the weight's dtype with autocast off (an
-    fp32 head gives fp32 logits under bf16 autocast), softmax and log p in compute_dtype."""
+    fp32 head gives fp32 logits under bf16 autocast), softmax and log p in compute_dtype.
+
+    The backward pass's hidden gradient (g @ head, g the [chunk x V] compute_dtype gradient of
+    the logits) is computed in compute_dtype from one compute_dtype copy of the head, cast once per
+    backward call and held until it returns: for a bf16 / fp16 head (e.g. under FSDP bf16 mixed
+    precision) V x d float32, as large as the float32 weight gradient held beside it; no copy for a
+    float32 or float64 head, nor when hidden needs no gradient. (Casting per chunk cast the whole
+    head n / chunk_size times.) In the backward pass a chunk's logits, their softmax and g are one
+    compute_dtype tensor, rewritten in place and freed before the next chunk's: one chunk x V tensor
+    at a time (two while the weight-dtype logits are cast), beside the head's copy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size):
@@ -120,8 +137,9 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
-                z = torch.nn.functional.linear(hidden[sl].to(weight.dtype), weight, bias).to(dtype) / temperature
+                z = _chunk_logits(hidden[sl].to(weight.dtype), weight, bias, dtype, temperature)
                 logp[sl], ent[sl], lses[sl] = _chunk_scores(z, labels[sl])
+                del z  # before the next chunk's logits are made
         ctx.save_for_backward(hidden, weight, bias, labels, lses)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(ent)
@@ -136,21 +154,26 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        # the head in compute_dtype for g @ head, cast once for all chunks (the weight itself when
+        # it already has that dtype)
+        weight_c = weight.to(dtype) if need_h else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 sl = slice(start, start + chunk)
                 h = hidden[sl].to(weight.dtype)
-                z = torch.nn.functional.linear(h, weight, bias).to(dtype) / tau
-                # d log p / d z = (onehot - p) / tau, times the incoming gradient of each position
-                g = torch.exp(z.sub_(lses[sl].unsqueeze(-1))).mul_(-grad_logp[sl].unsqueeze(-1))
+                # d log p / d z = (onehot - p) / tau, times the incoming gradient of each position,
+                # in place on the chunk's logits
+                g = _chunk_logits(h, weight, bias, dtype, tau).sub_(lses[sl].unsqueeze(-1)).exp_()
+                g.mul_(-grad_logp[sl].unsqueeze(-1))
                 g.scatter_add_(-1, labels[sl, None], grad_logp[sl, None])
                 g.div_(tau)
                 if need_h:
-                    grad_h[sl] = (g @ weight.to(dtype)).to(hidden.dtype)
+                    grad_h[sl] = (g @ weight_c).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(g.t(), h.to(dtype))
                 if need_b:
                     grad_b += g.sum(0)
+                del g  # before the next chunk's logits are made
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
