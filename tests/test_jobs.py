@@ -124,6 +124,7 @@ def test_apply_rows_isolates_a_failing_row():
 def test_actor_maps_a_batch_and_keeps_row_numbers():
     actor = EngineActor.__new__(EngineActor)  # no engine needed to check the mapping
     actor.fn, actor.fn_kwargs, actor.engine, actor.monitor, actor.step = _fails_on_poison, {}, "e", None, "s"
+    actor.busy = {}
     actor.guard = Guard(Tagged("e"))
     batch = pa.table({"row": [pickle.dumps({"id": "1"}), pickle.dumps({"id": "2"})], "id": ["1", "2"],
                       ROW: [4, 9]})
@@ -147,6 +148,33 @@ def test_job_flags_and_submission_request():
     assert ".venv" in sub["runtime_env"]["excludes"]
     with pytest.raises(ValueError, match="opsft command"):
         build_submission(["rm", "-rf"])
+
+
+@pytest.mark.slow
+def test_vllm_generation_stages_keep_several_calls_in_flight(ray_local, tmp_path):
+    from opsft.config import RewriteConfig
+    from opsft.jobs.pipeline import build_plan, rewrite_spec
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"prompt": "1+1?", "response": "2", "answer": "2"}) + "\n")
+    cfg = RewriteConfig(engine={"kind": "vllm"}, pool={"num_gpus": 1})
+    plan = build_plan(rewrite_spec(cfg, str(corpus), str(tmp_path / "out.parquet")))
+    actors = {s.name.split(":")[0]: s for s in plan.stages if s.kind == "actors"}
+    calls = {name: s.resources["calls_in_flight"] for name, s in actors.items()}
+    # generation through the Feeder: 4 batches at once; hinted decoding's waves and scoring: one
+    assert calls == {"self-answer": 4, "hint": 4, "hinted-decoding": 1, "score": 1}
+    ops, op = {}, plan.dataset._logical_plan.dag
+    while op.input_dependencies:
+        if op.name == "MapBatches(EngineActor)":
+            ops[op.fn_constructor_kwargs["step"]] = op
+        op = op.input_dependencies[0]
+    assert ops["self-answer"].compute.max_concurrent_calls_per_actor == 4
+    assert ops["self-answer"].compute.enable_true_multi_threading
+    assert ops["self-answer"].fn_constructor_kwargs["engine"]["options"]["runners"] == ("generate",)
+    assert ops["score"].fn_constructor_kwargs["engine"]["options"]["runners"] == ("score",)
+    assert ops["hinted-decoding"].compute.max_concurrent_calls_per_actor is None
+    with pytest.raises(ValueError, match="hf engine takes one call at a time"):
+        RewriteConfig(pool={"calls_in_flight": 2})
 
 
 @pytest.mark.slow
@@ -175,6 +203,9 @@ def test_plan_from_config_has_configured_pool_and_gpu_resources(ray_local, tmp_p
     assert actors.resources["max_task_retries"] == 3
     assert op.fn_constructor_kwargs["engine"]["kind"] == "vllm"
     assert op.fn_constructor_kwargs["engine"]["options"]["tensor_parallel_size"] == 1
+    # a scoring stage starts the pooling runner only, with all of the memory share; one call at a time
+    assert op.fn_constructor_kwargs["engine"]["options"]["runners"] == ("score",)
+    assert actors.resources["calls_in_flight"] == 1 and op.compute.max_concurrent_calls_per_actor is None
     reblock = op.input_dependencies[0]
     assert type(reblock).__name__ == "StreamingRepartition"
     assert reblock.input_dependencies[0].name == "MapBatches(read_pieces)"

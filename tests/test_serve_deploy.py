@@ -24,7 +24,7 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     (app,) = schema.applications
     assert app.import_path == "opsft.serve.app:app_builder"
     cfg = ServeConfig.model_validate(app.args)
-    assert cfg.num_gpus == 1 and cfg.engine.device == "cuda" and cfg.autoscaling.max_replicas == 4
+    assert cfg.num_gpus == 1 and cfg.engine.kind == "vllm" and cfg.autoscaling.max_replicas == 4
 
 
 def test_rayservice_serves_the_same_application():

@@ -43,6 +43,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, log_to_driv
                  runtime_env=driver_runtime_env())
 
 
+def accelerator_types() -> list[str]:
+    """The GPU types the connected Ray cluster reports (`accelerator_type:H100` resources), sorted; [] when
+    this process is not connected or the nodes name none."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+
+
 def dashboard_address(given: str | None) -> str:
     """The job API's address: `given`, else RAY_ADDRESS, else the local default; a bare host:port
     means the dashboard's HTTP address."""

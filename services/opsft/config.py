@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from opsft.method import loss_registry
 
+DEFAULT_MAX_MODEL_LEN = 16_384  # tokens an engine is sized for when max_model_len is unset (the model's context if
+# shorter): a 128k-context model would otherwise ask vLLM for a kv cache of 128k tokens before it scores a row
 ROWS_PER_PART = 20_000  # rows per part of a Ray Data job's output: ~500 parts for 10M rows (docs/data_jobs.md)
 
 
@@ -44,7 +46,10 @@ class EngineConfig(Strict):
     kind: Literal["hf", "vllm", "fake"] = Field("hf", description="hf (transformers), vllm, or fake: a "
                                                 "deterministic engine without a model, for rehearsals and tests")
     model: str | None = Field(None, description="local HF folder or hub id; None = the embedded default")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the body's weights and activations; None = float32 for hf (the exactness reference), "
+        "bfloat16 for vllm on a GPU (float32 on CPU). The LM head, the softmax, log p and H are float32 in every "
+        "case (bf16 body vs fp32: docs/data_jobs.md)")
     device: str | None = Field(None, description="hf only: 'cpu', 'cuda', ...; None = cuda if available")
     max_batch_size: int = Field(16, ge=1, description="rows per forward pass")
     max_batch_tokens: int = Field(8192, ge=64, description="hf: padded tokens per forward pass; vllm: tokens "
@@ -61,7 +66,11 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: GPU fraction for all its runners")
     score_memory_share: float = Field(0.4, gt=0, lt=1, description="vllm, scorer exact: the pooling runner's "
                                       "share of gpu_memory_utilization; the generate runner gets the rest")
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, ge=16, description="tokens per sequence the engine holds; None = the "
+                                      "model's context, at most DEFAULT_MAX_MODEL_LEN (16,384)")
+    runners: tuple[Literal["score", "generate"], ...] | None = Field(
+        None, description="vllm: the runners this engine starts (the job sets it per stage): one runner gets all of "
+        "gpu_memory_utilization; None = both, split by score_memory_share")
     top_k_logprobs: int = Field(20, ge=1, description="vllm, scorer topk: log-probs per position for the H estimate")
     fake: FakeOptions | None = Field(None, description="fake only: its fault injection (opsft.engines.fake)")
 
@@ -69,16 +78,31 @@ class EngineConfig(Strict):
         """The settings that change an engine's results (a job resumes only under the same ones)."""
         return {"kind": self.kind, "model": self.model, "dtype": self.dtype, "scorer": self.scorer}
 
+    def for_stage(self, need: str) -> EngineConfig:
+        """This engine for one stage's capability ("score", "generate", "decode"): a vLLM engine then starts
+        only the runner that stage uses, with all of gpu_memory_utilization."""
+        if self.kind != "vllm" or self.runners is not None:
+            return self
+        runner = "score" if need == "score" and self.scorer == "exact" else "generate"
+        return self.model_copy(update={"runners": (runner,)})
+
+    @model_validator(mode="after")
+    def _runners_not_empty(self):
+        if self.runners is not None and not self.runners:
+            raise ValueError("runners: name at least one of score, generate (or leave it unset)")
+        return self
+
     def options(self) -> dict[str, Any]:
         """Keyword arguments for opsft.engines.make_engine(kind, model, **options)."""
         if self.kind == "fake":
             return {"max_length": self.max_model_len or 2048, **(self.fake.model_dump() if self.fake else {})}
         if self.kind == "hf":
-            return {"dtype": self.dtype, "device": self.device, "max_batch_size": self.max_batch_size,
+            return {"dtype": self.dtype or "float32", "device": self.device, "max_batch_size": self.max_batch_size,
                     "max_batch_tokens": self.max_batch_tokens, "score_batch_tokens": self.score_batch_tokens}
         return {"dtype": self.dtype, "scorer": self.scorer, "tensor_parallel_size": self.tensor_parallel_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization,
                 "score_memory_share": self.score_memory_share, "max_model_len": self.max_model_len,
+                "runners": self.runners,
                 "max_batch_tokens": self.max_batch_tokens, "top_k_logprobs": self.top_k_logprobs}
 
 
@@ -90,6 +114,10 @@ class PoolConfig(Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (tensor_parallel_size for vLLM)")
     batch_size: int = Field(64, ge=1, description="rows handed to an actor per map_batches call")
+    calls_in_flight: int | None = Field(None, ge=1, description="map_batches calls one engine actor runs at once: a "
+                                        "vLLM engine serves them as one stream of requests, so its scheduler stays "
+                                        "full across batches (opsft.engines.vllm.Feeder); None = 4 for vLLM "
+                                        "generation stages, 1 otherwise (hf engines take one call at a time)")
     max_task_retries: int = Field(3, ge=0, description="times one batch is tried again after its engine faulted or "
                                   "its actor died (a new engine each time); then the job fails, naming the cause. "
                                   "In-process: times the engine is rebuilt for one batch")
@@ -98,6 +126,24 @@ class PoolConfig(Strict):
                                           "its batch retried on a new actor; None = wait for ever")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, e.g. "
                                         "{engine_slot: 1} to place engines on the nodes that offer that resource")
+
+
+def check_placement(engine: EngineConfig, pool: PoolConfig, where: str = "") -> None:
+    """Refuse (ValueError, one line) an engine its actors cannot hold: a vLLM engine's tensor-parallel ranks
+    each need a whole GPU of the actor, and a fraction of a GPU must cover vLLM's memory share."""
+    if engine.kind == "hf" and (pool.calls_in_flight or 1) > 1:
+        raise ValueError(f"{where + ': ' if where else ''}pool.calls_in_flight {pool.calls_in_flight}: an hf engine "
+                         "takes one call at a time (set 1, or use the vllm engine)")
+    if engine.kind != "vllm" or pool.num_gpus == 0:
+        return
+    tp, gpus = engine.tensor_parallel_size, pool.num_gpus
+    at = f"{where}: " if where else ""
+    if tp > 1 and (gpus != int(gpus) or gpus < tp):
+        raise ValueError(f"{at}pool.num_gpus {gpus:g} cannot hold tensor_parallel_size {tp} (one whole GPU per "
+                         f"rank): set pool.num_gpus: {tp}")
+    if gpus < 1 and engine.gpu_memory_utilization > gpus:
+        raise ValueError(f"{at}engine.gpu_memory_utilization {engine.gpu_memory_utilization:g} is more than the "
+                         f"actor's {gpus:g} GPU: set it to at most {gpus:g}")
 
 
 class ScoreConfig(Strict):
@@ -111,6 +157,11 @@ class ScoreConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     distributed: bool = Field(False, description="run as a Ray Data job (else in-process)")
     rows_per_part: int = Field(ROWS_PER_PART, ge=1, description="Ray Data job: rows per output part file")
+
+    @model_validator(mode="after")
+    def _engine_fits_its_actors(self):
+        check_placement(self.engine, self.pool)
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=Strict)
@@ -263,7 +314,9 @@ class TrainScaling(Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, ge=0, description="with use_gpu")
     cpus_per_worker: float = Field(1.0, ge=0)
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: FSDP2 shards parameters, gradients and "
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: ddp where the whole training "
+                                                      "state fits a GPU (opsft.plan), else fsdp; ddp on CPU. "
+                                                      "fsdp: FSDP2 shards parameters, gradients and "
                                               "optimiser state (one unit per decoder layer); bf16 mixed precision "
                                               "when autocast resolves to bf16")
 
@@ -444,14 +497,22 @@ class RewriteConfig(Strict):
 
         return [self.stage_pool(s, base) for s in stages_for(self.policy) if STAGE_NEEDS[s] is not None]
 
-    def check_stages(self, base: EngineConfig | None = None) -> None:
-        """Refuse (ValueError, one line) a stage whose engine cannot do it, before any job starts."""
+    def check_stages(self, base: EngineConfig | None = None, pool: PoolConfig | None = None) -> None:
+        """Refuse (ValueError, one line) a stage whose engine cannot do it, or whose actors cannot hold
+        its engine, before any job starts."""
         from opsft.engines.base import require
         from opsft.recipe import STAGE_NEEDS, stages_for
 
         for stage in stages_for(self.policy):
             if STAGE_NEEDS[stage] is not None:
                 require(self.stage_engine(stage, base).kind, STAGE_NEEDS[stage], stage)
+                check_placement(self.stage_engine(stage, base), self.stage_pool(stage, pool), stage)
+
+    @model_validator(mode="after")
+    def _engines_fit_their_actors(self):
+        for stage in REWRITE_STAGES:
+            check_placement(self.stage_engine(stage), self.stage_pool(stage), stage)
+        return self
 
 
 # ---------------------------------------------------------------------------- realignment (opsft realign)
@@ -504,7 +565,8 @@ class RealignConfig(Strict):
     def _rewrite_stages_can_run(self):
         # The cycle's engine serves scoring and the rewrite's stages (with rewrite.stages' overrides):
         # refuse an engine that cannot do a stage before any job starts, instead of erroring every row.
-        self.rewrite.check_stages(self.engine)
+        self.rewrite.check_stages(self.engine, self.pool)
+        check_placement(self.engine, self.pool, "score")
         return self
 
 

@@ -13,7 +13,8 @@ import logging
 import sys
 
 # Subcommand modules, in the order `opsft --help` lists them.
-COMMANDS = ["models", "score", "rewrite", "pairs", "report", "train", "eval", "serve", "realign", "schedule", "submit"]
+COMMANDS = ["models", "plan", "score", "rewrite", "pairs", "report", "train", "eval", "serve", "realign", "schedule",
+            "submit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

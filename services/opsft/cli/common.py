@@ -16,7 +16,8 @@ def add_model_flags(parser) -> None:
 
 def add_engine_flags(parser) -> None:
     parser.add_argument("--engine", choices=KINDS, help="model runner (default hf)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="engine dtype (default float32)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="engine dtype (default: float32 for hf, bfloat16 for vllm on a GPU)")
     parser.add_argument("--batch-size", type=int, help="rows per forward pass")
 
 

@@ -88,6 +88,10 @@ def run_eval(cfg, report=None) -> tuple[list[dict], str]:
     models = [labelled(m) for m in cfg.models] or [("default", None)]
     if len({label for label, _ in models}) != len(models):
         raise ValueError(f"model labels must differ: {[label for label, _ in models]}")
+    from opsft.plan import preflight
+
+    for _, path in models:  # a model whose engine cannot fit its GPU fails here, before any engine starts
+        preflight(cfg, path or cfg.engine.model)
     results, items = [], []
     for label, path in models:
         report(f"== {label}: {path or 'embedded default'}")

@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--input", help="JSONL or Parquet corpus (prompt|messages, response, answer)")
     parser.add_argument("--output", help="JSONL or Parquet file to write (by extension)")
     add_model_flags(parser)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default: float32 for hf, bfloat16 for vllm on a GPU)")
     parser.add_argument("--engine", choices=KINDS, help="engine of every stage (default hf)")
     parser.add_argument("--hd-engine", choices=KINDS, help="engine of the hinted-decoding stage "
                         "(default: --engine)")
@@ -62,6 +63,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from opsft.config import RewriteConfig, load_config
+    from opsft.plan import preflight
 
     cfg = load_config(RewriteConfig, args.config, {
         "input": args.input, "output": args.output, "engine.model": args.model, "engine.dtype": args.dtype,
@@ -75,6 +77,7 @@ def run(args) -> int:
         raise ValueError("--input and --output are required (on the command line or in --config)")
     check_corpus_paths(cfg.input, [cfg.output, dropped_path(cfg.output)])
     cfg.check_stages()  # an engine that cannot do a stage is refused here, before any model loads
+    preflight(cfg)  # so is a GPU stage that cannot fit (opsft plan)
     if cfg.distributed or cfg.address:
         print_summary("rewrite (Ray Data)", rewrite_distributed(cfg))
     else:

@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from opsft.config import ScoreConfig, load_config
+    from opsft.plan import preflight
 
     cfg = load_config(ScoreConfig, args.config, {
         **engine_overrides(args), "input": args.input, "output": args.output, "tokens": args.tokens,
@@ -41,6 +42,7 @@ def run(args) -> int:
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")
     check_corpus_paths(cfg.input, [cfg.output])
+    preflight(cfg)  # a GPU stage that cannot fit fails here, before any engine starts
     if cfg.distributed or cfg.address:
         print_summary("score (Ray Data)", score_distributed(cfg))
     else:
@@ -69,7 +71,8 @@ def score_in_process(cfg) -> dict:
     from opsft.local_job import run_local_job
     from opsft.scoring import SUMMARY_COLUMNS, score_rows, summary
 
-    slot = EngineSlot(lambda: engine_from_config(cfg.engine, "score"), retries=cfg.pool.max_task_retries,
+    engine = cfg.engine.for_stage("score")
+    slot = EngineSlot(lambda: engine_from_config(engine, "score"), retries=cfg.pool.max_task_retries,
                       what=f"{cfg.engine.kind} engine")
     kwargs = {"include_eos": cfg.include_eos, "tokens": cfg.tokens, "temperature": cfg.temperature}
     progress = Progress(0, "score")

@@ -49,6 +49,9 @@ def run(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     connect(args.address, num_cpus=args.num_cpus if not args.address else None, log_to_driver=True)
+    from opsft.plan import preflight
+
+    preflight(cfg)  # a replica that cannot fit its GPU fails here, before any engine loads
     signal.signal(signal.SIGTERM, stop_on_signal)  # `kill` stops Serve as cleanly as Ctrl-C
     try:
         url = run_local(cfg)

@@ -95,9 +95,10 @@ def add_parser(sub) -> None:
     g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     g.add_argument("--gpus-per-worker", type=float)
     g.add_argument("--cpus-per-worker", type=float)
-    g.add_argument("--strategy", choices=["ddp", "fsdp"],
-                   help="default ddp; fsdp shards parameters, gradients and optimiser state (FSDP2, one unit per "
-                        "decoder layer; --autocast bf16 / auto on GPU = bf16 mixed precision)")
+    g.add_argument("--strategy", choices=["auto", "ddp", "fsdp"],
+                   help="default auto: ddp where the whole training state fits a GPU (opsft plan), else fsdp. "
+                        "fsdp shards parameters, gradients and optimiser state (FSDP2, one unit per decoder layer; "
+                        "--autocast bf16 / auto on GPU = bf16 mixed precision)")
     g.add_argument("--address", help="Ray cluster address")
     g.add_argument("--local", action="store_true", help="train in this process without Ray (one worker)")
     p.set_defaults(run=run)

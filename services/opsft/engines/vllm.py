@@ -17,9 +17,12 @@ docs/data_jobs.md). Temperature 1 only. TokenScores.exact_entropy = False.
 
 Generation: vLLM's generate runner. Each runner is a separate vLLM engine, started on first
 use: `score_tokens` starts the pooling runner (the generate runner with scorer="topk"),
-`generate` the generate runner. On a GPU both share `gpu_memory_utilization`: the pooling
-runner takes `score_memory_share` of it, the generate runner the rest (scorer="exact"), so
-either can start first; a runner never used is never started (its share stays free).
+`generate` the generate runner. `runners` says which of them this engine may start: a job's stage
+starts one (its stage's), which then gets all of `gpu_memory_utilization`; with both (the default,
+an in-process rewrite that scores and generates) the pooling runner takes `score_memory_share` of
+it and the generate runner the rest, so either can start first. Weights default to bf16 on a GPU
+(float32 on CPU); the head opsft applies stays float32. `max_model_len` defaults to the model's
+context, at most opsft.config.DEFAULT_MAX_MODEL_LEN.
 
 vLLM spawns worker processes: scripts that build this engine need an
 `if __name__ == "__main__":` guard. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB, per runner), e.g. 2.
@@ -204,15 +207,147 @@ def dead_core_raises(llm, poll_s: float = 1.0):
         done.set()
 
 
+def external_id(request_id: str) -> str:
+    """A request's id as its outputs carry it: vLLM 0.32's add_request (and LLM.enqueue) return the
+    internal id, the given one with `-` and 8 random characters appended (InputProcessor.assign_request_id);
+    LLM's own ids are integers, so the given id is everything before the last `-`."""
+    head, _, tail = request_id.rpartition("-")
+    return head if head and len(tail) == 8 else request_id
+
+
+def _running(engine) -> int:
+    """Sequences the scheduler of an in-process engine core runs now (its running queue); else the
+    engine's unfinished requests (which also counts those waiting)."""
+    scheduler = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+    running = getattr(scheduler, "running", None)
+    return len(running) if running is not None else engine.get_num_unfinished_requests()
+
+
+class Feeder:
+    """Keeps the generate runner full across callers. One thread owns the runner's engine: it takes
+    the requests of every `generate` call waiting at the intake, adds them (LLM.enqueue), steps the
+    engine and hands each call its outputs when all of them are done. Several calls in flight at once
+    (an engine actor with several Ray Data batches, PoolConfig.calls_in_flight) are then one stream of
+    requests to vLLM's scheduler, which admits new sequences as old ones finish: the engine holds the
+    sequences of several batches, and a batch's slowest sequence no longer leaves it idle. Callers never
+    wait for a step to add theirs (the intake is apart from the engine), so every step admits what
+    arrived during the last one. The runner's engine core runs in this process
+    (_engine_core_in_process). `exclusive()` lets the calls in flight finish, keeps new ones at the
+    intake, and hands the runner to a caller that drives it itself (hinted decoding's waves).
+
+    `stats`: steps, sequences the scheduler ran per step (summed and the largest), tokens out."""
+
+    def __init__(self, llm):
+        import threading
+
+        self.llm = llm
+        self.cv = threading.Condition()  # guards intake, pending, paused, busy
+        self.intake: list[tuple[list, object, list]] = []  # (prompts, sampling, slot) of calls not yet added
+        self.pending: dict[str, tuple[list, int]] = {}  # request id -> (its call's slot, index in the call)
+        self.paused = False  # exclusive(): no new requests are added
+        self.busy = False  # the loop is using the engine
+        self.handover = threading.Lock()  # one exclusive() at a time
+        self.stats = {"steps": 0, "held_sum": 0, "held_max": 0, "tokens": 0}
+        self.thread: threading.Thread | None = None
+
+    def generate(self, prompts: list[dict], sampling) -> list:
+        """vLLM RequestOutputs of these prompts, in order (as LLM.generate)."""
+        import threading
+
+        if not prompts:
+            return []
+        done = threading.Event()
+        slot: list = [None] * len(prompts) + [done, None]  # outputs..., event, error
+        with self.cv:
+            self.intake.append((prompts, sampling, slot))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="opsft-vllm-feeder", daemon=True)
+                self.thread.start()
+            self.cv.notify_all()
+        done.wait()
+        if slot[-1] is not None:
+            raise slot[-1]
+        return slot[:-2]
+
+    @staticmethod
+    def _fail(slot: list, exc: BaseException) -> None:
+        if not slot[-2].is_set():
+            slot[-1] = exc
+            slot[-2].set()
+
+    def _loop(self) -> None:
+        engine = self.llm.llm_engine
+        while True:
+            with self.cv:
+                while not self.pending and (self.paused or not self.intake):
+                    self.busy = False
+                    self.cv.notify_all()
+                    self.cv.wait()
+                self.busy = True
+                arrived = [] if self.paused else self.intake
+                if not self.paused:
+                    self.intake = []
+            for prompts, sampling, slot in arrived:  # only this thread touches the engine
+                try:
+                    ids = self.llm.enqueue(prompts, sampling, use_tqdm=False)
+                except BaseException as exc:  # noqa: BLE001 - a call whose requests vLLM refused gets the error
+                    self._fail(slot, exc)
+                    continue
+                with self.cv:
+                    for i, rid in enumerate(ids):
+                        self.pending[external_id(rid)] = (slot, i)
+            if not self.pending:
+                continue
+            try:
+                outputs = engine.step()
+                held = _running(engine) + sum(1 for o in outputs if o.finished)
+                if not outputs and not engine.has_unfinished_requests():  # never spin on requests vLLM lost
+                    raise RuntimeError(f"vLLM has no request left, yet {len(self.pending)} had no output")
+            except BaseException as exc:  # noqa: BLE001 - every waiting call gets the engine's error
+                with self.cv:
+                    for slot, _ in self.pending.values():
+                        self._fail(slot, exc)
+                    self.pending.clear()
+                continue
+            self.stats["steps"] += 1
+            self.stats["held_sum"] += held
+            self.stats["held_max"] = max(self.stats["held_max"], held)
+            with self.cv:
+                for out in outputs:
+                    if out.finished and external_id(out.request_id) in self.pending:
+                        slot, i = self.pending.pop(external_id(out.request_id))
+                        slot[i] = out
+                        self.stats["tokens"] += sum(len(c.token_ids) for c in out.outputs)
+                        if slot[-1] is None and all(o is not None for o in slot[:-2]):
+                            slot[-2].set()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The runner to one caller: the calls in flight finish, new ones wait at the intake until it
+        is handed back."""
+        with self.handover:
+            with self.cv:
+                self.paused = True
+                self.cv.notify_all()
+                while self.pending or self.busy:
+                    self.cv.wait()
+            try:
+                yield self.llm
+            finally:
+                with self.cv:
+                    self.paused = False
+                    self.cv.notify_all()
+
+
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", scorer: str = "exact",
+    def __init__(self, model: str | None = None, *, dtype: str | None = None, scorer: str = "exact",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  score_memory_share: float = 0.4, max_model_len: int | None = None, max_batch_tokens: int = 16384,
                  top_k_logprobs: int = 20, chunk_size: int = DEFAULT_CHUNK, enforce_eager: bool | None = None,
                  seed: int = 0, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 vllm_args: dict | None = None):
+                 vllm_args: dict | None = None, runners: tuple[str, ...] | None = None):
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
@@ -234,8 +369,13 @@ class VLLMEngine:
         # The tokenizer the hf engine uses too (vLLM only sees token ids: prompts and outputs).
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         if max_model_len is None:
+            from opsft.config import DEFAULT_MAX_MODEL_LEN
+
             config = AutoConfig.from_pretrained(self.model_id)
-            max_model_len = CPU_MAX_MODEL_LEN if self.cpu else model_max_length(config, self.tokenizer)
+            max_model_len = CPU_MAX_MODEL_LEN if self.cpu else min(model_max_length(config, self.tokenizer),
+                                                                  DEFAULT_MAX_MODEL_LEN)
+        # bf16 weights on a GPU (the head, the softmax, log p and H stay float32), float32 on CPU
+        dtype = dtype or ("float32" if self.cpu else "bfloat16")
         self.max_length = int(max_model_len)
         self.common = {"model": self.model_id, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
                        "seed": seed, "max_model_len": self.max_length,
@@ -246,19 +386,47 @@ class VLLMEngine:
         # the generate runner prefills whole prompts (no chunking): a step's token budget bounds how
         # many hinted-decoding pairs start together (opsft.engines.vllm_hd.waves)
         self.batched_tokens = max(self.max_length, max_num_batched_tokens or (8192 if self.cpu else 65536))
-        share = score_memory_share if scorer == "exact" else 0.0
+        # The runners this engine will start: one gets all of gpu_memory_utilization; both split it
+        # (score_memory_share to the pooling runner). The top-k scorer scores on the generate runner.
+        wanted = set(runners or ("score", "generate")) if scorer == "exact" else {"generate"}
+        unknown = wanted - {"score", "generate"}
+        if unknown:
+            raise ValueError(f"runners must be score and / or generate, got {sorted(unknown)}")
+        share = score_memory_share if wanted == {"score", "generate"} else float("score" in wanted)
         self.memory = {"score": gpu_memory_utilization * share, "generate": gpu_memory_utilization * (1 - share)}
+        self.runner_kinds = wanted
         self.runners: dict[str, object] = {}  # "score" (pooling runner), "generate": started on first use
         self.stats: dict[str, int] = {}  # hinted decoding: out_of_step_retried, out_of_step
         self._head = None
+        import threading
+
+        # several calls may run at once (an actor with calls_in_flight > 1): one start per runner, the
+        # pooling runner one call at a time, the generate runner's calls through its Feeder
+        self._start_lock, self._score_lock = threading.Lock(), threading.Lock()
+        self.feeder: Feeder | None = None
 
     # ------------------------------------------------------------------ runners
 
     def runner(self, kind: str):
         """The vLLM engine for `kind` ("score": the pooling runner, "generate"), started on first use."""
+        with self._start_lock:
+            return self._runner(kind)
+
+    def fed(self) -> Feeder:
+        """The generate runner's Feeder (module doc), the runner started on first use."""
+        llm = self.runner("generate")
+        with self._start_lock:
+            if self.feeder is None or self.feeder.llm is not llm:
+                self.feeder = Feeder(llm)
+            return self.feeder
+
+    def _runner(self, kind: str):
         if kind not in self.runners:
             from vllm import LLM
 
+            if kind not in self.runner_kinds:
+                raise ValueError(f"this vLLM engine was sized for its {', '.join(sorted(self.runner_kinds))} runner "
+                                 f"only (runners); it cannot start the {kind} runner")
             kwargs = dict(self.common)
             if not self.cpu:
                 kwargs["gpu_memory_utilization"] = self.memory[kind]
@@ -309,12 +477,10 @@ class VLLMEngine:
 
         ids = list(self.tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"])[:6] or [0, 0]
         if "score" in self.runners:
-            with dead_core_raises(self.runners["score"]):
+            with self._score_lock, dead_core_raises(self.runners["score"]):
                 self.runners["score"].encode([{"prompt_token_ids": ids}], pooling_task="token_embed", use_tqdm=False)
         if "generate" in self.runners:
-            with dead_core_raises(self.runners["generate"]):
-                self.runners["generate"].generate([{"prompt_token_ids": ids}],
-                                                  SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+            self.fed().generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0))
 
     def close(self) -> None:
         """Shut the started runners down and free their memory (the engine can start them again)."""
@@ -324,6 +490,7 @@ class VLLMEngine:
             except Exception:  # noqa: BLE001 - a runner whose core died may fail to shut down; it is gone anyway
                 pass
         self.runners.clear()
+        self.feeder = None
         gc.collect()
         if not self.cpu:
             import torch
@@ -351,7 +518,7 @@ class VLLMEngine:
         weight, bias = self.head()
         results: list[TokenScores] = []
         for group in token_groups([len(s) for s in sequences], self.max_batch_tokens):
-            with dead_core_raises(llm):
+            with self._score_lock, dead_core_raises(llm):
                 outputs = llm.encode([{"prompt_token_ids": list(sequences[i])} for i in group],
                                      pooling_task="token_embed", use_tqdm=False)
             hidden, labels = [], []
@@ -380,9 +547,7 @@ class VLLMEngine:
             raise ValueError("the top-k scorer supports temperature 1 only (use scorer='exact')")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.top_k, detokenize=False)
         prompts = [{"prompt_token_ids": list(seq)} for seq in sequences]
-        runner = self.runner("generate")
-        with dead_core_raises(runner):
-            outputs = runner.generate(prompts, params, use_tqdm=False)
+        outputs = self.fed().generate(prompts, params)
         results = []
         for seq, start, out in zip(sequences, starts, outputs, strict=True):
             logps, ents = [], []
@@ -404,9 +569,7 @@ class VLLMEngine:
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                                   stop_token_ids=stops, detokenize=False)
-        runner = self.runner("generate")
-        with dead_core_raises(runner):
-            outputs = runner.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
+        outputs = self.fed().generate([{"prompt_token_ids": list(p)} for p in prompts], sampling)
         result = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
@@ -424,9 +587,12 @@ class VLLMEngine:
         opsft.method.hinted.hinted_decode's. Items that fell out of step are counted in self.stats."""
         from opsft.engines.vllm_hd import hinted_decode_vllm
 
-        return hinted_decode_vllm(self.runner("generate"), items, params, eos_ids, decode_token=decode_token,
-                                  max_positions=max_positions or self.max_length, on_token=on_token,
-                                  stats=self.stats)
+        # its waves drive the runner themselves (a pair's two requests must start in one engine step):
+        # the runner is theirs while they run (Feeder.exclusive)
+        with self.fed().exclusive() as llm:
+            return hinted_decode_vllm(llm, items, params, eos_ids, decode_token=decode_token,
+                                      max_positions=max_positions or self.max_length, on_token=on_token,
+                                      stats=self.stats)
 
 
 def probe(request: dict) -> dict:
@@ -468,6 +634,8 @@ def probe(request: dict) -> dict:
             result["generate_s"] = time.monotonic() - t0
         if request.get("hinted"):  # {"items": [HDItem fields], "eos": [...], "runs": {name: HDParams fields}}
             result["hinted"] = _probe_hinted(engine, request["hinted"])
+        if request.get("feed"):  # {"prompts", "generation", "batch", "calls_in_flight": [1, 4]}
+            result["feed"] = _probe_feed(engine, request["feed"])
         rows = read_rows(request["input"]) if request.get("input") else request.get("rows")
         if rows:
             t0 = time.monotonic()
@@ -476,6 +644,32 @@ def probe(request: dict) -> dict:
     finally:
         engine.close()
     return result
+
+
+def _probe_feed(engine: VLLMEngine, spec: dict) -> dict:
+    """One engine actor's generation as a Ray Data job drives it: the prompts in batches of `batch`,
+    `k` calls at once (PoolConfig.calls_in_flight), for each k: tokens/s, and the sequences the
+    scheduler held per engine step (Feeder.stats)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = GenerationParams(**spec.get("generation", {}))
+    prompts, size = spec["prompts"], spec.get("batch", 64)
+    batches = [prompts[i: i + size] for i in range(0, len(prompts), size)]
+    engine.generate(prompts[:1], GenerationParams(max_new_tokens=1))  # the runner started before any timing
+    out = {}
+    for k in spec.get("calls_in_flight", [1, 4]):
+        stats = engine.fed().stats
+        stats.update(steps=0, held_sum=0, held_max=0, tokens=0)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(k) as pool:
+            results = list(pool.map(lambda b: engine.generate(b, params), batches))
+        seconds = time.monotonic() - t0
+        tokens = sum(len(ids) for res in results for ids in res)
+        out[str(k)] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "steps": stats["steps"],
+                       "held_mean": stats["held_sum"] / max(stats["steps"], 1), "held_max": stats["held_max"],
+                       "outputs": [ids for res in results for ids in res]}
+    return out
 
 
 def _probe_hinted(engine: VLLMEngine, spec: dict) -> dict:

@@ -52,6 +52,21 @@ class StepSpec:
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     engine: EngineConfig | None = None
     pool: PoolConfig | None = None
+    need: str | None = None  # the engine capability it uses (opsft.engines.base.CAPABILITIES)
+
+
+# map_batches calls a vLLM generation actor runs at once by default (PoolConfig.calls_in_flight): four
+# batches of the default 64 rows keep 256 sequences (vLLM's max_num_seqs) in its scheduler
+VLLM_CALLS_IN_FLIGHT = 4
+
+
+def calls_in_flight(step: StepSpec, pool: PoolConfig) -> int:
+    """Concurrent calls of a step's engine actor: the pool's setting, else VLLM_CALLS_IN_FLIGHT for a vLLM
+    engine that generates (its Feeder serves them together), else 1. Hinted decoding keeps 1: its waves
+    drive the runner themselves, a pair's two requests started in one engine step (engines/vllm.py)."""
+    if pool.calls_in_flight is not None:
+        return pool.calls_in_flight
+    return VLLM_CALLS_IN_FLIGHT if step.engine.kind == "vllm" and step.need == "generate" else 1
 
 
 @dataclass
@@ -69,9 +84,10 @@ class JobSpec:
     rows_per_part: int = ROWS_PER_PART  # rows per output part (at least; the last part may hold fewer)
     steps: list[StepSpec] | None = None  # None: one step, fn on engine / pool
     dropped_output: str | None = None  # rows marked `dropped` go here (a folder of parts too)
+    need: str | None = None  # the capability fn uses of its engine (one-step jobs; steps name their own)
 
     def all_steps(self) -> list[StepSpec]:
-        return self.steps or [StepSpec(self.name, self.fn, self.fn_kwargs, self.engine, self.pool)]
+        return self.steps or [StepSpec(self.name, self.fn, self.fn_kwargs, self.engine, self.pool, self.need)]
 
     def outputs(self) -> list[str]:
         return [self.output] + ([self.dropped_output] if self.dropped_output else [])
@@ -141,11 +157,13 @@ def _actor_step(ds, step: StepSpec, pool: PoolConfig, monitor):
     custom = {"resources": dict(pool.resources)} if pool.resources else {}  # e.g. one engine per labelled node
     # Ray Data restarts a dead actor and retries its batch without bound; the job's monitor bounds the
     # tries of each batch (pool.max_task_retries) and names the cause when a batch exceeds them.
+    calls = calls_in_flight(step, pool)
+    concurrent = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     ds = ds.map_batches(
         EngineActor,
         fn_constructor_kwargs={"engine": _engine_payload(step.engine), "fn": step.fn, "fn_kwargs": step.fn_kwargs,
                                "monitor": monitor, "step": step.name, "stall_timeout_s": pool.stall_timeout_s},
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, **concurrent),
         batch_size=pool.batch_size, batch_format="pyarrow", zero_copy_batch=False, **resources, **custom,
     )
     return ds, _actor_stage(step, pool)
@@ -154,7 +172,7 @@ def _actor_step(ds, step: StepSpec, pool: PoolConfig, monitor):
 def _actor_stage(step: StepSpec, pool: PoolConfig) -> Stage:
     return Stage(f"{step.name}:{step.engine.kind}", "actors", pool.min_size, pool.max_size, pool.batch_size,
                  {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **pool.resources,
-                  "max_task_retries": pool.max_task_retries})
+                  "max_task_retries": pool.max_task_retries, "calls_in_flight": calls_in_flight(step, pool)})
 
 
 def engine_pools(spec: JobSpec) -> list[PoolConfig]:
@@ -322,9 +340,9 @@ def score_spec(input: str, output: str, engine: EngineConfig, pool: PoolConfig, 
                rows_per_part: int = ROWS_PER_PART) -> JobSpec:
     """The Ray Data job of `opsft score`: what `opsft score --ray` and the realignment cycle's score and
     rescore stages run (opsft.scoring.score_rows on an actor pool, the score columns' fixed types)."""
-    return JobSpec(input=input, output=output, fn="opsft.scoring:score_rows", engine=engine, pool=pool,
-                   fn_kwargs={"include_eos": include_eos, "tokens": tokens, "temperature": temperature},
-                   column_types=parts.SCORE_TYPES, name=name, rows_per_part=rows_per_part)
+    return JobSpec(input=input, output=output, fn="opsft.scoring:score_rows", engine=engine.for_stage("score"),
+                   pool=pool, fn_kwargs={"include_eos": include_eos, "tokens": tokens, "temperature": temperature},
+                   column_types=parts.SCORE_TYPES, name=name, rows_per_part=rows_per_part, need="score")
 
 
 def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engine: EngineConfig | None = None,
@@ -338,17 +356,18 @@ def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engi
     from opsft.recipe import STAGE_NEEDS, stages_for
 
     params = cfg.recipe_params()
-    cfg.check_stages(engine)
+    cfg.check_stages(engine, pool)
     steps = []
     for i, stage in enumerate(stages_for(cfg.policy)):
         kwargs = {"stage": stage, "params": params, "first": i == 0}
         if STAGE_NEEDS[stage] is None:
             steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs))
             continue
-        stage_engine = cfg.stage_engine(stage, engine)
+        stage_engine = cfg.stage_engine(stage, engine).for_stage(STAGE_NEEDS[stage])  # its own vLLM runner
         if model is not None:
             stage_engine = stage_engine.model_copy(update={"model": model})
-        steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs, stage_engine, cfg.stage_pool(stage, pool)))
+        steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs, stage_engine, cfg.stage_pool(stage, pool),
+                              need=STAGE_NEEDS[stage]))
     return JobSpec(input=input, output=output, fn="opsft.recipe:rewrite_stage", engine=engine or cfg.engine,
                    pool=pool or cfg.pool, name="rewrite", steps=steps, dropped_output=dropped_output,
                    rows_per_part=rows_per_part)

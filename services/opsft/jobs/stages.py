@@ -140,7 +140,7 @@ class EngineActor:
 
         start = time.monotonic()
         self.fn, self.fn_kwargs, self.monitor, self.step = load_function(fn), dict(fn_kwargs or {}), monitor, step
-        self.busy: tuple[str, float] | None = None  # the batch running now, and since when
+        self.busy: dict[str, float] = {}  # the batches running now (several with calls_in_flight), since when
         if stall_timeout_s:
             threading.Thread(target=self._watch, args=(stall_timeout_s,), name="opsft-stall-watch", daemon=True).start()
         self.engine = make_engine(engine["kind"], engine.get("model"), **engine.get("options", {}))
@@ -157,13 +157,13 @@ class EngineActor:
             stop = ray.get(self.monitor.begin.remote(key))
             if stop:
                 raise JobFailed(stop)
-        self.busy = (key, time.monotonic())
+        self.busy[key] = time.monotonic()
         try:
             out = self.guard.apply(self.fn, rows_of(batch), self.fn_kwargs)
         except EngineFault as fault:
             self._die(key, fault)
         finally:
-            self.busy = None
+            self.busy.pop(key, None)
         if self.monitor is not None:
             self.monitor.end.remote(key)
         return with_rows(batch, out)
@@ -173,9 +173,9 @@ class EngineActor:
         a stuck device, an engine process lost without an error): an engine fault."""
         while True:
             time.sleep(min(5.0, limit_s / 4))
-            busy = self.busy
-            if busy is not None and time.monotonic() - busy[1] > limit_s:
-                self._die(busy[0], EngineFault(f"the engine stalled: no result for {limit_s:g} s "
+            stalled = [(key, since) for key, since in list(self.busy.items()) if time.monotonic() - since > limit_s]
+            if stalled:
+                self._die(stalled[0][0], EngineFault(f"the engine stalled: no result for {limit_s:g} s "
                                                f"(pool.stall_timeout_s) in stage {self.step}"))
 
     def _die(self, key: str, fault: EngineFault) -> None:

@@ -205,10 +205,20 @@ class Cycle:
                            "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def check_fits(self, model: str) -> None:
+        """opsft plan's check before any engine or worker starts: a stage that cannot fit its GPU fails the
+        cycle in seconds (PlanError), not after a model loaded. Joins the cluster first to learn its GPUs."""
+        from opsft.plan import has_gpu_stage, preflight
+
+        if has_gpu_stage(self.cfg):
+            _connect(self)
+            preflight(self.cfg, model)
+
     # -- running
     def run(self, wait: bool = False) -> dict:
         with OutputLock(self.root, wait=wait):
             model = self.current_model()
+            self.check_fits(model)
             fp = self.fingerprint(model)
             folder = next((c for c in self.cycles() if _load_state(c).get("fingerprint") == fp), None)
             if folder is not None and _load_state(folder).get("complete"):

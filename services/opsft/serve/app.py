@@ -53,7 +53,11 @@ def build_app(cfg: ServeConfig, engine_factory=None, forward_key: bool = False) 
 
 def app_builder(args: dict) -> serve.Application:
     """For `serve run opsft.serve.app:app_builder` and the `import_path` of deploy/serve_config.yaml."""
-    return build_app(ServeConfig.model_validate(args or {}))
+    from opsft.plan import preflight
+
+    cfg = ServeConfig.model_validate(args or {})
+    preflight(cfg)  # a replica that cannot fit its GPU is refused at deploy time, not at model load
+    return build_app(cfg)
 
 
 def run_local(cfg: ServeConfig, engine_factory=None, blocking: bool = False) -> str:

@@ -55,7 +55,8 @@ class EngineFactory:
     def __call__(self, model: str | None):
         from opsft.engines import make_engine
 
-        engine = make_engine(self.engine.kind, model or self.engine.model, **self.engine.options())
+        cfg = self.engine.for_stage("score")  # a vLLM scorer starts its scoring runner only
+        engine = make_engine(cfg.kind, model or cfg.model, **cfg.options())
         if hasattr(engine, "start"):  # vllm: its pooling runner now (a load that fails fails here), not at a request
             engine.start("score")
         return engine

@@ -165,6 +165,29 @@ def _corpus_datasets(cfg, tokenizer_path: str, max_length: int) -> tuple[dict, d
     return datasets | worker_datasets(eds, W, "evalset"), summary, True
 
 
+def fit_strategy(cfg, model_path: str):
+    """cfg with scaling.strategy auto resolved (ddp where the whole training state fits a GPU, else fsdp:
+    opsft.plan.choose_strategy), after opsft plan's check of the workers' GPUs (PlanError when they cannot
+    fit). Without a GPU to size against, auto is ddp on CPU or one worker and fsdp on several GPU workers."""
+    from opsft import plan
+
+    if cfg.scaling.use_gpu:
+        gpu_bytes, _ = plan.gpu_memory()
+        try:
+            shape = plan.read_shape(model_path)
+        except (OSError, ValueError, KeyError):
+            shape = None
+        if gpu_bytes is not None and shape is not None:
+            strategy = plan.choose_strategy(cfg, shape, gpu_bytes)
+            cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"strategy": strategy})})
+            plan.preflight(cfg, model_path)
+            return cfg
+    if cfg.scaling.strategy == "auto":
+        strategy = "fsdp" if cfg.scaling.use_gpu and cfg.scaling.num_workers > 1 else "ddp"
+        cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"strategy": strategy})})
+    return cfg
+
+
 def run_ray(cfg) -> dict:
     """Run the TorchTrainer to the end; returns a summary (data counts, last metrics, the
     final checkpoint folder: a HF model folder)."""
@@ -195,6 +218,7 @@ def run_ray(cfg) -> dict:
         corpus_files(cfg.input)  # a missing or unknown file fails before Ray starts
         connect(cfg.address, log_to_driver=True)
         datasets, data_summary, has_eval = _corpus_datasets(cfg, model_path, max_length)
+    cfg = fit_strategy(cfg, model_path)  # on the cluster: its GPUs are known now
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
