@@ -79,7 +79,8 @@ def test_plan_asks_for_the_custom_resource_and_leaves_the_pool_its_cpus(ray_loca
     pool = PoolConfig(min_size=2, max_size=2, num_cpus=0.75, resources={"opsft_engine": 1})
     plan = build_plan(JobSpec(input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o.parquet"),
                               fn="opsft.scoring:score_rows", engine=EngineConfig(), pool=pool))
-    assert plan.stages[2].resources == {"num_cpus": 0.75, "num_gpus": 0.0, "opsft_engine": 1, "max_task_retries": 3}
+    assert plan.stages[2].resources == {"num_cpus": 0.75, "num_gpus": 0.0, "opsft_engine": 1, "max_task_retries": 3,
+                                        "calls_in_flight": 1}
     actors = plan.dataset._logical_plan.dag
     assert actors.ray_remote_args["resources"] == {"opsft_engine": 1} and actors.ray_remote_args["num_cpus"] == 0.75
     reblock = actors.input_dependencies[0]

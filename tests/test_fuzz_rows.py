@@ -157,6 +157,7 @@ def test_score_in_process_and_ray_stages_keep_every_row_and_score_good_rows_as_a
     # the Ray Data path's row pipeline, stage by stage, without Ray
     actor = EngineActor.__new__(EngineActor)
     actor.engine, actor.fn, actor.fn_kwargs, actor.monitor, actor.step = engine, score_rows, {}, None, "score"
+    actor.busy = {}
     actor.guard = Guard(engine)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "c.jsonl").write_bytes(data)
