@@ -206,7 +206,7 @@ def plan_engine(stage: str, engine, shape: Shape, gpu_bytes: float, *, runners: 
         return StagePlan(stage, "fake engine", gpu=False, notes=["no model"])
     on_gpu = gpus > 0 or (engine.device or "").startswith("cuda")
     if not on_gpu:
-        return StagePlan(stage, f"{engine.kind} engine on CPU", gpu=False)
+        return StagePlan(stage, f"{engine.kind} engine", gpu=False)
     b = BYTES[engine_dtype(engine)]
     length = max_len(engine, shape)
     head = shape.head_params * 4  # the float32 LM head opsft applies itself (exact CLL)
@@ -429,7 +429,7 @@ def format_plan(stages: list[StagePlan], shape: Shape, gpu_bytes: float) -> str:
              f"hidden {shape.hidden}, kv heads {shape.kv_heads}, context {shape.context}; GPU {_gib(gpu_bytes):g} GiB"]
     for s in stages:
         if not s.gpu:
-            lines.append(f"{s.stage}: {s.runs}: not checked (CPU)")
+            lines.append(f"{s.stage}: {s.runs}: runs on CPU, not checked")
             continue
         verdict = "fits" if s.fits else "DOES NOT FIT"
         lines.append(f"{s.stage}: {s.runs}: {verdict}, needs {_gib(s.need):g} of {_gib(s.budget):g} GiB, "
