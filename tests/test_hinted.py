@@ -15,18 +15,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opsft.method.hinted import (
+    OUTPUT_STOPS,
     HDItem,
     HDParams,
+    HintReading,
+    TextWatch,
     TokenText,
-    analysis_prefix,
-    forced_prefix,
+    cut_at_stop,
+    hint_prefix,
     hinted_decode,
     is_repeating,
     item_generator,
     lambda_weight,
+    marker_line,
     pick_tokens,
+    read_hint,
     sample_inverse_cdf,
     top_p_then_temperature,
+    trim_at_stop,
 )
 
 # ------------------------------------------------------------------ the reference (official style)
@@ -73,7 +79,9 @@ def ref_repeated(tokens, k, m):
 
 @torch.no_grad()
 def reference_hinted(model, hinted, student, params, eos, decode_token, generator=None):
-    """One item, no key/value cache: the official hinted_generate loop."""
+    """One item, no key/value cache: the official hinted_generate loop, plus the recipe's two rules
+    written the plain way: with params.hold_eos, eos ids get -inf while the whole text so far is
+    blank; with params.stop_strings, a stop when the whole text so far contains one."""
     target, drafter = list(hinted), list(student)
     log_vocab = math.log(model.config.vocab_size)
 
@@ -81,6 +89,9 @@ def reference_hinted(model, hinted, student, params, eos, decode_token, generato
         return model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
 
     def pick(scores):
+        if params.hold_eos and not text.strip():
+            scores = scores.clone()
+            scores[sorted(eos)] = float("-inf")
         if params.temperature == 0:
             return int(torch.argmax(scores))
         return ref_draw(ref_nucleus_probs(scores, params.temperature, params.top_p), generator)
@@ -93,6 +104,8 @@ def reference_hinted(model, hinted, student, params, eos, decode_token, generato
     text += decode_token(tok)
     if tok in eos:
         return out, "eos", switched_at
+    if any(s in text for s in params.stop_strings):
+        return out, "stop", switched_at
     printed = 0
     while len(out) < params.max_new_tokens:
         if len(out) // params.repeat_every > printed:
@@ -116,6 +129,8 @@ def reference_hinted(model, hinted, student, params, eos, decode_token, generato
         text += decode_token(tok)
         if tok in eos:
             return out, "eos", switched_at
+        if any(s in text for s in params.stop_strings):
+            return out, "stop", switched_at
     return out, "max_length", switched_at
 
 
@@ -272,31 +287,59 @@ def test_repetition_rule():
     assert not is_repeating(list(range(200)), 30, 5)
 
 
-def test_analysis_prefix():
-    hint = "# Analyze\nx\n# CoT\nsome\n# CoT\nmore"
-    assert analysis_prefix(hint, "marker") == "# Analyze\nx\n# CoT\nsome\n# CoT"   # the official rule
-    assert analysis_prefix(hint) == "# Analyze\nx\n# CoT\nsome\n# CoT\n"             # default: the whole line
-    assert analysis_prefix("no marker here") is None
-    assert analysis_prefix("no marker here", "marker") is None
+def test_text_watch_finds_a_string_split_across_tokens():
+    pieces = {1: "The answer.\n#", 2: " C", 3: "o", 4: "T:\n", 5: "more"}
+    watch = TextWatch(["# CoT"], pieces.__getitem__)
+    assert [watch.feed(t) for t in (1, 2, 3, 4, 5)] == [False, False, False, True, True]
+    assert trim_at_stop([1, 2, 3, 4, 5, 5], ["# CoT"], pieces.__getitem__) == [1, 2, 3, 4]  # the completing token
+    assert trim_at_stop([1, 2, 5], ["# CoT"], pieces.__getitem__) == [1, 2, 5]              # never completed
+    assert trim_at_stop([1, 2], [], pieces.__getitem__) == [1, 2]
+    assert cut_at_stop("x = 3.\n\n# Question: y?\n# CoT", OUTPUT_STOPS) == "x = 3.\n\n"
+    assert cut_at_stop("no header", OUTPUT_STOPS) == "no header"
+    with pytest.raises(ValueError, match="decode_token"):
+        TextWatch(["# CoT"], None)
 
 
-@pytest.mark.parametrize(("hint", "line", "marker"), [
-    ("# Analyze\n1 + 2\n# CoT:\nThe sum", "# Analyze\n1 + 2\n# CoT:\n", "# Analyze\n1 + 2\n# CoT"),
-    ("a\n# CoT : \n\nb", "a\n# CoT : \n", "a\n# CoT"),             # one newline only: a blank line stays
-    ("a\n# CoT: The sum is 3", "a\n# CoT: ", "a\n# CoT"),               # text on the marker's line stays
-    ("a\n# CoT", "a\n# CoT", "a\n# CoT"),                              # hint ends at the marker
-    ("a\n# CoT::\nb", "a\n# CoT:", "a\n# CoT"),                         # only one colon belongs to the marker
-])
-def test_analysis_prefix_cuts(hint, line, marker):
-    assert analysis_prefix(hint, "line") == line
-    assert analysis_prefix(hint, "marker") == marker
+# (hint output, its analysis, marker ended it) - the hostile hints: several markers, a question the model
+# invented before its marker, a marker with nothing after it or nothing before it, a heading only
+HINTS = [
+    ("# Analyze\n1 + 2 is 3.\n# CoT:\nThe sum", "# Analyze\n1 + 2 is 3.\n", True),
+    ("a\n# CoT\nsome\n# CoT\nmore", "a\n", True),                                  # the first marker is ours
+    ("2 + 2 = 4.\n\n# Question:\nWhat is 9 + 9?\n\n# Answer:\n18\n\n# CoT:\n", "2 + 2 = 4.\n\n", False),
+    ("a\n# CoT:\nx\n# Question:\nWhat is 15% of 20?\n# CoT:\n", "a\n", True),     # invented after: ignored
+    ("13 + 13 = 26.\n\n# Analysis\nThe answer is 26.\n\n# CoT", "13 + 13 = 26.\n\n# Analysis\n"
+     "The answer is 26.\n\n", True),                                                 # a marker with nothing after
+    ("# CoT\n", "", True),                                                            # nothing before it
+    ("# Analyze\n\n# CoT:", "# Analyze\n\n", True),                                 # a heading, no analysis
+    ("13 + 13 = 26.", "13 + 13 = 26.", False),                                         # no marker at all
+    ("", "", False),
+]
 
 
-def test_forced_prefix_and_bad_cut():
-    assert forced_prefix("line") == "# CoT:\n"
-    assert forced_prefix("marker") == "# CoT"
+@pytest.mark.parametrize(("hint", "analysis", "marker"), HINTS)
+def test_read_hint_takes_the_marker_of_the_question_being_rewritten(hint, analysis, marker):
+    assert read_hint(hint) == HintReading(analysis=analysis, marker=marker)
+
+
+@pytest.mark.parametrize(("hint", "analysis", "marker"), HINTS)
+def test_hint_prefix_and_its_fallbacks(hint, analysis, marker):
+    usable = bool(analysis.replace("# Analysis", "").replace("# Analyze", "").strip())
+    for cut in ("line", "marker"):
+        line = "# CoT:\n" if cut == "line" else "# CoT"
+        assert marker_line(cut) == line
+        if marker and usable:  # the analysis, then the marker line; "marker" = the hint exactly up to "# CoT"
+            expect = (analysis + line, False)
+            assert hint_prefix(hint, cut, "skip") == expect and hint_prefix(hint, cut, "cot") == expect
+            if cut == "marker":
+                assert hint.startswith(expect[0])
+        else:  # no usable analysis ended by the marker: as missing_hint says
+            assert hint_prefix(hint, cut, "skip") == (None, False)
+            opened = analysis.rstrip() + "\n\n" + line if usable else line
+            assert hint_prefix(hint, cut, "cot") == (opened, True)
     with pytest.raises(ValueError, match="hint cut"):
-        analysis_prefix("# CoT", "after")
+        hint_prefix("a\n# CoT", "after")
+    with pytest.raises(ValueError, match="missing_hint"):
+        hint_prefix("a\n# CoT", "line", "sometimes")
 
 
 # ------------------------------------------------------------------ tests: equivalence
@@ -312,6 +355,41 @@ def test_greedy_equals_reference_tiny(tiny_lm, tokenizer, beta, one_thread):
     got, reasons = check_equal(tiny_lm, tokenizer, items, params, eos)
     assert got[2].switched_at is not None
     assert reasons[0][0] == "eos" and any(r == "max_length" for r, _ in reasons)
+
+
+def test_hold_eos_and_stop_strings_equal_reference_tiny(tiny_lm, tokenizer, one_thread):
+    """The recipe's rules: an eos that greedy decoding would pick first is held while the output is
+    blank, and a stop string ends an item at the token that completes it; both against the
+    reference loop, which applies them to the whole text."""
+    items = chat_items(tokenizer, QUESTIONS, "You know the answer is 42. ")
+    plain = HDParams(beta=3.0, temperature=0, max_new_tokens=30, splitter=None)
+    first, _ = check_equal(tiny_lm, tokenizer, items, plain, {tokenizer.eos_token_id})
+    opening = {r.tokens[0] for r in first}
+    eos = opening | {tokenizer.eos_token_id}    # every item's first token is now an end-of-sequence id
+    blank, _ = check_equal(tiny_lm, tokenizer, items, plain, eos)
+    assert all(r.tokens == [r0.tokens[0]] and r.finish_reason == "eos" for r, r0 in zip(blank, first, strict=True))
+    held = HDParams(beta=3.0, temperature=0, max_new_tokens=30, splitter=None, hold_eos=True)
+    got, _ = check_equal(tiny_lm, tokenizer, items, held, eos)
+    text = TokenText(tokenizer)
+    for r in got:  # no item ends before its text has content
+        assert r.tokens[0] not in eos and "".join(text(t) for t in r.tokens[:-1] if t not in eos).strip()
+    # a stop string split over two tokens of item 1's plain output; each item must end at the first
+    # token whose text, with everything before it, contains it (worked out here on the plain outputs)
+    t1 = [text(t) for t in first[1].tokens]
+    k = next(i for i in range(1, len(t1) - 1) if t1[i].strip() and t1[i + 1].strip())
+    stop = t1[k][-1] + t1[k + 1][0]
+
+    def ends_at(tokens):
+        return next((n for n in range(1, len(tokens) + 1) if stop in "".join(text(t) for t in tokens[:n])), None)
+
+    stopped = HDParams(beta=3.0, temperature=0, max_new_tokens=30, splitter=None, stop_strings=(stop,))
+    got, _ = check_equal(tiny_lm, tokenizer, items, stopped, {tokenizer.eos_token_id})
+    for r, r0 in zip(got, first, strict=True):
+        n = ends_at(r0.tokens)
+        assert (r.tokens, r.finish_reason) == ((r0.tokens[:n], "stop") if n else (r0.tokens, r0.finish_reason))
+    assert got[1].finish_reason == "stop" and len(got[1].tokens) <= k + 2
+    with pytest.raises(ValueError, match="decode_token"):
+        hinted_decode(tiny_lm, items, held, eos)
 
 
 def test_repeating_stop_equals_reference_tiny(tiny_lm, tokenizer, one_thread):

@@ -10,21 +10,72 @@ import json
 
 import pytest
 import torch
-from opsft.data.chat import prompt_ids
+from opsft.data.chat import end_of_turn_id, prompt_ids
 from opsft.data.datasets import gsm_symbolic_corpus, train_eval_split
 from opsft.engines.base import GenerationParams
 from opsft.engines.hf import HFEngine
-from opsft.method.hinted import HINT_SYSTEM_PROMPT, HDParams
+from opsft.method.hinted import HINT_SYSTEM_PROMPT, OUTPUT_STOPS, HDParams
 from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
 from opsft.scoring import score_rows
 
 
+class EndingStream:
+    """A decode stream whose model ends every output at its `ends_after`-th token (the end-of-turn
+    logit lifted above all others from then on): a random tiny model never ends by itself, and
+    the recipe keeps only outputs that did."""
+
+    def __init__(self, stream, eos: int, ends_after: int):
+        self.stream, self.eos, self.ends_after, self.steps = stream, eos, ends_after, 0
+
+    @property
+    def items(self):
+        return self.stream.items
+
+    def _ending(self, logits):
+        if self.steps + 1 < self.ends_after:
+            return logits
+        logits = logits.clone()
+        logits[:, self.eos] = logits.max() + 10.0
+        return logits
+
+    @property
+    def last_logits(self):
+        return self._ending(self.stream.last_logits)
+
+    def step(self, tokens):
+        out = self.stream.step(tokens)
+        self.steps += 1
+        return self._ending(out)
+
+    def keep(self, items):
+        self.stream.keep(items)
+
+
+class ForcedStream(EndingStream):
+    """A decode stream whose model writes `script` (token ids), then ends."""
+
+    def __init__(self, stream, eos: int, script: list[int]):
+        super().__init__(stream, eos, len(script) + 1)
+        self.script = script
+
+    def _ending(self, logits):
+        if self.steps >= len(self.script):
+            return super()._ending(logits)
+        logits = logits.clone()
+        logits[:, self.script[self.steps]] = logits.max() + 10.0
+        return logits
+
+
 class ScriptedHints:
     """An HFEngine on the tiny model whose *hint* generations are scripted (a random model never
-    writes "# CoT"); self-answers, hinted decoding and CLL scoring are real."""
+    writes "# CoT"); self-answers, hinted decoding and CLL scoring are real, and with ends_after
+    every self-answer and hinted-decoding output ends at that many tokens (EndingStream)."""
 
-    def __init__(self, engine: HFEngine, hint_text: str | None):
-        self.engine, self.hint_text = engine, hint_text
+    def __init__(self, engine: HFEngine, hint_text: str | None, ends_after: int | None = None,
+                 output_script: str | None = None):
+        self.engine, self.hint_text, self.ends_after = engine, hint_text, ends_after
+        self.output_script = output_script  # every hinted-decoding output is this text (ForcedStream)
+        self.eos = end_of_turn_id(engine.tokenizer)
         self.tokenizer, self.model, self.model_id = engine.tokenizer, engine.model, "tiny"
         self.max_length = engine.max_length
         self.hint_calls = self.self_calls = 0
@@ -39,6 +90,8 @@ class ScriptedHints:
         self.hint_calls += sum(hint)
         self.self_calls += len(prompts) - sum(hint)
         real = self.engine.generate(prompts, params)
+        if self.ends_after:
+            real = [r if len(r) < self.ends_after else r[:self.ends_after - 1] + [self.eos] for r in real]
         scripted = self.tokenizer(self.hint_text or "no marker", add_special_tokens=False)["input_ids"]
         return [scripted if h else r for h, r in zip(hint, real, strict=True)]
 
@@ -46,7 +99,11 @@ class ScriptedHints:
         return self.engine.score_tokens(*args, **kwargs)
 
     def open_stream(self, *args, **kwargs):  # hinted decoding runs on the real engine
-        return self.engine.open_stream(*args, **kwargs)
+        stream = self.engine.open_stream(*args, **kwargs)
+        if self.output_script is not None:
+            return ForcedStream(stream, self.eos, self.tokenizer(self.output_script, add_special_tokens=False)[
+                "input_ids"])
+        return EndingStream(stream, self.eos, self.ends_after) if self.ends_after else stream
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +146,14 @@ def routing_verifier(calls):
 
 
 def test_self_first_routes_rows_and_keeps_every_row(tiny_engine, tokenizer):
-    engine = ScriptedHints(tiny_engine, "# Analyze\nfine\n# CoT")
+    engine = ScriptedHints(tiny_engine, "# Analyze\nfine\n# CoT", ends_after=4)
     calls = []
     out = rewrite_rows(ROWS, engine, RewriteParams(hd=FAST, hint_max_new_tokens=4), routing_verifier(calls))
     assert [r["id"] for r in out] == ["a", "b", "c", "bad"]
     a, b, c, bad = out
     # a: the model's own greedy answer, verified, kept as it is
     own = tiny_engine.generate([prompt_ids(tokenizer, [{"role": "user", "content": ROWS[0]["prompt"]}])],
-                               GenerationParams(max_new_tokens=6, temperature=0.0))[0]
+                               GenerationParams(max_new_tokens=6, temperature=0.0))[0][:3]  # then it ends
     assert a["source"] == "self" and a["verified"] is True
     assert a["response"] == tokenizer.decode(own, skip_special_tokens=True).strip()
     assert a["original_response"] == ROWS[0]["response"] and a["hd_response"] is None
@@ -105,7 +162,7 @@ def test_self_first_routes_rows_and_keeps_every_row(tiny_engine, tokenizer):
     assert b["self_verified"] is False and c["self_verified"] is False and c["self_response"] != c["response"]
     # b: hinted decoding accepted
     assert b["source"] == "hd" and b["verified"] is True and b["response"] == b["hd_response"]
-    assert 1 <= b["hd_tokens"] <= 6 and b["finish_reason"] in {"eos", "max_length", "repeating"}
+    assert b["hd_tokens"] == 4 and b["finish_reason"] == "eos"
     # c: HD rejected -> original response kept, verified false; its reference came from "#### 7"
     assert c["source"] == "original" and c["verified"] is False and c["response"] == ROWS[2]["response"]
     assert ("c", "7") in calls
@@ -134,22 +191,31 @@ def test_hd_all_and_no_hint(tiny_engine):
     assert [r["response"] for r in out] == [r["response"] for r in ROWS[:2]]
 
 
-@pytest.mark.parametrize(("cut", "opening"), [("line", "# CoT:\n"), ("marker", "# CoT")])
-def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer, cut, opening):
-    engine = ScriptedHints(tiny_engine, "an analysis that never gives the marker")
+@pytest.mark.parametrize(("cut", "line"), [("line", "# CoT:\n"), ("marker", "# CoT")])
+@pytest.mark.parametrize(("hint", "before"), [("an analysis that never gives the marker",
+                                               "an analysis that never gives the marker\n\n"),
+                                              ("# Analyze\n", ""), ("# CoT", "")])
+def test_missing_hint_cot_opens_the_stream_at_the_marker_line(tiny_engine, tokenizer, cut, line, hint, before):
+    """A hint without a usable analysis ended by its marker: under missing_hint "cot" the hinted
+    stream opens at the marker line, after the analysis when there is one. The tiny model never
+    ends by itself, so every output runs to max_length: decoded, counted, and not accepted."""
+    engine = ScriptedHints(tiny_engine, hint)
     params = RewriteParams(policy="hd-all", hd=HDParams(temperature=0.0, max_new_tokens=5, splitter=None),
                            hint_max_new_tokens=4, missing_hint="cot", hint_cut=cut)
-    seen = []
-    out = rewrite_rows(ROWS[:2], engine, params, lambda text, ref, row: seen.append(text) or True)
-    assert all(r["hint_forced"] is True and r["source"] == "hd" and r["finish_reason"] != "no_hint" for r in out)
-    # the hinted stream is the hint chat + the marker line as the cut leaves it: the same tokens as
-    # decoding by hand from that prompt
-    from opsft.data.chat import end_of_turn_id, response_ids
+    out = rewrite_rows(ROWS[:2], engine, params, lambda text, ref, row: True)
+    assert all(r["hint_forced"] is True and r["finish_reason"] == "max_length" for r in out)
+    assert all(r["source"] == "original" and r["verified"] is False for r in out)  # a runaway is never kept
+    assert recipe_summary(out)["hinted_decoding"] == {
+        "rows": 2, "accepted": 0, "forced_hints": 2, "eos": 0, "stop": 0, "no_hint": 0, "empty": 0,
+        "out_of_step": 0, "max_length": 2, "repetition": 0}
+    # the hinted stream is the hint chat + (analysis) + the marker line: the same tokens as decoding by
+    # hand from that prompt
+    from opsft.data.chat import response_ids
     from opsft.method.hinted import HDItem, hint_messages, hinted_decode
 
     row = ROWS[0]
     item = HDItem(hinted_prompt=prompt_ids(tokenizer, hint_messages(row["prompt"], row["response"]))
-                  + response_ids(tokenizer, opening),
+                  + response_ids(tokenizer, before + line),
                   student_prompt=prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}]))
     expect = hinted_decode(tiny_engine.model, [item], params.hd, {end_of_turn_id(tokenizer)},
                            pad_id=tokenizer.pad_token_id or 0)[0]
@@ -157,6 +223,43 @@ def test_missing_hint_cot_decodes_without_an_analysis(tiny_engine, tokenizer, cu
     assert out[0]["hd_response"] == tokenizer.decode(expect.tokens, skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="missing_hint"):
         RewriteParams(missing_hint="sometimes")
+
+
+@pytest.mark.parametrize(("script", "text", "reason", "source"), [
+    ("The sum is 5.\n\n# Question:\nWhat is 6 + 6?", "The sum is 5.", "stop", "hd"),  # cut at the header
+    ("# Question:\nWhat is 6 + 6?", "", "empty", "original"),                         # nothing before it
+    ("  \n", None, "eos", "original"),  # blank, then the end: held until the model writes something
+])
+def test_outputs_that_invent_a_question_or_say_nothing(tiny_engine, script, text, reason, source):
+    engine = ScriptedHints(tiny_engine, "# Analyze\n2 + 3 = 5.\n# CoT", output_script=script)
+    params = RewriteParams(policy="hd-all", hd=HDParams(temperature=0.0, max_new_tokens=24, splitter=None,
+                                                        stop_strings=OUTPUT_STOPS, hold_eos=True))
+    out = rewrite_rows(ROWS[:1], engine, params, lambda text, ref, row: "5" in text)
+    if text is None:
+        text = out[0]["hd_response"]
+        assert text.strip() and out[0]["hd_tokens"] > len(engine.tokenizer(script)["input_ids"]) + 1
+    assert (out[0]["hd_response"], out[0]["finish_reason"], out[0]["source"]) == (text, reason, source)
+    assert out[0]["response"] == (text if source == "hd" else ROWS[0]["response"])
+    outcomes = recipe_summary(out)["hinted_decoding"]
+    assert outcomes[reason] == 1 and outcomes["accepted"] == (source == "hd") and outcomes["rows"] == 1
+
+
+def test_generation_stops_at_a_stop_string_split_across_tokens(tiny_engine, tokenizer):
+    """hf generate with stop strings: each output is its plain greedy output up to the token that
+    completes the string (found here by brute force on the plain outputs), nothing after."""
+    from opsft.method.hinted import TokenText
+
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 2 + 3?", "Name a colour.")]
+    plain = tiny_engine.generate(prompts, GenerationParams(max_new_tokens=12))
+    text = TokenText(tokenizer)
+    pieces = [text(t) for t in plain[0]]
+    k = next(i for i in range(1, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
+    stop = pieces[k][-1] + pieces[k + 1][0]
+    got = tiny_engine.generate(prompts, GenerationParams(max_new_tokens=12, stop_strings=(stop,)))
+    for g, p in zip(got, plain, strict=True):
+        n = next((n for n in range(1, len(p) + 1) if stop in "".join(text(t) for t in p[:n])), len(p))
+        assert g == p[:n]
+    assert len(got[0]) <= k + 2
 
 
 def test_drop_unverified_marks_and_splits(tiny_engine):
@@ -182,8 +285,8 @@ def test_the_stages_one_batch_at_a_time_equal_rewrite_rows(tiny_engine):
     def accept(text, reference, row):  # the self-answer of a, the hinted-decoding output of x1
         return row["id"] == "a" or (row["id"] == "x1" and row.get("hd_response") is not None)
 
-    want = rewrite_rows(rows, ScriptedHints(tiny_engine, "# Analyze\n# CoT"), params, accept)
-    engine = ScriptedHints(tiny_engine, "# Analyze\n# CoT")
+    want = rewrite_rows(rows, ScriptedHints(tiny_engine, "# Analyze\n# CoT", ends_after=4), params, accept)
+    engine = ScriptedHints(tiny_engine, "# Analyze\n# CoT", ends_after=4)
     got = rows
     for i, stage in enumerate(stages_for("self-first")):
         batches = [got[:3], got[3:]]

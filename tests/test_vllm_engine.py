@@ -148,14 +148,28 @@ def pooling_run(model_dir, encoded, tmp_path_factory):
     return request, run_engine(request, folder)
 
 
+def split_string(tokenizer, tokens: list[int], start: int = 1) -> str:
+    """Two characters of a token sequence's text that straddle two non-blank tokens (a stop string
+    that only the concatenated text contains)."""
+    from opsft.method.hinted import TokenText
+
+    pieces = [TokenText(tokenizer)(t) for t in tokens]
+    k = next(i for i in range(start, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
+    return pieces[k][-1] + pieces[k + 1][0]
+
+
 @pytest.fixture(scope="module")
 def generate_run(model_dir, encoded, real_engine, tmp_path_factory):
-    """The generate runner: greedy generations and the top-k scorer."""
+    """The generate runner: greedy generations (plain, and with stop strings split across tokens of
+    the hf outputs) and the top-k scorer."""
     questions = ["What is the capital of France?", "Name three colours.", "What is 12 times 3?"]
     prompts = [prompt_ids(real_engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    plain = real_engine.generate(prompts, GenerationParams(max_new_tokens=24))
+    stops = [split_string(real_engine.tokenizer, plain[1], 3), "# CoT"]
     request = {"model": model_dir, "options": {"dtype": "float32", "scorer": "topk", "top_k_logprobs": TOP_K},
                "sequences": [e.input_ids for e in encoded], "starts": [e.response_start for e in encoded],
-               "prompts": prompts, "generation": {"max_new_tokens": 24}}
+               "prompts": prompts, "generation": {"max_new_tokens": 24},
+               "generation_stopped": {"max_new_tokens": 24, "stop_strings": stops}}
     return request, run_engine(request, tmp_path_factory.mktemp("vllm_generate"))
 
 
@@ -206,6 +220,17 @@ def test_vllm_greedy_generation_matches_hf(generate_run, real_engine):
     hf = real_engine.generate(request["prompts"], GenerationParams(max_new_tokens=24))
     assert out["generated"] == hf
     assert "Paris" in real_engine.tokenizer.decode(out["generated"][0])
+    # stop strings (vLLM's own, then trimmed to the completing token): the hf engine's outputs, and
+    # each the plain output up to the first token whose text with all before it holds a stop string
+    stops = tuple(request["generation_stopped"]["stop_strings"])
+    hf_stopped = real_engine.generate(request["prompts"], GenerationParams(max_new_tokens=24, stop_strings=stops))
+    assert out["generated_stopped"] == hf_stopped
+    text = real_engine.token_text
+    for got, full in zip(out["generated_stopped"], hf, strict=True):
+        n = next((n for n in range(1, len(full) + 1) if any(s in "".join(map(text, full[:n])) for s in stops)),
+                 len(full))
+        assert got == full[:n]
+    assert len(out["generated_stopped"][1]) < len(hf[1])
 
 
 @pytest.mark.slow
@@ -392,6 +417,34 @@ def test_vllm_hinted_decoding_equals_the_hf_decoder(model_dir, real_engine, tmp_
     wrong = {"tokens": [w.tokens[0], w.tokens[1] + 1, *w.tokens[2:]], "finish_reason": w.finish_reason,
              "switched_at": w.switched_at}
     assert not agree_up_to_a_near_tie(real_engine, items[0], HD_RUNS["beta3"], wrong, w)
+
+
+@pytest.mark.slow
+def test_vllm_hinted_decoding_holds_eos_and_stops_like_the_hf_decoder(model_dir, real_engine, tmp_path):
+    """The recipe's two rules on vLLM, greedy, against the hf decoder: hold_eos with every item's
+    plain first token made an end-of-sequence id (without the hold each item would end at once),
+    and stop strings (the hint headers and a string split across two tokens of item 1's output)."""
+    from opsft.data.chat import end_of_turn_id
+    from opsft.method.hinted import OUTPUT_STOPS
+
+    tok = real_engine.tokenizer
+    items = hd_items(tok, 4)
+    base = {"beta": 3.0, "temperature": 0.0, "max_new_tokens": 30, "splitter": None}
+    plain = hf_reference(real_engine, items, base, {end_of_turn_id(tok)})
+    eos = {end_of_turn_id(tok)} | {r.tokens[0] for r in plain}
+    runs = {"held": {**base, "hold_eos": True},
+            "stopped": {**base, "hold_eos": True, "stop_strings": [*OUTPUT_STOPS, split_string(tok, plain[1].tokens)]}}
+    got = run_engine(hinted_request(model_dir, items, eos, runs), tmp_path)["hinted"]
+    reasons = set()
+    for name, fields in runs.items():
+        want = hf_reference(real_engine, items, {**fields, "stop_strings": tuple(fields.get("stop_strings", ()))},
+                            eos)
+        for k, (g, w) in enumerate(zip(got[name]["results"], want, strict=True)):
+            assert agree_up_to_a_near_tie(real_engine, items[k], fields, g, w), (name, k)
+            assert w.tokens[0] not in eos  # held: no item ended before it wrote anything
+            reasons.add(w.finish_reason)
+        assert got[name]["stats"] == {}, name
+    assert "stop" in reasons
 
 
 @pytest.mark.slow

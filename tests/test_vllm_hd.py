@@ -139,6 +139,31 @@ def test_paired_decoding_equals_the_hf_decoder(lm64, tokenizer, model_dir, fake_
     assert stats == {}
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.3])
+def test_held_eos_and_stop_strings_equal_the_hf_decoder(lm64, tokenizer, model_dir, fake_vllm, temperature):
+    """The recipe's rules in the processor: every item's plain first token made an eos id and held
+    while the output is blank (pass 1 picks it too), and a stop string split across tokens ends an
+    item with a forced end that the driver drops."""
+    items = items_of(tokenizer)
+    decode_token = TokenText(tokenizer)
+    base = {"beta": 0.7, "temperature": temperature, "max_new_tokens": 10, "splitter": None}
+    plain = hinted_decode(lm64, items, HDParams(**base), {tokenizer.eos_token_id})
+    eos = {tokenizer.eos_token_id} | {r.tokens[0] for r in plain}
+    held = hinted_decode(lm64, items, HDParams(**base, hold_eos=True), eos, decode_token=decode_token)
+    pieces = [decode_token(t) for t in held[2].tokens]  # a stop string split across two tokens of item 2
+    k = next(i for i in range(1, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
+    for fields in ({"hold_eos": True}, {"hold_eos": True, "stop_strings": (pieces[k][-1] + pieces[k + 1][0],)}):
+        params = HDParams(**base, **fields)
+        want = hinted_decode(lm64, items, params, eos, decode_token=decode_token)
+        assert all(r.tokens[0] not in eos for r in want)
+        stats = {}
+        got = hinted_decode_vllm(FakeLLM(lm64, model_dir), items, params, eos, decode_token=decode_token, stats=stats)
+        check_equal(got, want)
+        assert stats == {}
+    assert want[2].finish_reason == "stop"
+    assert replay(want[2].tokens + [min(eos)], 10, eos, params, decode_token).tokens == want[2].tokens
+
+
 def test_a_request_left_out_of_a_step_is_detected_and_decoded_again(lm64, tokenizer, model_dir, fake_vllm):
     items = items_of(tokenizer)
     eos = {tokenizer.eos_token_id}

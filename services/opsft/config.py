@@ -470,6 +470,9 @@ class RewriteConfig(Strict):
     hint_cut: Literal["line", "marker"] = Field("line", description="where the hinted stream's analysis prefix "
                                                 "ends: line = after the '# CoT:' line; marker = right after "
                                                 "'# CoT' (the official rule; outputs then start with ':')")
+    hint_prompt: Literal["analyze", "direct"] = Field("analyze", description="analyze: the model analyses the "
+                                                      "reference, then its own CoT opens the hinted stream; direct: "
+                                                      "no analysis, the hinted stream opens at '# CoT:' at once")
     splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")

@@ -4,14 +4,19 @@ model's own distribution while keeping its answers right. Rows in, rows out; Ray
 Policy `self-first` (default):
   1. the model answers every question itself (greedy); an answer the verifier accepts is kept
      as it is (`source` = self: it is already on-policy);
-  2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint, cut after
-     the line of its last "# CoT" (hint_cut="line"; "marker" = right after it, the official
-     rule) (no marker: by default the hinted stream opened at "# CoT:" without an analysis,
-     `hint_forced` = true; with missing_hint="skip", the official rule, finish reason
-     `no_hint`), then opsft.method.hinted.hinted_decode;
-  3. an HD output the verifier accepts replaces the response (`source` = hd); otherwise the row
-     keeps its original response (`source` = original, `verified` = false), or, with
-     drop_unverified, is marked `dropped` = true (split_dropped separates them; nothing is lost).
+  2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint that stops at
+     its first "# CoT" marker (or at a "# Question"/"# Answer" header: a new example the model
+     started); the analysis before it, then the marker line "# CoT:" (hint_cut="line"; "marker"
+     = "# CoT" alone, the official rule), opens the hinted stream (opsft.method.hinted.hint_prefix).
+     No marker or no analysis: by default the stream opens at the marker line anyway, after the
+     analysis if there is one (`hint_forced` = true); with missing_hint="skip", the official
+     rule, finish reason `no_hint`. Then opsft.method.hinted.hinted_decode, with eos held until
+     the output has content and a stop at any hint header it writes (OUTPUT_STOPS);
+  3. an HD output that ended by itself (eos, or a header stop: the text before it) and that the
+     verifier accepts replaces the response (`source` = hd); otherwise (wrong, empty, cut at
+     max_length, repeating, out of step) the row keeps its original response (`source` =
+     original, `verified` = false), or, with drop_unverified, is marked `dropped` = true
+     (split_dropped separates them; nothing is lost). A self-answer is kept only if it ended too.
 Policy `hd-all`: step 2 and 3 for every row.
 
 Each output row: `response` (the new one), `original_response`, `source`, `verified`,
@@ -42,17 +47,28 @@ from opsft.data.verify import extract_final_answer, make_verifier
 from opsft.engines.base import GenerationParams, can_decode
 from opsft.method.hinted import (
     HINT_CUTS,
+    HINT_PROMPTS,
+    HINT_STOPS,
+    MISSING_HINT,
+    OUTPUT_STOPS,
     HDItem,
     HDParams,
     TokenText,
-    analysis_prefix,
-    forced_prefix,
+    cut_at_stop,
     hint_messages,
+    hint_prefix,
     hinted_decode,
+    marker_line,
 )
 from opsft.scoring import score_rows
 
 POLICIES = ("self-first", "hd-all")
+# What the recipe adds to the decoder's official rules: no end before content, a stop at a hint header.
+RECIPE_HD = {"stop_strings": OUTPUT_STOPS, "hold_eos": True}
+ENDED = ("eos", "stop")  # finish reasons of an output that ended by itself (the only ones accepted)
+# Hinted-decoding outcomes counted in the summary: finish reason -> the summary's name
+OUTCOMES = {"eos": "eos", "stop": "stop", "no_hint": "no_hint", "empty": "empty", "out_of_step": "out_of_step",
+            "max_length": "max_length", "repeating": "repetition"}
 NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
               "cll_original", "self_response", "self_verified", "hint_forced")
 
@@ -60,10 +76,11 @@ NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint"
 @dataclass(frozen=True)
 class RewriteParams:
     policy: str = "self-first"
-    hd: HDParams = field(default_factory=HDParams)
+    hd: HDParams = field(default_factory=lambda: HDParams(**RECIPE_HD))
     hint_max_new_tokens: int = 512
     missing_hint: str = "cot"     # "cot" (hinted stream opens at "# CoT:") or "skip" (official: finish_reason no_hint)
     hint_cut: str = "line"        # where the analysis prefix ends: "line" (after "# CoT:\n") or "marker" (official)
+    hint_prompt: str = "analyze"  # "analyze" (the model's analysis first) or "direct" (no hint generated)
     batch_size: int = 16          # items per hinted-decoding batch
     drop_unverified: bool = False
     verifier: str = "auto"        # opsft.data.verify.make_verifier name
@@ -71,10 +88,12 @@ class RewriteParams:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.missing_hint not in ("skip", "cot"):
-            raise ValueError(f"missing_hint must be 'skip' or 'cot', got {self.missing_hint!r}")
+        if self.missing_hint not in MISSING_HINT:
+            raise ValueError(f"missing_hint must be one of {MISSING_HINT}, got {self.missing_hint!r}")
         if self.hint_cut not in HINT_CUTS:
             raise ValueError(f"hint_cut must be one of {HINT_CUTS}, got {self.hint_cut!r}")
+        if self.hint_prompt not in HINT_PROMPTS:
+            raise ValueError(f"hint_prompt must be one of {HINT_PROMPTS}, got {self.hint_prompt!r}")
 
     @classmethod
     def from_config(cls, values: dict) -> RewriteParams:
@@ -84,9 +103,9 @@ class RewriteParams:
         cfg = RewriteConfig.model_validate(values)
         hd = HDParams(beta=cfg.beta, lambda_mode=cfg.lambda_mode, sigmoid_center=cfg.sigmoid_center,
                       piecewise_bounds=tuple(cfg.piecewise_bounds), temperature=cfg.temperature, top_p=cfg.top_p,
-                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, splitter=cfg.splitter or None)
+                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, splitter=cfg.splitter or None, **RECIPE_HD)
         return cls(policy=cfg.policy, hd=hd, hint_max_new_tokens=cfg.hint_max_new_tokens, batch_size=cfg.batch_size,
-                   missing_hint=cfg.missing_hint, hint_cut=cfg.hint_cut,
+                   missing_hint=cfg.missing_hint, hint_cut=cfg.hint_cut, hint_prompt=cfg.hint_prompt,
                    drop_unverified=cfg.drop_unverified, verifier=cfg.verifier)
 
 
@@ -251,18 +270,20 @@ def _verify_self(job: Rewrite) -> None:
             continue
         verdict = job.accept(row["self_response"], k)
         row["self_verified"] = verdict
-        if verdict:
+        if verdict and row[PRIVATE].get("self_finish") == "eos":  # an answer cut at max_length is not kept
             row.update(response=row["self_response"], source="self", verified=True,
                        finish_reason=row[PRIVATE].get("self_finish"))
 
 
 def _hd_item(job: Rewrite, k: int, hint_prompt: list[int] | None = None) -> HDItem | None:
     """Row k's hinted-decoding item from its hint (hinted prompt = question + reference + the
-    hint's analysis prefix; student prompt = the question); None when the hint has no '# CoT'."""
+    hint's analysis prefix; student prompt = the question); None when the hint has no usable
+    analysis and missing_hint is "skip"."""
     row = job.out[k]
-    prefix = analysis_prefix(row["hint"], job.params.hint_cut)
-    if prefix is None and row.get("hint_forced"):
-        prefix = forced_prefix(job.params.hint_cut)  # no analysis: question + reference, then the marker
+    if job.params.hint_prompt == "direct":
+        prefix = marker_line(job.params.hint_cut)
+    else:
+        prefix, _ = hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint)
     if prefix is None:
         return None
     hint_prompt = hint_prompt if hint_prompt is not None else _hint_prompt(job, k)
@@ -272,7 +293,7 @@ def _hd_item(job: Rewrite, k: int, hint_prompt: list[int] | None = None) -> HDIt
 
 def _hint_prompt(job: Rewrite, k: int) -> list[int]:
     ex = parse_row(job.out[k])
-    return prompt_ids(job.tok, hint_messages(question_text(ex.messages), ex.response))
+    return prompt_ids(job.tok, hint_messages(question_text(ex.messages), ex.response, job.params.hint_prompt))
 
 
 def _hints(job: Rewrite) -> None:
@@ -286,13 +307,17 @@ def _hints(job: Rewrite) -> None:
     for k in [k for k, hp in hint_prompts.items() if len(hp) >= job.engine.max_length]:  # no room for a hint
         job.keep_original(k, "max_length", hd_tokens=0)
         del hint_prompts[k]
-    hints = job.engine.generate(list(hint_prompts.values()), GenerationParams(
-        max_new_tokens=job.params.hint_max_new_tokens, temperature=0.0,
-        stop_token_ids=(job.eos,))) if hint_prompts else []
+    if job.params.hint_prompt == "direct":  # nothing to generate: the hinted stream opens at the marker line
+        hints = [[] for _ in hint_prompts]
+    else:
+        hints = job.engine.generate(list(hint_prompts.values()), GenerationParams(
+            max_new_tokens=job.params.hint_max_new_tokens, temperature=0.0,
+            stop_token_ids=(job.eos,), stop_strings=HINT_STOPS)) if hint_prompts else []
     for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
         row = job.out[k]
         row["hint"] = job.tok.decode(hint, skip_special_tokens=True)
-        row["hint_forced"] = analysis_prefix(row["hint"]) is None and job.params.missing_hint == "cot"
+        row["hint_forced"] = job.params.hint_prompt == "analyze" and \
+            hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint)[1]
         item = _hd_item(job, k, hp)
         if item is None:
             job.keep_original(k, "no_hint")
@@ -328,20 +353,23 @@ def _hinted_decoding(job: Rewrite) -> None:
         results = decode(items[s:s + step], params.hd, {job.eos}, decode_token=decode_token,
                          max_positions=job.engine.max_length, on_token=tick)
         for k, res in zip(rows[s:s + step], results, strict=True):
-            job.out[k].update(hd_response=_text(tok, res.tokens), hd_tokens=len(res.tokens),
-                              finish_reason=res.finish_reason)
+            text = cut_at_stop(_text(tok, res.tokens), params.hd.stop_strings).strip()
+            empty = not text and res.finish_reason != "out_of_step"
+            job.out[k].update(hd_response=text, hd_tokens=len(res.tokens),
+                              finish_reason="empty" if empty else res.finish_reason)
     job.report("hinted-decoding", len(items), len(items))
 
 
 def _verify_hd(job: Rewrite) -> None:
-    """Stage verify (CPU): a hinted-decoding output the verifier accepts (or cannot judge) becomes
-    the response (source hd); otherwise the row keeps its original response."""
+    """Stage verify (CPU): a hinted-decoding output that ended by itself (ENDED) and that the
+    verifier accepts (or cannot judge) becomes the response (source hd); otherwise the row keeps
+    its original response."""
     for k in job.pending():
         row = job.out[k]
         text = row.get("hd_response")
         if text is None:
             continue
-        verdict = job.accept(text, k) if text else False
+        verdict = job.accept(text, k) if text and row.get("finish_reason") in ENDED else False
         if verdict is False:
             row.update(source="original", verified=False)
         else:
@@ -381,14 +409,19 @@ def _add_cll(out: list[dict], valid: list[int], engine) -> None:
         out[k]["exact_entropy"] = scored[2 * j]["exact_entropy"]  # False: the vllm top-k estimate of H
 
 
-SUMMARY_COLUMNS = ["error", "dropped", "source", "finish_reason", "verified", "cll", "cll_original"]
+SUMMARY_COLUMNS = ["error", "dropped", "source", "finish_reason", "verified", "cll", "cll_original", "hd_tokens",
+                   "hint_forced"]
 
 
 def recipe_summary(rows) -> dict:
-    """Corpus-level figures: sources, finish reasons, verified fraction, mean CLL new vs original.
-    `rows`: any iterable (one pass; the Ray job streams its output's SUMMARY_COLUMNS through it)."""
+    """Corpus-level figures: sources, finish reasons, verified fraction, mean CLL new vs original,
+    and `hinted_decoding`: over the rows that went to hinted decoding, how each ended (OUTCOMES:
+    eos, stop, no_hint, empty, out_of_step, max_length, repetition), how many were accepted and how
+    many hints were forced (missing_hint "cot"). `rows`: any iterable (one pass; the Ray job
+    streams its output's SUMMARY_COLUMNS through it)."""
     n = errors = dropped = verified = 0
     sources, reasons = Counter(), Counter()
+    hd = Counter({name: 0 for name in ("rows", "accepted", "forced_hints", *OUTCOMES.values())})
     cll_sum = orig_sum = 0.0
     both = 0
     for r in rows:
@@ -399,6 +432,11 @@ def recipe_summary(rows) -> dict:
             continue
         sources[r.get("source")] += 1
         reasons[r.get("finish_reason")] += 1
+        if r.get("hd_tokens") is not None or r.get("finish_reason") == "no_hint":
+            hd["rows"] += 1
+            hd["accepted"] += r.get("source") == "hd"
+            hd["forced_hints"] += bool(r.get("hint_forced"))
+            hd[OUTCOMES.get(r.get("finish_reason"), r.get("finish_reason"))] += 1
         verified += bool(r.get("verified"))
         if r.get("cll") is not None and r.get("cll_original") is not None:
             both += 1
@@ -408,4 +446,5 @@ def recipe_summary(rows) -> dict:
         "rows": n, "error_rows": errors, "dropped": dropped, "sources": dict(sources),
         "finish_reasons": dict(reasons), "verified_fraction": verified / ok if ok else None,
         "cll_mean": cll_sum / both if both else None, "cll_original_mean": orig_sum / both if both else None,
+        "hinted_decoding": dict(hd),
     }

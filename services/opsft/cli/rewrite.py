@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
                         "hinted stream opened at '# CoT:' (cot, default) or keep the reference (skip, official)")
     parser.add_argument("--hint-cut", choices=["line", "marker"], help="where the hinted stream's analysis prefix "
                         "ends: after the '# CoT:' line (default) or right after '# CoT' (the official rule)")
+    parser.add_argument("--hint-prompt", choices=["analyze", "direct"], help="analyze: the model's analysis of the "
+                        "reference first (default); direct: the hinted stream opens at '# CoT:' with no analysis")
     parser.add_argument("--splitter", help="switch to the student stream after this text (default '\\boxed{'; "
                                            "'' = never)")
     parser.add_argument("--seed", type=int)
@@ -71,7 +73,7 @@ def run(args) -> int:
         "policy": args.policy, "verifier": args.verifier, "drop_unverified": args.drop_unverified,
         "beta": args.beta, "lambda_mode": args.lambda_mode, "temperature": args.temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
-        "missing_hint": args.missing_hint, "hint_cut": args.hint_cut,
+        "missing_hint": args.missing_hint, "hint_cut": args.hint_cut, "hint_prompt": args.hint_prompt,
         "splitter": args.splitter, "seed": args.seed, "batch_size": args.batch_size})
     if not cfg.input or not cfg.output:
         raise ValueError("--input and --output are required (on the command line or in --config)")

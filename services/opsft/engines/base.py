@@ -28,6 +28,7 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)  # output ends with the token completing one
 
 
 class Engine(Protocol):
@@ -41,7 +42,8 @@ class Engine(Protocol):
         """log p and H of tokens sequences[i][starts[i]:], each given everything before it."""
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
-        """New token ids for each prompt (without the prompt; stop token included if hit)."""
+        """New token ids for each prompt (without the prompt; the stop token, or the token that
+        completes a stop string, included if hit; nothing after it)."""
 
     def check(self) -> None:
         """Raise if the engine cannot serve a known-good request (opsft.faults: a failing check makes

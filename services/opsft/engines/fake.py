@@ -132,13 +132,16 @@ class FakeEngine:
         return f"The answer is {value if right else value + 1}."
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
+        from opsft.method.hinted import TokenText, trim_at_stop
+
         self._call()
+        token_text = TokenText(self.tokenizer)
         eos = self.tokenizer.eos_token_id
         out = []
         for prompt in prompts:
             text = self._answer(self.tokenizer.decode(prompt, skip_special_tokens=True))
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
-            out.append(ids[: params.max_new_tokens])
+            out.append(trim_at_stop(ids[: params.max_new_tokens], params.stop_strings, token_text))
         return out
 
     def hinted_decode(self, items, params, eos_ids, decode_token=None, max_positions=None, on_token=None) -> list:

@@ -14,7 +14,7 @@ import torch
 from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.method.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
-from opsft.method.hinted import Stream
+from opsft.method.hinted import Stream, TokenText, trim_at_stop
 from opsft.models import load_model, plain_lm_head, resolve_model
 
 # CPU scoring batch budget: benchmarks/score_cli.py on 48 varied pydoc rows (2 cores), against the naive
@@ -62,6 +62,7 @@ class HFEngine:
         cpu_default = min(CPU_SCORE_BATCH_TOKENS, max_batch_tokens)
         self.score_batch_tokens = score_batch_tokens or (cpu_default if self.device == "cpu" else max_batch_tokens)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.token_text = TokenText(self.tokenizer)  # id -> text, for stop strings
 
     # ------------------------------------------------------------------ scoring
 
@@ -172,16 +173,18 @@ class HFEngine:
                 ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 attn[r, width - len(prompts[i]):] = 1
             sampling = params.temperature > 0
+            strings = {"stop_strings": list(params.stop_strings), "tokenizer": self.tokenizer} \
+                if params.stop_strings else {}
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                 max_new_tokens=params.max_new_tokens, do_sample=sampling,
                 temperature=params.temperature if sampling else None,
                 top_p=params.top_p if sampling else None, top_k=None,
-                eos_token_id=sorted(stops), pad_token_id=self.pad_id,
+                eos_token_id=sorted(stops), pad_token_id=self.pad_id, **strings,
             )
             for r, i in enumerate(batch):
                 new = out[r, width:].tolist()
                 cut = next((k + 1 for k, tok in enumerate(new) if tok in stops), len(new))
-                outputs[i] = new[:cut]
+                outputs[i] = trim_at_stop(new[:cut], params.stop_strings, self.token_text)
         return outputs  # type: ignore[return-value]
 

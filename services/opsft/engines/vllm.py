@@ -42,6 +42,7 @@ import numpy as np
 from opsft.data.chat import model_max_length
 from opsft.engines.base import GenerationParams, TokenScores
 from opsft.method.cll import DEFAULT_CHUNK
+from opsft.method.hinted import TokenText, trim_at_stop
 from opsft.models import head_spec, resolve_model
 
 SCORERS = ("exact", "topk")
@@ -368,6 +369,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         # The tokenizer the hf engine uses too (vLLM only sees token ids: prompts and outputs).
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        self.token_text = TokenText(self.tokenizer)  # id -> text, for stop strings
         if max_model_len is None:
             from opsft.config import DEFAULT_MAX_MODEL_LEN
 
@@ -566,15 +568,16 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         stops = sorted(set(params.stop_token_ids) | ({self.tokenizer.eos_token_id} - {None}))
+        strings = {"stop": list(params.stop_strings), "include_stop_str_in_output": True} if params.stop_strings else {}
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
-                                  stop_token_ids=stops, detokenize=False)
+                                  stop_token_ids=stops, detokenize=bool(params.stop_strings), **strings)
         outputs = self.fed().generate([{"prompt_token_ids": list(p)} for p in prompts], sampling)
         result = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
             cut = next((k + 1 for k, tok in enumerate(ids) if tok in stops), len(ids))
-            result.append(ids[:cut])
+            result.append(trim_at_stop(ids[:cut], params.stop_strings, self.token_text))
         return result
 
 
@@ -632,6 +635,10 @@ def probe(request: dict) -> dict:
             t0 = time.monotonic()
             result["generated"] = engine.generate(request["prompts"], params)
             result["generate_s"] = time.monotonic() - t0
+            if request.get("generation_stopped"):  # the same prompts with stop strings
+                stopped = GenerationParams(**{**request["generation_stopped"],
+                                              "stop_strings": tuple(request["generation_stopped"]["stop_strings"])})
+                result["generated_stopped"] = engine.generate(request["prompts"], stopped)
         if request.get("hinted"):  # {"items": [HDItem fields], "eos": [...], "runs": {name: HDParams fields}}
             result["hinted"] = _probe_hinted(engine, request["hinted"])
         if request.get("feed"):  # {"prompts", "generation", "batch", "calls_in_flight": [1, 4]}

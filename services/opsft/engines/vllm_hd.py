@@ -3,7 +3,7 @@
 The two streams of every item (method.md section 3) run as two requests of one vLLM generate
 runner, paired by a batch-level logits processor, HintedPairs. The hf decoder
 (opsft.method.hinted.hinted_decode) is the reference; both use the same per-step functions
-(mixed_logprobs, pick_tokens, stop_after, SplitterWatch) and the same per-item generators.
+(mixed_logprobs, mask_eos, pick_tokens, stop_after, the text watches) and the same per-item generators.
 
 1. Pass 1: every hinted prompt alone, one token: the first token comes from the hinted stream
    alone, as in the reference.
@@ -12,8 +12,10 @@ runner, paired by a batch-level logits processor, HintedPairs. The hf decoder
    both rows of a pair, mixes them, picks the token with the item's generator and forces it on
    both rows (every other logit -inf, so vLLM's own greedy sampler takes it). After the splitter
    the hinted request is ended (a forced end-of-sequence token) and the student goes on from its
-   own distribution alone. eos and max_length end both requests in vLLM itself (stop_token_ids,
-   max_tokens); `repeating` is ended by a forced end-of-sequence token that the driver drops.
+   own distribution alone. While an item's output is blank and params.hold_eos is set, its eos ids
+   are masked before the pick. eos and max_length end both requests in vLLM itself (stop_token_ids,
+   max_tokens); `repeating` and `stop` (a stop string in the text) are ended by a forced
+   end-of-sequence token that the driver drops.
 3. The driver takes each item's tokens from its student request and replays the stop rules on
    them (finish reason, where the student took over).
 
@@ -42,12 +44,16 @@ import torch.nn.functional as F
 
 from opsft.engines.vllm import token_groups
 from opsft.method.hinted import (
+    ContentWatch,
     HDItem,
     HDParams,
     HDResult,
     SplitterWatch,
+    TextWatch,
     TokenText,
+    check_text_rules,
     item_generator,
+    mask_eos,
     mixed_logprobs,
     pick_tokens,
     stop_after,
@@ -88,9 +94,13 @@ class _Pair:
             for _ in self.tokens:  # the draws the given tokens took (one per token, as in pick_tokens)
                 torch.rand((), generator=self.generator, dtype=torch.float64)
         self.watch = SplitterWatch(self.params.splitter, decode_token)
-        if not self.switched:
-            for token in self.tokens:
+        self.stops = TextWatch(self.params.stop_strings, decode_token)
+        self.content = ContentWatch(decode_token)
+        for token in self.tokens:
+            if not self.switched:
                 self.watch.feed(token)
+            self.stops.feed(token)
+            self.content.feed(token)
 
     def took(self, token: int, roles: Sequence[str]) -> None:
         """`token` was picked for these roles (the pair's next token): the reference's stop rules."""
@@ -99,11 +109,12 @@ class _Pair:
             self.count[role] += 1
         n = len(self.tokens)
         found = not self.switched and self.watch.feed(token)
-        reason = stop_after(self.tokens, n, self.room, self.eos, self.params)
+        self.content.feed(token)
+        reason = stop_after(self.tokens, n, self.room, self.eos, self.params, self.stops.feed(token))
         if reason in ("eos", "max_length"):
             self.open.difference_update(roles)  # vLLM ends the requests itself
-        elif reason == "repeating":
-            self.ending = True  # vLLM does not know this rule: forced end next step
+        elif reason in ("repeating", "stop"):
+            self.ending = True  # vLLM does not know these rules: forced end next step
         elif found:
             self.switched = True
 
@@ -132,7 +143,8 @@ class HintedPairs(LogitsProcessor):
     def _pair(self, spec: dict) -> _Pair:
         pair = self.pairs.get(spec["key"])
         if pair is None:  # a request re-added after being left out of steps keeps its pair's state
-            pair = self.pairs[spec["key"]] = _Pair(spec, self.decode_token if spec["params"]["splitter"] else None)
+            needs_text = spec["params"]["splitter"] or spec["params"]["stop_strings"] or spec["params"]["hold_eos"]
+            pair = self.pairs[spec["key"]] = _Pair(spec, self.decode_token if needs_text else None)
         return pair
 
     def update_state(self, batch_update) -> None:
@@ -199,6 +211,9 @@ class HintedPairs(LogitsProcessor):
                     scores[at] = mixed_logprobs(logits[first_rows], logits[student_rows], params)
                 else:
                     scores[at] = F.log_softmax(logits[first_rows].float(), dim=-1)
+            if params.hold_eos:
+                blank = [i for i, pick in enumerate(group) if not pick[0].content.seen]
+                mask_eos(scores, blank, group[0][0].eos)
             tokens = pick_tokens(scores, params, [pair.generator for pair, *_ in group])
             for (pair, _, roles, rows), token in zip(group, tokens, strict=True):
                 if roles == ["first"]:
@@ -232,14 +247,15 @@ def replay(tokens: list[int], room: int, eos: set[int], params: HDParams,
            decode_token: Callable[[int], str] | None) -> HDResult | None:
     """The reference's stop rules over an item's generated tokens: the result, or None when the
     tokens end before any rule stops them (the requests were ended early: out of step). One
-    extra token past a `repeating` stop is the processor's forced end, dropped here."""
+    extra token past a `repeating` or `stop` stop is the processor's forced end, dropped here."""
     watch, switched_at = SplitterWatch(params.splitter, decode_token), None
+    stops = TextWatch(params.stop_strings, decode_token)
     for n in range(1, len(tokens) + 1):
         found = switched_at is None and watch.feed(tokens[n - 1])
-        reason = stop_after(tokens, n, room, eos, params)
+        reason = stop_after(tokens, n, room, eos, params, stops.feed(tokens[n - 1]))
         if reason:
             extra = tokens[n:]
-            if extra and not (reason == "repeating" and len(extra) == 1 and extra[0] in eos):
+            if extra and not (reason in ("repeating", "stop") and len(extra) == 1 and extra[0] in eos):
                 return None
             return HDResult(tokens=tokens[:n], finish_reason=reason, switched_at=switched_at)
         if found:
@@ -255,7 +271,7 @@ def hinted_decode_vllm(llm, items: list[HDItem], params: HDParams, eos_ids, deco
     input order. stats (optional) gets `out_of_step_retried` and `out_of_step` counts added."""
     from vllm import SamplingParams
 
-    SplitterWatch(params.splitter, decode_token)  # refuses a splitter without decode_token
+    check_text_rules(params, decode_token)
     limit = max_positions or llm.llm_engine.vllm_config.model_config.max_model_len
     for k, item in enumerate(items):
         if not item.hinted_prompt or not item.student_prompt:

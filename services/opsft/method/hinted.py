@@ -10,16 +10,20 @@ Per step, for each item still decoding:
                   token  ~ top-p(mixed at temperature 1), then temperature   (greedy at T = 0)
     after the generated text contains the splitter: token ~ the same sampler on log q alone
 
-Stop reasons: `eos`, `max_length` (max_new_tokens or the model's position limit),
-`repeating` (every `repeat_every` tokens: some `repeat_window`-token window seen at least
-`repeat_times` times). The official code runs one item at a time with no cache; here every
+Stop reasons: `eos`, `stop` (the generated text contains one of `stop_strings`: the recipe's
+hint headers, text the model starts inventing after its answer), `max_length` (max_new_tokens or
+the model's position limit), `repeating` (every `repeat_every` tokens: some `repeat_window`-token
+window seen at least `repeat_times` times). With `hold_eos`, no end-of-sequence id can be picked
+while the generated text is still blank (an output never ends before it has any content).
+The official code runs one item at a time with no cache; here every
 stream keeps a DynamicCache over a left-padded batch (attention mask + explicit position ids),
 items leave the batch as they finish (their cache rows are index-selected away), and an item
 that switched to the student stream leaves the hinted batch.
 
 Pure torch over token ids: the caller tokenizes (see `build_hint_prompt`, `hinted_prompt_ids`
 and opsft.recipe). The only text the decoder sees is through `decode_token(id) -> str`, used
-to spot the splitter exactly as the official code does (concatenated per-token decodes).
+to spot the splitter exactly as the official code does (concatenated per-token decodes), the
+stop strings and a blank output the same way.
 
     results = hinted_decode(engine, [HDItem(hinted_ids, student_ids)], HDParams(beta=3.0), eos_ids={2},
                             decode_token=TokenText(tokenizer))   # an hf engine, or a transformers model
@@ -44,6 +48,9 @@ LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
 # reference line by line under "# Analyze", then write one's own chain of thought under "# CoT"
 # without mentioning the reference. Short, so a small model's hinted stream stays cheap.
 HINT_SYSTEM_PROMPT = (Path(__file__).parents[1] / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
+# hint_prompt "direct": no analysis asked for; the hinted stream opens at the marker line at once
+DIRECT_SYSTEM_PROMPT = (Path(__file__).parents[1] / "data" / "hd_direct_prompt.txt").read_text(encoding="utf-8")
+HINT_PROMPTS = ("analyze", "direct")
 HINT_USER_TEMPLATE = "\n# Question:\n{question}\n\n# Answer:\n{answer}\n\n# CoT:\n"
 COT_MARKER = "# CoT"
 
@@ -62,13 +69,16 @@ class HDParams:
     repeat_window: int = 30
     repeat_times: int = 5
     repeat_every: int = 100
+    stop_strings: tuple[str, ...] = ()  # the official code has none; the recipe stops at its hint headers
+    hold_eos: bool = False              # True: no eos while the output is blank (official: eos any time)
 
     @classmethod
     def from_fields(cls, fields: dict) -> HDParams:
         """From a JSON-style dict of fields (dataclasses.asdict, or a request): lists become tuples."""
         values = dict(fields)
-        if "piecewise_bounds" in values:
-            values["piecewise_bounds"] = tuple(values["piecewise_bounds"])
+        for name in ("piecewise_bounds", "stop_strings"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def __post_init__(self):
@@ -79,6 +89,8 @@ class HDParams:
         lo, hi = self.piecewise_bounds
         if not lo < hi:
             raise ValueError(f"piecewise_bounds must be (h1, h2) with h1 < h2, got {self.piecewise_bounds}")
+        if any(not isinstance(text, str) or not text for text in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
 @dataclass(frozen=True)
@@ -163,12 +175,15 @@ def is_repeating(tokens: Sequence[int], window: int, times: int) -> bool:
 
 
 def stop_after(tokens: Sequence[int], n: int, room: int, eos: set[int] | frozenset[int],
-               params: HDParams) -> str | None:
+               params: HDParams, stop_found: bool = False) -> str | None:
     """Why decoding stops right after tokens[n - 1], the n-th generated token (the official rules,
-    in their order), or None to go on: `eos`, `max_length` (n reaches the item's room), `repeating`
+    in their order, with `stop` after eos), or None to go on: `eos`, `stop` (stop_found: the text
+    now contains one of params.stop_strings), `max_length` (n reaches the item's room), `repeating`
     (checked every params.repeat_every tokens)."""
     if tokens[n - 1] in eos:
         return "eos"
+    if stop_found:
+        return "stop"
     if n >= room:
         return "max_length"
     if n % params.repeat_every == 0 and is_repeating(tokens[:n], params.repeat_window, params.repeat_times):
@@ -176,23 +191,80 @@ def stop_after(tokens: Sequence[int], n: int, room: int, eos: set[int] | frozens
     return None
 
 
-class SplitterWatch:
-    """Finds the splitter in the generated text as the official code does: the per-token decodes
-    concatenated, keeping only the last len(splitter) - 1 characters between tokens."""
+class TextWatch:
+    """Finds any of `strings` in the generated text as the official code finds its splitter: the
+    per-token decodes concatenated, keeping only the last (longest string - 1) characters between
+    tokens, so a string split across tokens is found at the token that completes it."""
 
-    def __init__(self, splitter: str | None, decode_token: Callable[[int], str] | None):
-        if splitter and decode_token is None:
-            raise ValueError("a splitter needs decode_token (id -> text) to find it in the generated text")
-        self.splitter, self.decode_token, self.tail = splitter or "", decode_token, ""
+    def __init__(self, strings: Sequence[str], decode_token: Callable[[int], str] | None, what: str = "a stop string"):
+        self.strings = tuple(s for s in strings if s)
+        if self.strings and decode_token is None:
+            raise ValueError(f"{what} needs decode_token (id -> text) to find it in the generated text")
+        self.decode_token, self.tail, self.found = decode_token, "", False
+        self.keep = max((len(s) for s in self.strings), default=1) - 1
 
     def feed(self, token: int) -> bool:
-        """True when the text so far, ending with `token`, contains the splitter."""
-        if not self.splitter:
-            return False
+        """True when the text so far, ending with `token`, contains one of the strings."""
+        if self.found or not self.strings:
+            return self.found
         text = self.tail + self.decode_token(token)
-        keep = len(self.splitter) - 1
-        self.tail = text[-keep:] if keep else ""
-        return self.splitter in text
+        self.tail = text[-self.keep:] if self.keep else ""
+        self.found = any(s in text for s in self.strings)
+        return self.found
+
+
+class SplitterWatch(TextWatch):
+    """The splitter's watch (one string; none when the splitter is None or empty)."""
+
+    def __init__(self, splitter: str | None, decode_token: Callable[[int], str] | None):
+        super().__init__([splitter or ""], decode_token, what="a splitter")
+
+
+class ContentWatch:
+    """Whether the generated text has any content yet (a non-blank character), for hold_eos
+    (without decode_token, when hold_eos is off, it is never consulted)."""
+
+    def __init__(self, decode_token: Callable[[int], str] | None):
+        self.decode_token, self.seen = decode_token, False
+
+    def feed(self, token: int) -> None:
+        if not self.seen and self.decode_token is not None:
+            self.seen = bool(self.decode_token(token).strip())
+
+
+def check_text_rules(params: HDParams, decode_token: Callable[[int], str] | None) -> None:
+    """Refuse (ValueError) a splitter, stop strings or hold_eos without decode_token: each reads the
+    generated text. Both decoders call it before any work."""
+    SplitterWatch(params.splitter, decode_token)
+    TextWatch(params.stop_strings, decode_token)
+    if params.hold_eos and decode_token is None:
+        raise ValueError("hold_eos needs decode_token (id -> text) to tell a blank output from one with content")
+
+
+def mask_eos(scores: torch.Tensor, rows: Sequence[int], eos: Sequence[int]) -> torch.Tensor:
+    """scores [B, V] with every eos id at -inf in the given rows (outputs that are still blank):
+    the sampler renormalises over the other tokens. Returns scores (changed in place)."""
+    if rows and eos:
+        index = torch.tensor(list(rows), device=scores.device)
+        scores[index[:, None], torch.tensor(sorted(eos), device=scores.device)[None, :]] = float("-inf")
+    return scores
+
+
+def trim_at_stop(tokens: Sequence[int], stop_strings: Sequence[str], decode_token: Callable[[int], str]) -> list[int]:
+    """tokens up to the one that completes the first stop string in their text (all of them when
+    none occurs): what an engine returns for a generation with stop strings, whatever it generated
+    past the stop (a batch row padded after it stopped, say)."""
+    watch = TextWatch(stop_strings, decode_token)
+    for n, token in enumerate(tokens, start=1):
+        if watch.feed(token):
+            return list(tokens[:n])
+    return list(tokens)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """text up to the first occurrence of any stop string (the whole text when none occurs)."""
+    at = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:at]
 
 
 def item_generator(seed: int, index: int) -> torch.Generator:
@@ -305,7 +377,7 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
     decode_token maps one id to its text (needed only when params.splitter is set);
     max_positions bounds prompt + generated tokens (default: the decoder's max_length);
     on_token(n) is called with the number of tokens produced at each step (progress)."""
-    SplitterWatch(params.splitter, decode_token)  # refuses a splitter without decode_token before any work
+    check_text_rules(params, decode_token)
     if not hasattr(decoder, "open_stream"):
         decoder = ModelStreams(decoder, pad_id, prefill_rows)
     limit = max_positions or getattr(decoder, "max_length", None) or 10**9
@@ -320,6 +392,8 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
     eos = set(eos_ids)
     results = [HDResult(tokens=[], finish_reason="") for _ in items]
     watches = [SplitterWatch(params.splitter, decode_token) for _ in items]
+    stops = [TextWatch(params.stop_strings, decode_token) for _ in items]
+    content = [ContentWatch(decode_token) for _ in items]
     generators = [item_generator(params.seed, k if it.seed is None else it.seed) if params.temperature > 0 else None
                   for k, it in enumerate(items)]
     room = [min(params.max_new_tokens, limit - max(len(it.hinted_prompt), len(it.student_prompt))) for it in items]
@@ -331,6 +405,8 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
     scores = F.log_softmax(hinted.last_logits, dim=-1)
     rows = everyone
     while True:
+        if params.hold_eos:
+            mask_eos(scores, [r for r, i in enumerate(rows) if not content[i].seen], eos)
         picked = pick_tokens(scores, params, [generators[i] for i in rows])
         active = set()
         for i, token in zip(rows, picked, strict=True):
@@ -338,7 +414,8 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
             res.tokens.append(token)
             n = len(res.tokens)
             found = res.switched_at is None and watches[i].feed(token)
-            reason = stop_after(res.tokens, n, room[i], eos, params)
+            content[i].feed(token)
+            reason = stop_after(res.tokens, n, room[i], eos, params, stops[i].feed(token))
             if reason:
                 res.finish_reason = reason
             else:
@@ -366,38 +443,74 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
 # ------------------------------------------------------------------------------ prompts (edge helpers)
 
 
-def hint_messages(question: str, reference: str) -> list[dict]:
-    """The chat that asks the model for "# Analyze ... # CoT" given the question and the reference."""
-    return [{"role": "system", "content": HINT_SYSTEM_PROMPT},
+def hint_messages(question: str, reference: str, prompt: str = "analyze") -> list[dict]:
+    """The chat that asks the model for "# Analyze ... # CoT" given the question and the reference
+    (prompt "analyze"), or for its own solution under "# CoT" at once (prompt "direct")."""
+    if prompt not in HINT_PROMPTS:
+        raise ValueError(f"hint prompt must be one of {HINT_PROMPTS}, got {prompt!r}")
+    system = HINT_SYSTEM_PROMPT if prompt == "analyze" else DIRECT_SYSTEM_PROMPT
+    return [{"role": "system", "content": system},
             {"role": "user", "content": HINT_USER_TEMPLATE.format(question=question, answer=reference)}]
 
 
 HINT_CUTS = ("line", "marker")
-_MARKER_LINE_END = re.compile(r"[ \t]*:?[ \t]*\n?")
+MISSING_HINT = ("cot", "skip")
+# The hint template's own headers: a hint that writes one has started an example of its own (a new
+# question), so its text from there on is not about the row being rewritten.
+HINT_HEADERS = ("# Question", "# Answer")
+HINT_STOPS = (COT_MARKER, *HINT_HEADERS)  # where hint generation stops: its marker, or a new example
+# Where the hinted-decoding output stops (HDParams.stop_strings in the recipe): a line that opens a
+# section of the hint template again is text the hinted stream invents past its own answer.
+OUTPUT_STOPS = (*HINT_HEADERS, "# Analy", COT_MARKER)
+_ANALYSIS_HEADING = re.compile(r"^[ \t]*#+[ \t]*analy[a-z]*[ \t]*:?[ \t]*$", re.IGNORECASE | re.MULTILINE)
 
 
-def analysis_prefix(hint_output: str, cut: str = "line") -> str | None:
-    """The hint output up to its last "# CoT" marker (None when there is none), cut as `cut` says:
+@dataclass(frozen=True)
+class HintReading:
+    """What a hint output holds for the row it was asked about: the analysis (the text before the
+    first "# CoT" marker or the first header of a new example, whichever comes first), whether the
+    marker ended it, and whether it says anything (more than an "# Analyze" heading)."""
 
-    - "marker", the official rule: right after the marker. The hint template ends its user turn
-      with `# CoT:` (HINT_USER_TEMPLATE), so the model writes `# CoT:` and a newline; cut after the
-      marker, both streams go on from a bare ":", and most outputs start with it.
-    - "line" (default): past what ends the marker's line as well (spaces, one ":", one newline), so
-      both streams start on the chain of thought itself. Text the model wrote on the marker's own
-      line after the colon stays with the output.
-    """
+    analysis: str
+    marker: bool
+
+    @property
+    def usable(self) -> bool:
+        return bool(_ANALYSIS_HEADING.sub("", self.analysis).strip())
+
+
+def read_hint(hint_output: str) -> HintReading:
+    """The hint read up to the marker that belongs to the row's question: the FIRST "# CoT"; any
+    marker after a "# Question"/"# Answer" header belongs to an example the model invented."""
+    found = {text: hint_output.find(text) for text in HINT_STOPS}
+    ends = [at for at in found.values() if at >= 0]
+    end = min(ends, default=len(hint_output))
+    return HintReading(analysis=hint_output[:end], marker=found[COT_MARKER] == end and end < len(hint_output))
+
+
+def marker_line(cut: str = "line") -> str:
+    """The marker as the hinted stream sees it: "# CoT:" and a newline (cut "line": the template's own
+    line, so both streams start on the chain of thought) or "# CoT" alone (cut "marker", official)."""
     if cut not in HINT_CUTS:
         raise ValueError(f"hint cut must be one of {HINT_CUTS}, got {cut!r}")
-    at = hint_output.rfind(COT_MARKER)
-    if at < 0:
-        return None
-    end = at + len(COT_MARKER)
-    if cut == "line":
-        end = _MARKER_LINE_END.match(hint_output, end).end()
-    return hint_output[:end]
+    return COT_MARKER + (":\n" if cut == "line" else "")
 
 
-def forced_prefix(cut: str = "line") -> str:
-    """The analysis prefix of a hint that has no marker, under missing_hint="cot": the marker line
-    alone (no analysis), cut by the same rule as a real hint."""
-    return analysis_prefix(COT_MARKER + ":\n", cut)
+def hint_prefix(hint_output: str, cut: str = "line", missing_hint: str = "cot") -> tuple[str | None, bool]:
+    """(the analysis prefix of the hinted stream, whether we wrote its marker) for a hint output.
+
+    A hint with a usable analysis ended by its marker: the analysis, then the marker line (cut
+    "marker", the official rule: the hint exactly up to the end of "# CoT"). Otherwise (no marker:
+    the hint ran out or began a new example; or no analysis before the marker) as missing_hint says:
+    "skip" (official) gives None (the row keeps its reference, finish reason no_hint); "cot" opens
+    the hinted stream at the marker line anyway, after the analysis when there is one."""
+    if missing_hint not in MISSING_HINT:
+        raise ValueError(f"missing_hint must be one of {MISSING_HINT}, got {missing_hint!r}")
+    reading = read_hint(hint_output)
+    if reading.marker and reading.usable:
+        return reading.analysis + marker_line(cut), False
+    if missing_hint == "skip":
+        return None, False
+    if not reading.usable:
+        return marker_line(cut), True
+    return reading.analysis.rstrip() + "\n\n" + marker_line(cut), True
