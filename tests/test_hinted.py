@@ -342,6 +342,18 @@ def test_hint_prefix_and_its_fallbacks(hint, analysis, marker):
         hint_prefix("a\n# CoT", "line", "sometimes")
 
 
+def test_a_hint_that_ran_out_of_tokens_has_no_usable_analysis():
+    looping = "The answer is 5.\n\n" * 8
+    assert read_hint(looping, ended=False) == HintReading(analysis=looping, marker=False, ended=False)
+    assert not read_hint(looping, ended=False).usable and read_hint(looping).usable
+    assert hint_prefix(looping, "line", "cot", ended=False) == ("# CoT:\n", True)       # the marker line alone
+    assert hint_prefix(looping, "line", "skip", ended=False) == (None, False)
+    assert hint_prefix(looping, "line", "cot") == (looping.rstrip() + "\n\n# CoT:\n", True)
+    # stopped at its marker or at a header at the budget's last token: it ended all the same
+    assert hint_prefix("a\n# CoT", "line", "cot", ended=False) == ("a\n# CoT:\n", False)
+    assert read_hint("a\n# Question", ended=False).usable
+
+
 # ------------------------------------------------------------------ tests: equivalence
 
 

@@ -1,17 +1,21 @@
-"""The hinted-decoding settings study on the demo's task family (docs/hinted_decoding.md).
+"""The hinted-decoding settings study across task families (docs/hinted_decoding.md).
 
-    .venv/bin/python workflows/hd_study.py [--rows 48] [--settings default beta-0 ...] [--output runs/hd_study]
+    .venv/bin/python workflows/hd_study.py [--rows 16] [--families sums differences products friends]
+        [--settings default direct ...] [--output runs/hd_study]
 
-Rewrites the same off-policy addition rows (opsft.data.datasets.addition_corpus, column-method
-references) with policy hd-all once per setting, in this process, on the embedded model (one
-engine for all settings), and prints one table row per setting:
-- `hd / original`: rows whose hinted-decoding output verified (source hd) / kept their reference;
-- finish reasons (eos, max_length, no_hint, ...);
-- mean CLL under the base model (the recipe's score stage): of all rows, and of the hd rows;
-- how many hd responses start with ":" (the hint-cut defect) and how many copy the reference's
-  column method ("column" in the text): on-policy outputs do neither.
-Each setting's rows go to <output>/<setting>.jsonl (hint, hd_response, finish_reason, cll) for
-reading, and the table to <output>/table.md.
+For each family of opsft.data.datasets.FAMILIES (reasoning-gym tasks the embedded model partly
+does, each with off-policy worked solutions in a style of its own) and each setting, rewrites the
+same rows with `opsft rewrite`'s recipe (policy self-first, in this process, one engine for all)
+and prints one table row per family and setting, and one per setting over all families:
+- `hd / self / original`: rows rewritten by hinted decoding / kept as the model's own verified
+  answer / kept as their reference;
+- verified: the share of rows whose written response verifies;
+- mean CLL under the base model of the rows hinted decoding rewrote, and of all rows;
+- what hinted decoding ended with (the summary's `hinted_decoding` outcomes): empty outputs,
+  runaways (max_length + repetition), stops at a hint header, hints with no usable analysis
+  (forced or no_hint).
+Each run's rows go to <output>/<family>/<setting>.jsonl, the tables to <output>/table.md and the
+figures to <output>/results.json.
 """
 
 from __future__ import annotations
@@ -26,20 +30,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# every setting differs from the base in the fields it names (RewriteConfig fields)
-BASE = {"policy": "hd-all", "max_new_tokens": 64, "hint_max_new_tokens": 64, "seed": 0, "batch_size": 16,
+# every setting differs from the recipe's defaults in the fields it names (RewriteConfig fields); BASE is
+# what all runs share: budgets that fit each family's answers, so a cut at max_length is a runaway
+BASE = {"policy": "self-first", "max_new_tokens": 128, "hint_max_new_tokens": 128, "seed": 0, "batch_size": 16,
         "verifier": "auto"}
 SETTINGS = {
+    "analyze": {"hint_prompt": "analyze"},
+    "direct": {"hint_prompt": "direct"},
+    "official-rules": {"hint_prompt": "analyze", "hint_cut": "marker", "missing_hint": "skip"},
     "default": {},
-    "official-cut": {"hint_cut": "marker"},
-    "missing-hint-cot": {"missing_hint": "cot"},
-    "splitter-####": {"splitter": "####"},
-    "beta-0.7": {"beta": 0.7},
-    "beta-0": {"beta": 0.0},
+    "beta-1": {"beta": 1.0},
     "sigmoid": {"lambda_mode": "sigmoid"},
     "greedy": {"temperature": 0.0},
     "temperature-1": {"temperature": 1.0},
 }
+DEFAULT_SETTINGS = list(SETTINGS)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -47,73 +52,95 @@ def _mean(values: list[float]) -> float | None:
 
 
 def measure(rows: list[dict]) -> dict:
-    """The table's figures for one setting's output rows."""
+    """The table's figures for one run's output rows."""
     from opsft.recipe import recipe_summary
 
     summary = recipe_summary(rows)
-    hd = [r for r in rows if r.get("source") == "hd"]
+    outcomes = summary["hinted_decoding"]
     return {
-        "hd": len(hd), "original": summary["sources"].get("original", 0),
-        "verified_fraction": summary["verified_fraction"], "finish_reasons": summary["finish_reasons"],
-        "hints_with_marker": sum("# CoT" in (r.get("hint") or "") for r in rows),
+        "rows": len(rows), "hd": summary["sources"].get("hd", 0), "self": summary["sources"].get("self", 0),
+        "original": summary["sources"].get("original", 0), "verified": summary["verified_fraction"],
+        "cll_hd": _mean([r["cll"] for r in rows if r.get("source") == "hd" and r.get("cll") is not None]),
         "cll_all": summary["cll_mean"], "cll_original": summary["cll_original_mean"],
-        "cll_hd": _mean([r["cll"] for r in hd if r.get("cll") is not None]),
-        "hd_colon": sum(r["response"].lstrip().startswith(":") for r in hd),
-        "hd_column": sum("column" in r["response"].lower() for r in hd),
-        "hd_tokens": _mean([r["hd_tokens"] for r in hd if r.get("hd_tokens") is not None]),
+        "empty": outcomes["empty"], "runaway": outcomes["max_length"] + outcomes["repetition"],
+        "stop": outcomes["stop"], "no_analysis": outcomes["forced_hints"] + outcomes["no_hint"],
+        "outcomes": outcomes,
     }
 
 
-def table(results: dict[str, dict]) -> str:
+def pooled(figures: list[dict]) -> dict:
+    """One setting's figures over all families (counts summed, means weighted by their rows)."""
+    total = {key: sum(f[key] for f in figures) for key in ("rows", "hd", "self", "original", "empty", "runaway",
+                                                            "stop", "no_analysis", "seconds")}
+    total["verified"] = sum(f["verified"] * f["rows"] for f in figures) / total["rows"]
+    for key, weight in (("cll_hd", "hd"), ("cll_all", "rows"), ("cll_original", "rows")):
+        parts = [(f[key], f[weight]) for f in figures if f[key] is not None and f[weight]]
+        total[key] = sum(v * w for v, w in parts) / sum(w for _, w in parts) if parts else None
+    return total
+
+
+def table(results: dict[str, dict[str, dict]], settings: list[str]) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
-    lines = ["| setting | hd / original | verified | finish reasons | hints with `# CoT` | mean CLL, all rows "
-             "| mean CLL, hd rows | hd tokens (mean) | hd starting with `:` | hd copying the column method | time |",
+    lines = ["| family | setting | hd / self / original | verified | mean CLL, hd rows | mean CLL, all rows "
+             "| empty | runaway | header stops | hints without analysis | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, m in results.items():
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["finish_reasons"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {name} | {m['hd']} / {m['original']} | {f(m['verified_fraction'])} | {reasons} "
-                     f"| {m['hints_with_marker']} | {f(m['cll_all'])} | {f(m['cll_hd'])} | "
-                     f"{'-' if m['hd_tokens'] is None else round(m['hd_tokens'], 1)} | {m['hd_colon']} "
-                     f"| {m['hd_column']} | {m['seconds']:.0f} s |")
+    families = list(results)
+    for setting in settings:
+        runs = [(family, results[family][setting]) for family in families if setting in results[family]]
+        if len(runs) > 1:
+            runs.append(("**all**", pooled([m for _, m in runs])))
+        for family, m in runs:
+            lines.append(f"| {family} | {setting} | {m['hd']} / {m['self']} / {m['original']} | {f(m['verified'])} "
+                         f"| {f(m['cll_hd'])} | {f(m['cll_all'])} | {m['empty']} | {m['runaway']} | {m['stop']} "
+                         f"| {m['no_analysis']} | {m['seconds']:.0f} s |")
     return "\n".join(lines)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main() -> int:
+    from opsft.data.datasets import FAMILIES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--rows", type=int, default=16, help="rows per family")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--output", default="runs/hd_study")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     import torch
-    from opsft.data.datasets import addition_corpus
     from opsft.engines.hf import HFEngine
     from opsft.recipe import rewrite_rows
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = addition_corpus(args.rows, seed=args.seed)
     engine = HFEngine(None, device="cpu", max_batch_size=32)  # None = the embedded model
-    results = {}
-    for name in args.settings:
-        start = time.time()
-        rows = rewrite_rows(corpus, engine, {**BASE, **SETTINGS[name]})
-        results[name] = {**measure(rows), "seconds": time.time() - start}
-        tmp = out / f".{name}.jsonl.tmp"
-        with tmp.open("w") as fh:
-            for r in rows:
-                fh.write(json.dumps({k: r.get(k) for k in ("id", "source", "finish_reason", "hint", "hd_response",
-                                                            "cll", "cll_original")}) + "\n")
-        tmp.replace(out / f"{name}.jsonl")
-        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
-    text = table(results)
-    (out / "table.md.tmp").write_text(text + "\n")
-    (out / "table.md.tmp").replace(out / "table.md")
+    results: dict[str, dict[str, dict]] = {}
+    for family in args.families:
+        corpus = FAMILIES[family](args.rows, seed=args.seed)
+        (out / family).mkdir(parents=True, exist_ok=True)
+        for name in args.settings:
+            start = time.time()
+            rows = rewrite_rows(corpus, engine, {**BASE, **SETTINGS[name]})
+            figures = {**measure(rows), "seconds": time.time() - start}
+            results.setdefault(family, {})[name] = figures
+            write_atomic(out / family / f"{name}.jsonl", "".join(
+                json.dumps({k: r.get(k) for k in ("id", "source", "finish_reason", "hint", "hint_forced",
+                                                  "hd_response", "self_response", "cll", "cll_original")}) + "\n"
+                for r in rows))
+            print(f"{family} {name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+    text = table(results, args.settings)
+    write_atomic(out / "table.md", text + "\n")
+    write_atomic(out / "results.json", json.dumps({"base": BASE, "settings": {s: SETTINGS[s] for s in args.settings},
+                                                   "rows_per_family": args.rows, "results": results}, indent=1))
     print(text)
     return 0
 

@@ -463,13 +463,14 @@ class RewriteConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(1024, ge=1, description="per self-answer and per hinted-decoding output")
     hint_max_new_tokens: int = Field(512, ge=1, description="per '# Analyze ... # CoT' hint")
-    missing_hint: Literal["skip", "cot"] = Field("cot", description="a hint without the '# CoT' marker: cot "
-                                                 "(default): decode anyway with the hinted stream opened at "
-                                                 "'# CoT:' (no analysis); skip: keep the row's reference (the "
-                                                 "official rule, finish_reason no_hint). docs/hinted_decoding.md")
-    hint_cut: Literal["line", "marker"] = Field("line", description="where the hinted stream's analysis prefix "
-                                                "ends: line = after the '# CoT:' line; marker = right after "
-                                                "'# CoT' (the official rule; outputs then start with ':')")
+    missing_hint: Literal["skip", "cot"] = Field("cot", description="a hint with no usable analysis ended by "
+                                                 "its '# CoT' marker: cot (default): decode anyway with the hinted "
+                                                 "stream opened at '# CoT:' (after the analysis, if any); skip: "
+                                                 "keep the row's reference (the official rule, finish_reason "
+                                                 "no_hint). docs/hinted_decoding.md")
+    hint_cut: Literal["line", "marker"] = Field("line", description="how the hinted stream's analysis prefix "
+                                                "ends: line = with the line '# CoT:'; marker = with '# CoT' "
+                                                "(the official rule; outputs then often start with ':')")
     hint_prompt: Literal["analyze", "direct"] = Field("analyze", description="analyze: the model analyses the "
                                                       "reference, then its own CoT opens the hinted stream; direct: "
                                                       "no analysis, the hinted stream opens at '# CoT:' at once")

@@ -283,7 +283,8 @@ def _hd_item(job: Rewrite, k: int, hint_prompt: list[int] | None = None) -> HDIt
     if job.params.hint_prompt == "direct":
         prefix = marker_line(job.params.hint_cut)
     else:
-        prefix, _ = hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint)
+        prefix, _ = hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint,
+                                row[PRIVATE].get("hint_ended", True))
     if prefix is None:
         return None
     hint_prompt = hint_prompt if hint_prompt is not None else _hint_prompt(job, k)
@@ -316,8 +317,11 @@ def _hints(job: Rewrite) -> None:
     for (k, hp), hint in zip(hint_prompts.items(), hints, strict=True):
         row = job.out[k]
         row["hint"] = job.tok.decode(hint, skip_special_tokens=True)
+        # a hint that ended by itself: an end-of-turn token, or a stop string (its marker, a header)
+        ended = row[PRIVATE]["hint_ended"] = bool(hint) and hint[-1] == job.eos or len(hint) < \
+            job.params.hint_max_new_tokens
         row["hint_forced"] = job.params.hint_prompt == "analyze" and \
-            hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint)[1]
+            hint_prefix(row["hint"], job.params.hint_cut, job.params.missing_hint, ended)[1]
         item = _hd_item(job, k, hp)
         if item is None:
             job.keep_original(k, "no_hint")

@@ -3,7 +3,7 @@
     opsft rewrite --input corpus.jsonl --output rewritten.jsonl [--policy self-first|hd-all] [--beta 3]
                   [--lambda-mode linear] [--temperature 0.3] [--top-p 0.95] [--max-new-tokens N]
                   [--splitter '\\boxed{'] [--seed S] [--verifier auto] [--drop-unverified]
-                  [--hint-cut line|marker] [--missing-hint cot|skip]
+                  [--hint-prompt analyze|direct] [--hint-cut line|marker] [--missing-hint cot|skip]
                   [--engine hf|vllm] [--hd-engine hf|vllm] [--ray [--address A] [--actors N] [--gpus G]]
 
 Every input row is written with `response` replaced and `original_response`, `source`,
@@ -49,10 +49,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus at temperature 1 (default 0.95)")
     parser.add_argument("--max-new-tokens", type=int, help="per answer (default 1024)")
     parser.add_argument("--hint-max-new-tokens", type=int, help="per '# Analyze ... # CoT' hint (default 512)")
-    parser.add_argument("--missing-hint", choices=["skip", "cot"], help="a hint without '# CoT': decode with the "
-                        "hinted stream opened at '# CoT:' (cot, default) or keep the reference (skip, official)")
-    parser.add_argument("--hint-cut", choices=["line", "marker"], help="where the hinted stream's analysis prefix "
-                        "ends: after the '# CoT:' line (default) or right after '# CoT' (the official rule)")
+    parser.add_argument("--missing-hint", choices=["skip", "cot"], help="a hint with no usable analysis ended by "
+                        "'# CoT': decode with the hinted stream opened at '# CoT:' (cot, default) or keep the "
+                        "reference (skip, official)")
+    parser.add_argument("--hint-cut", choices=["line", "marker"], help="how the hinted stream's analysis prefix "
+                        "ends: with the line '# CoT:' (default) or with '# CoT' (the official rule)")
     parser.add_argument("--hint-prompt", choices=["analyze", "direct"], help="analyze: the model's analysis of the "
                         "reference first (default); direct: the hinted stream opens at '# CoT:' with no analysis")
     parser.add_argument("--splitter", help="switch to the student stream after this text (default '\\boxed{'; "

@@ -469,23 +469,29 @@ _ANALYSIS_HEADING = re.compile(r"^[ \t]*#+[ \t]*analy[a-z]*[ \t]*:?[ \t]*$", re.
 class HintReading:
     """What a hint output holds for the row it was asked about: the analysis (the text before the
     first "# CoT" marker or the first header of a new example, whichever comes first), whether the
-    marker ended it, and whether it says anything (more than an "# Analyze" heading)."""
+    marker ended it, and whether it is usable: it says something (more than an "# Analyze"
+    heading) and the hint ended (a hint that ran out of tokens with neither marker nor header is
+    runaway text, often one line repeated)."""
 
     analysis: str
     marker: bool
+    ended: bool = True
 
     @property
     def usable(self) -> bool:
-        return bool(_ANALYSIS_HEADING.sub("", self.analysis).strip())
+        return self.ended and bool(_ANALYSIS_HEADING.sub("", self.analysis).strip())
 
 
-def read_hint(hint_output: str) -> HintReading:
+def read_hint(hint_output: str, ended: bool = True) -> HintReading:
     """The hint read up to the marker that belongs to the row's question: the FIRST "# CoT"; any
-    marker after a "# Question"/"# Answer" header belongs to an example the model invented."""
+    marker after a "# Question"/"# Answer" header belongs to an example the model invented.
+    `ended`: whether the generation ended by itself (an end-of-turn token or a stop string), not at
+    its token budget; a hint stopped at its marker or at a header has ended whatever it says."""
     found = {text: hint_output.find(text) for text in HINT_STOPS}
     ends = [at for at in found.values() if at >= 0]
     end = min(ends, default=len(hint_output))
-    return HintReading(analysis=hint_output[:end], marker=found[COT_MARKER] == end and end < len(hint_output))
+    return HintReading(analysis=hint_output[:end], marker=bool(ends) and found[COT_MARKER] == end,
+                       ended=ended or bool(ends))
 
 
 def marker_line(cut: str = "line") -> str:
@@ -496,17 +502,19 @@ def marker_line(cut: str = "line") -> str:
     return COT_MARKER + (":\n" if cut == "line" else "")
 
 
-def hint_prefix(hint_output: str, cut: str = "line", missing_hint: str = "cot") -> tuple[str | None, bool]:
+def hint_prefix(hint_output: str, cut: str = "line", missing_hint: str = "cot",
+                ended: bool = True) -> tuple[str | None, bool]:
     """(the analysis prefix of the hinted stream, whether we wrote its marker) for a hint output.
 
     A hint with a usable analysis ended by its marker: the analysis, then the marker line (cut
     "marker", the official rule: the hint exactly up to the end of "# CoT"). Otherwise (no marker:
-    the hint ran out or began a new example; or no analysis before the marker) as missing_hint says:
+    the hint ended or began a new example; or no analysis before the marker; or a hint that ran
+    out of tokens, `ended` False, with neither) as missing_hint says:
     "skip" (official) gives None (the row keeps its reference, finish reason no_hint); "cot" opens
     the hinted stream at the marker line anyway, after the analysis when there is one."""
     if missing_hint not in MISSING_HINT:
         raise ValueError(f"missing_hint must be one of {MISSING_HINT}, got {missing_hint!r}")
-    reading = read_hint(hint_output)
+    reading = read_hint(hint_output, ended)
     if reading.marker and reading.usable:
         return reading.analysis + marker_line(cut), False
     if missing_hint == "skip":
