@@ -432,8 +432,9 @@ def test_vllm_hinted_decoding_holds_eos_and_stops_like_the_hf_decoder(model_dir,
     base = {"beta": 3.0, "temperature": 0.0, "max_new_tokens": 30, "splitter": None}
     plain = hf_reference(real_engine, items, base, {end_of_turn_id(tok)})
     eos = {end_of_turn_id(tok)} | {r.tokens[0] for r in plain}
+    held = hf_reference(real_engine, items, {**base, "hold_eos": True}, eos)  # the stop string comes from these
     runs = {"held": {**base, "hold_eos": True},
-            "stopped": {**base, "hold_eos": True, "stop_strings": [*OUTPUT_STOPS, split_string(tok, plain[1].tokens)]}}
+            "stopped": {**base, "hold_eos": True, "stop_strings": [*OUTPUT_STOPS, split_string(tok, held[1].tokens)]}}
     got = run_engine(hinted_request(model_dir, items, eos, runs), tmp_path)["hinted"]
     reasons = set()
     for name, fields in runs.items():

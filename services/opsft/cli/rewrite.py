@@ -160,6 +160,6 @@ def rewrite_in_process(cfg) -> dict:
                    engine_faults=result["engine_faults"])
     if result.get("dropped_output"):
         summary["dropped_output"] = result["dropped_output"]
-    if out_of_step:  # vllm hinted decoding: pairs decoded again, and items given up (opsft.engines.vllm_hd)
-        summary["hinted_decoding"] = out_of_step
+    if out_of_step:  # vllm hinted decoding: pairs decoded again (opsft.engines.vllm_hd); those given up are counted
+        summary["hinted_decoding"]["out_of_step_retried"] = out_of_step.get("out_of_step_retried", 0)
     return summary
