@@ -373,3 +373,13 @@ def test_real_model_answers_an_easy_question_itself(real_engine):
     out = rewrite_rows(rows, real_engine, RewriteParams(hd=HDParams(max_new_tokens=16)))
     assert out[0]["source"] == "self" and out[0]["verified"] is True and "5" in out[0]["response"]
     assert out[0]["cll"] > out[0]["cll_original"]  # its own answer is more on-policy than "#### 5"
+
+
+def test_recipe_defaults_are_the_configs():
+    """RewriteConfig (the CLI's and the jobs' settings) and RewriteParams (the recipe's) name the same
+    defaults: the recipe built from an empty config equals the recipe's own default."""
+    from opsft.config import RewriteConfig
+
+    assert RewriteParams.from_config({}) == RewriteParams()
+    assert RewriteParams().hd.temperature == RewriteConfig().temperature == 0.0  # the study's choice
+    assert RewriteParams().hd.stop_strings == OUTPUT_STOPS and RewriteParams().hd.hold_eos

@@ -38,7 +38,6 @@ SETTINGS = {
     "analyze": {"hint_prompt": "analyze"},
     "direct": {"hint_prompt": "direct"},
     "official-rules": {"hint_prompt": "analyze", "hint_cut": "marker", "missing_hint": "skip"},
-    "default": {},
     "beta-1": {"beta": 1.0},
     "sigmoid": {"lambda_mode": "sigmoid"},
     "greedy": {"temperature": 0.0},

@@ -76,7 +76,7 @@ NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint"
 @dataclass(frozen=True)
 class RewriteParams:
     policy: str = "self-first"
-    hd: HDParams = field(default_factory=lambda: HDParams(**RECIPE_HD))
+    hd: HDParams = field(default_factory=lambda: HDParams(temperature=0.0, **RECIPE_HD))  # greedy: RewriteConfig
     hint_max_new_tokens: int = 512
     missing_hint: str = "cot"     # "cot" (hinted stream opens at "# CoT:") or "skip" (official: finish_reason no_hint)
     hint_cut: str = "line"        # where the analysis prefix ends: "line" (after "# CoT:\n") or "marker" (official)

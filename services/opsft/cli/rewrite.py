@@ -1,7 +1,7 @@
 """`opsft rewrite`: the on-policy data recipe (self-answers, Hinted Decoding, verification, CLL).
 
     opsft rewrite --input corpus.jsonl --output rewritten.jsonl [--policy self-first|hd-all] [--beta 3]
-                  [--lambda-mode linear] [--temperature 0.3] [--top-p 0.95] [--max-new-tokens N]
+                  [--lambda-mode linear] [--temperature 0] [--top-p 0.95] [--max-new-tokens N]
                   [--splitter '\\boxed{'] [--seed S] [--verifier auto] [--drop-unverified]
                   [--hint-prompt analyze|direct] [--hint-cut line|marker] [--missing-hint cot|skip]
                   [--engine hf|vllm] [--hd-engine hf|vllm] [--ray [--address A] [--actors N] [--gpus G]]
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                         help="write rows whose rewrite fails verification to a side file instead")
     parser.add_argument("--beta", type=float, help="student weight slope (default 3)")
     parser.add_argument("--lambda-mode", choices=["linear", "sigmoid", "piecewise"], help="default linear")
-    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.3)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0; official 0.3)")
     parser.add_argument("--top-p", type=float, help="nucleus at temperature 1 (default 0.95)")
     parser.add_argument("--max-new-tokens", type=int, help="per answer (default 1024)")
     parser.add_argument("--hint-max-new-tokens", type=int, help="per '# Analyze ... # CoT' hint (default 512)")
