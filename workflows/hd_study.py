@@ -30,10 +30,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# every setting differs from the recipe's defaults in the fields it names (RewriteConfig fields); BASE is
-# what all runs share: budgets that fit each family's answers, so a cut at max_length is a runaway
+# every setting differs from BASE in the fields it names (RewriteConfig fields). BASE is what all runs share:
+# budgets that fit each family's answers (so a cut at max_length is a runaway) and the official temperature
+# 0.3, the default before this study chose greedy (setting "greedy", the recipe's default now)
 BASE = {"policy": "self-first", "max_new_tokens": 128, "hint_max_new_tokens": 128, "seed": 0, "batch_size": 16,
-        "verifier": "auto"}
+        "verifier": "auto", "temperature": 0.3}
 SETTINGS = {
     "analyze": {"hint_prompt": "analyze"},
     "direct": {"hint_prompt": "direct"},
