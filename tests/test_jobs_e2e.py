@@ -228,7 +228,9 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
         ray_local, tmp_path, tokenizer):
     """`opsft rewrite --ray` (the recipe's six stages as one Ray Data job, an actor pool per engine
     stage) against `opsft rewrite` in one process, greedy: the same rows; rows in == rows out;
-    drop_unverified sends the same rows to the side output on both paths."""
+    drop_unverified sends the same rows to the side output on both paths. The random model never
+    ends an output by itself, so every rewrite is cut at max_length: a runaway, kept by neither
+    path (the rows with a reference and those without alike go to the side output)."""
     import torch
     from opsft.cli import main
     from opsft.data.reader import read_rows
@@ -244,8 +246,8 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
     tokenizer.save_pretrained(model_dir)
     rows = [{"id": f"n{i}", "prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}.", "answer": str(2 * i)}
             for i in range(4)]  # verifiable: the random model's answers are wrong -> dropped
-    rows += [{"id": f"t{i}", "prompt": f"Say something about {w}.", "response": f"{w} is fine."}  # no reference:
-             for i, w in enumerate(["rain", "tea", "maps"])]                                         # kept (hd)
+    rows += [{"id": f"t{i}", "prompt": f"Say something about {w}.", "response": f"{w} is fine."}  # no reference,
+             for i, w in enumerate(["rain", "tea", "maps"])]                                         # but cut: dropped
     rows.insert(2, {"id": "bad", "prompt": "", "response": "no prompt"})
     write_jsonl(tmp_path / "in.jsonl", rows, bad_line=False)
     common = ["--input", str(tmp_path / "in.jsonl"), "--model", str(model_dir), "--temperature", "0",
@@ -258,8 +260,8 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
     local_dropped = {r["id"]: r for r in read_rows(tmp_path / "local.dropped.jsonl")}
     ray_kept = {r["id"]: r for r in read_rows(str(tmp_path / "ray.jsonl"))}
     ray_dropped = {r["id"]: r for r in read_rows(str(tmp_path / "ray.dropped.jsonl"))}
-    assert sorted(ray_kept) == sorted(local) == ["bad", "t0", "t1", "t2"]
-    assert sorted(ray_dropped) == sorted(local_dropped) == ["n0", "n1", "n2", "n3"]
+    assert sorted(ray_kept) == sorted(local) == ["bad"]
+    assert sorted(ray_dropped) == sorted(local_dropped) == ["n0", "n1", "n2", "n3", "t0", "t1", "t2"]
     for rid, want in {**local, **local_dropped}.items():
         got = {**ray_kept, **ray_dropped}[rid]
         for key in ("response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens",
@@ -268,7 +270,8 @@ def test_cli_rewrite_ray_gives_the_rows_of_the_in_process_rewrite_and_honours_dr
         for key in ("cll", "cll_original"):  # float32 scores from batches of other sizes
             assert (got[key] is None) == (want[key] is None) and (got[key] is None or
                                                                    got[key] == pytest.approx(want[key], abs=1e-5))
-    assert {r["source"] for r in ray_kept.values() if not r.get("error")} == {"hd"}
+    assert {(r["source"], r["finish_reason"], r["hd_tokens"]) for r in ray_dropped.values()} == \
+        {("original", "max_length", 4)}
 
 
 def test_engine_deaths_kills_and_hangs_are_retried_never_written_and_poison_rows_are(ray_local, tmp_path):
