@@ -203,7 +203,8 @@ def main() -> None:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             cfg = ServeConfig(engine={"model": first}, num_replicas=args.replicas,
-                              num_cpus=args.num_cpus / args.replicas, max_ongoing_requests=256)
+                              num_cpus=args.num_cpus / args.replicas, max_ongoing_requests=256,
+                              allow_open=True)  # loopback only
             serve.run(build_app(cfg), name="soak", route_prefix="/soak")
             print(f"soak: {args.clients} clients for {args.seconds:.0f} s, {args.replicas} scorer replicas on "
                   f"{args.num_cpus} CPUs, one-item requests", flush=True)

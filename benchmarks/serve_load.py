@@ -117,7 +117,8 @@ def main() -> None:
     try:
         for batching in (False, True):
             cfg = ServeConfig(engine={"model": args.model}, num_cpus=args.num_cpus, batching=batching,
-                              max_batch_requests=args.batch_requests, max_ongoing_requests=256)
+                              max_batch_requests=args.batch_requests, max_ongoing_requests=256,
+                              allow_open=True)  # loopback only
             serve.run(build_app(cfg), name="bench", route_prefix="/bench")
             for clients in args.clients:
                 seconds, lat, failed = asyncio.run(load(f"http://127.0.0.1:{port}/bench", clients, args.rounds))

@@ -66,7 +66,7 @@ def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, mode
     model = model_dir
     corpus = str(tmp_path / "corpus.jsonl")
     write_rows(corpus_rows(), corpus)
-    monkeypatch.setenv("OPSFT_API_KEY", "secret")
+    monkeypatch.setenv("OPSFT_ADMIN_KEY", "secret")  # promote_api_key_env: a reload needs the admin key
 
     reference = Cycle(make_cfg(tmp_path, "ref", model, corpus, service)).run()
     assert reference["status"] == "completed" and reference["stages"] == list(STAGES)
@@ -96,7 +96,8 @@ def test_crash_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, mode
     # The real model trained on its own corpus: the re-scored corpus is a valid CLL table.
     assert -5 < resumed["outputs"]["report"]["cll_after"] < 1
 
-    # Promotion: the service was asked to load the new checkpoint, with the bearer token.
+    # Promotion: the service was asked to load the new checkpoint, with the admin key as bearer token
+    # (retries and refusals: tests/test_realign_promote.py).
     path, body, auth = Recorder.calls[-1]
     assert path == "/v1/models/reload" and body == {"model": resumed["outputs"]["train"]["checkpoint"]}
     assert auth == "Bearer secret"

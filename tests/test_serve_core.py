@@ -126,7 +126,7 @@ def call(app, method, path, **kwargs) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def app(tiny_engine):
-    return build_http_app(InProcessService(tiny_engine), Limits(max_items=3, max_body_bytes=4096))
+    return build_http_app(InProcessService(tiny_engine), Limits(max_items=3, max_body_bytes=4096, allow_open=True))
 
 
 @pytest.mark.parametrize("body, status, says", [

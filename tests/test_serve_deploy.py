@@ -20,7 +20,7 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     from ray.serve.schema import ServeDeploySchema
 
     data = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.parse_obj(data)
+    schema = ServeDeploySchema.model_validate(data)
     (app,) = schema.applications
     assert app.import_path == "opsft.serve.app:app_builder"
     cfg = ServeConfig.model_validate(app.args)

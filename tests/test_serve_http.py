@@ -1,7 +1,7 @@
 """The scoring API end to end: Ray Serve on 127.0.0.1, real HTTP (httpx), the real model.
 
-Two applications on one Serve instance: `/open` (the real model, no auth) and `/auth`
-(a tiny random checkpoint, API key from a file). Checked: answers equal `opsft score` for
+Two applications on one Serve instance: `/open` (the real model, allow_open: no auth) and `/auth`
+(a tiny random checkpoint, API key and admin key from files). Checked: answers equal `opsft score` for
 the same items (1e-4: concurrent requests share batched forward passes, whose float noise
 differs from single-row scoring), 32 concurrent clients, every malformed input -> its 4xx,
 auth on and off, a bounded schemathesis fuzz of valid and invalid requests (no 5xx), hostile
@@ -39,6 +39,7 @@ ITEMS[1] = {"messages": [{"role": "system", "content": "Answer briefly."},
                          {"role": "user", "content": "What is the capital of France?"}],
             "response": "The capital of France is Paris."}
 KEY = "test-key-123"
+ADMIN = "admin-key-456"
 
 
 def free_port() -> int:
@@ -66,14 +67,17 @@ def base(ray_local, model_dir, tiny_dir, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("key") / "api_key"
     key_file.write_text(KEY + "\n")
+    admin_file = key_file.with_name("admin_key")
+    admin_file.write_text(ADMIN + "\n")
+    roots = sorted({os.path.dirname(model_dir), os.path.dirname(tiny_dir)})  # reloads go between the two
     port = free_port()
     serve.shutdown()  # a Serve left by an earlier module would keep its own port (http_options not applied)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # small CPU reservations: the session cluster has 2 CPUs that other modules' actors may hold
     open_cfg = ServeConfig(engine={"model": model_dir}, num_cpus=0.5, torch_threads=2, max_items=40,
-                           max_body_bytes=64 * 1024)
+                           max_body_bytes=64 * 1024, allow_open=True, model_roots=roots)
     auth_cfg = ServeConfig(engine={"model": tiny_dir}, num_cpus=0.25, torch_threads=1, max_items=8,
-                           api_key_file=str(key_file))
+                           api_key_file=str(key_file), admin_key_file=str(admin_file))
     serve.run(build_app(open_cfg), name="open", route_prefix="/open")
     serve.run(build_app(auth_cfg), name="auth", route_prefix="/auth")
     yield f"http://127.0.0.1:{port}"
@@ -150,6 +154,39 @@ def test_auth_on_and_off(base):
     assert r.status_code == 401 and "wrong API key" in r.json()["detail"]
     r = httpx.post(base + "/auth/v1/score", json=item, headers={"authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200 and r.json()["results"][0]["n_tokens"] >= 1
+    r = httpx.post(base + "/auth/v1/score", json=item, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60)
+    assert r.status_code == 200  # the admin key scores too
+
+
+def test_only_the_admin_key_reloads(base, tiny_dir):
+    url = base + "/auth/v1/models/reload"
+    r = httpx.post(url, json={"model": tiny_dir}, headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 403 and "may score but not reload" in r.json()["detail"]
+    r = httpx.post(url, json={"model": tiny_dir}, timeout=60)
+    assert r.status_code == 401 and "missing admin key" in r.json()["detail"]
+    before = httpx.get(base + "/auth/v1/models", headers={"authorization": f"Bearer {KEY}"}).json()["data"][0]
+    r = httpx.post(url, json={"model": tiny_dir}, headers={"authorization": f"Bearer {ADMIN}"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["version"] == before["version"] + 1 and r.json()["data"][0]["model"] == tiny_dir
+    # outside the default root (the folder holding the configured checkpoint): refused, nothing changes
+    r = httpx.post(url, json={"model": f"{tiny_dir}/../../etc"}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 403 and "outside the model roots" in r.json()["detail"]
+
+
+def test_hostile_reload_paths_are_refused_before_any_replica_loads(base, tiny_dir):
+    root = os.path.dirname(tiny_dir)
+    escape = os.path.join(root, "escape-to-etc")
+    os.symlink("/etc", escape)  # a link inside a root to a folder outside every root
+    version = httpx.get(base + "/open/v1/models").json()["data"][0]["version"]
+    try:
+        for model, status, says in [(f"{root}/../../../etc", 403, "outside the model roots"),
+                                    (escape, 403, "outside the model roots"), ("relative/ckpt", 400, "relative"),
+                                    ("  ", 400, "empty model path"), ("s3://bucket/ckpt", 403, "no model root")]:
+            r = httpx.post(base + "/open/v1/models/reload", json={"model": model}, timeout=60)
+            assert r.status_code == status and says in r.json()["detail"], (model, r.text)
+    finally:
+        os.unlink(escape)
+    assert httpx.get(base + "/open/v1/models").json()["data"][0]["version"] == version  # nothing was promoted
 
 
 FUZZ_EXAMPLES = 400  # per generation mode; hypothesis derandomized: the same requests every run
@@ -162,7 +199,7 @@ def test_fuzzed_requests_never_get_a_5xx(base, mode):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
-    headers = {"authorization": f"Bearer {KEY}"}
+    headers = {"authorization": f"Bearer {ADMIN}"}  # the admin key: it may score and reload
     schema = schemathesis.openapi.from_url(base + "/auth/openapi.json", headers=headers)
     seen = []
 
@@ -176,9 +213,11 @@ def test_fuzzed_requests_never_get_a_5xx(base, mode):
 
     fuzz()
     assert {path for _, path, _ in seen} >= {"/v1/score", "/v1/models/reload"}
-    statuses = {status for method, _, status in seen if method == "POST"}
+    statuses = {status for method, path, status in seen if method == "POST" and path == "/v1/score"}
+    reloads = {status for method, path, status in seen if method == "POST" and path == "/v1/models/reload"}
     if mode == "positive":  # a schema-valid body is never malformed or of the wrong type
         assert statuses <= {200, 413, 422}, statuses
+        assert reloads <= {200, 400, 403, 422}, reloads  # 400/403: a relative path or one outside the roots
     else:
         assert 200 not in {status for method, path, status in seen if method == "POST" and path == "/v1/score"}
     assert httpx.get(base + "/auth/healthz").status_code == 200
@@ -229,8 +268,9 @@ def test_reload_while_requests_are_in_flight(base, model_dir, tiny_dir, referenc
     later = [a for sent, _, a in answers if sent > switched]  # sent after the reload answered
     assert later and all(a["model"] == tiny_dir and a["model_version"] == version0 + 1 for a in later)
     assert all(a["results"][0]["cll"] == pytest.approx(tiny_expected["cll"], abs=1e-4) for a in later)
-    # a checkpoint that cannot be loaded: 422, and the served model stays
-    bad = httpx.post(base + "/open/v1/models/reload", json={"model": "/no/such/checkpoint"}, timeout=300)
+    # a checkpoint that cannot be loaded (under a root, but no such folder): 422, and the served model stays
+    missing = os.path.join(os.path.dirname(tiny_dir), "no-such-checkpoint")
+    bad = httpx.post(base + "/open/v1/models/reload", json={"model": missing}, timeout=300)
     assert bad.status_code == 422 and "cannot load model" in bad.json()["detail"]
     assert httpx.get(base + "/open/v1/models").json()["data"][0]["model"] == tiny_dir
     # and back to the real model
@@ -349,7 +389,7 @@ def test_a_request_on_a_killed_replica_is_answered_by_another(base, tiny_dir, tm
     from ray import serve
 
     marker = tmp_path / "blocked"
-    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=2, num_cpus=0.1, torch_threads=1)
+    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=2, num_cpus=0.1, torch_threads=1, allow_open=True)
     # the first scoring call, across all replicas, writes its replica's pid to `marker` and waits to be killed
     serve.run(build_app(cfg, engine_factory=Wrapped(BlockingEngine, str(marker))), name="faulty",
               route_prefix="/faulty")
@@ -396,7 +436,8 @@ def test_a_dead_engine_is_a_503_then_a_new_replica_never_a_422(base, tiny_dir, t
     from ray import serve
 
     marker = tmp_path / "died"
-    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=1, num_cpus=0.1, torch_threads=1, batching=False)
+    cfg = ServeConfig(engine={"model": tiny_dir}, num_replicas=1, num_cpus=0.1, torch_threads=1, batching=False,
+                      allow_open=True)
     # the first replica's engine dies after one call (every later call raises, as a device fault makes it);
     # replicas made after that are healthy
     serve.run(build_app(cfg, engine_factory=Wrapped(DyingEngine, str(marker))), name="dying", route_prefix="/dying")

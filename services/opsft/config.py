@@ -257,11 +257,35 @@ class ServeConfig(Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per scorer replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per scorer replica (set engine.device too)")
     torch_threads: int | None = Field(None, ge=1, description="None = num_cpus rounded up")
-    api_key_env: str = Field("OPSFT_API_KEY", description="environment variable holding the bearer token")
+    api_key_env: str = Field("OPSFT_API_KEY", description="environment variable holding the bearer token of "
+                             "scoring and reading (/v1/score, /v1/models, /docs)")
     api_key_file: str | None = Field(None, description="file holding the bearer token (wins over the env var)")
+    admin_key_env: str | None = Field("OPSFT_ADMIN_KEY", description="environment variable holding the admin token: "
+                                      "POST /v1/models/reload needs it (it may also score); none = reloads refused "
+                                      "unless allow_open")
+    admin_key_file: str | None = Field(None, description="file holding the admin token (wins over the env var)")
+    allow_open: bool = Field(False, description="start without an API key (local demos only): no key = every route "
+                             "open, and without an admin key reloads too. False: no API key = the service refuses "
+                             "to start")
+    model_roots: list[str] = Field(default_factory=list, description="folders (or s3://... prefixes) a reload may "
+                                   "load from, after resolving symlinks and '..'; empty = the folder holding "
+                                   "engine.model (or current_link)")
+    current_link: str | None = Field(None, description="a symlink naming the promoted checkpoint (e.g. "
+                                     "/models/current): the service serves its target at start and moves it "
+                                     "atomically on every successful reload; None = a promotion lasts until the "
+                                     "service restarts")
     reload_timeout_s: float = Field(600.0, gt=0)
     stall_timeout_s: float = Field(600.0, gt=0, description="a scoring call that runs this long is taken for a hung "
                                    "engine: 503, and the replica is replaced")
+
+    @model_validator(mode="after")
+    def _model_paths_are_absolute(self):
+        for root in self.model_roots:
+            if not root.strip() or not ("://" in root or root.startswith("/")):
+                raise ValueError(f"model_roots: {root!r} is not an absolute folder or a URI prefix")
+        if self.current_link is not None and ("://" in self.current_link or not self.current_link.startswith("/")):
+            raise ValueError(f"current_link: {self.current_link!r} must be an absolute local path (a symlink)")
+        return self
 
 
 # ---------------------------------------------------------------------------- training (opsft train)
@@ -321,6 +345,42 @@ class TrainScaling(Strict):
                                               "when autocast resolves to bf16")
 
 
+class MlflowTracking(Strict):
+    """MLflow tracking of `opsft train` (opsft.train.tracking; the `tracking` extra)."""
+
+    enabled: bool = False
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else a sqlite store in "
+                                     "<output_dir>/mlruns/ (mlflow.db, artifacts/); a folder: a sqlite store in it; "
+                                     "http(s)://... a tracking server")
+    experiment: str = Field("opsft", min_length=1, description="created when missing")
+    run_name: str | None = Field(None, description="None: MLflow's generated name")
+
+
+class WandbTracking(Strict):
+    """Weights & Biases tracking of `opsft train` (opsft.train.tracking; the `tracking` extra): on when `project`
+    is set."""
+
+    project: str | None = None
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field("offline", description="offline: no network, the run folder under "
+                                               "<output_dir>/wandb/ (`wandb sync` uploads it); WANDB_MODE wins")
+    run_name: str | None = None
+
+
+class TrackingConfig(Strict):
+    """Where `opsft train` logs params, per-step metrics and the final checkpoint, besides metrics.jsonl and
+    TensorBoard (docs/training.md, "Experiment tracking")."""
+
+    mlflow: MlflowTracking = MlflowTracking()
+    wandb: WandbTracking = WandbTracking()
+    log_checkpoint: Literal["auto", "path", "files"] = Field(
+        "auto", description="the final checkpoint: files = uploaded as an artifact (MLflow artifacts, a W&B Artifact "
+        "of type model), path = its location only (MLflow tag / W&B summary `checkpoint`); auto = files up to "
+        "checkpoint_files_max_mb (a local folder), else path")
+    checkpoint_files_max_mb: float = Field(1024.0, ge=0, description="auto's limit: the checkpoint folder's size "
+                                           "(weights, tokenizer, optimiser state)")
+
+
 class TrainConfig(Strict):
     """`opsft train`. Defaults are the official settings (method.md): AdamW betas (0.9, 0.95), weight decay
     0.01, 10% warm-up then cosine, gradient clip 1.0, bf16 autocast on GPU, lr 6e-5, batch 256, 1 epoch (the
@@ -340,6 +400,7 @@ class TrainConfig(Strict):
                           "attention kept within each row by its position ids (token losses only)")
     loss: LossConfig = LossConfig()
     scaling: TrainScaling = TrainScaling()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / W&B experiment tracking (off by default)")
     lr: float = Field(6e-5, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * this")
     weight_decay: float = Field(0.01, ge=0)
@@ -555,8 +616,13 @@ class RealignConfig(Strict):
     train: TrainConfig = TrainConfig(lr=8e-6, epochs=1)
     address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster")
     promote_url: str | None = Field(None, description="scoring service base URL to POST /v1/models/reload to")
-    promote_api_key_env: str | None = Field("OPSFT_API_KEY", description="env var holding its bearer token")
-    promote_timeout_s: float = Field(600.0, gt=0)
+    promote_api_key_env: str | None = Field("OPSFT_ADMIN_KEY", description="env var holding its bearer token (the "
+                                            "service's admin key: a reload needs it)")
+    promote_timeout_s: float = Field(600.0, gt=0, description="seconds one reload request may take")
+    promote_attempts: int = Field(5, ge=1, description="tries in all when the service answers 429/502/503/504, "
+                                  "refuses or drops the connection, or times out; other errors fail at once")
+    promote_backoff_s: float = Field(2.0, ge=0, description="wait before the 2nd try, doubled before each next one")
+    promote_backoff_max_s: float = Field(60.0, ge=0, description="cap on one wait (a Retry-After included)")
 
     @model_validator(mode="after")
     def _output_dir_is_posix(self):

@@ -1,7 +1,8 @@
 """`opsft serve`: run the CLL scoring HTTP API locally (Ray Serve, FastAPI ingress).
 
-    opsft serve                                   # the embedded model on http://127.0.0.1:8000
-    opsft serve --model /ckpt --port 8080 --config deploy/serve_local.yaml
+    OPSFT_API_KEY=... OPSFT_ADMIN_KEY=... opsft serve   # the embedded model on http://127.0.0.1:8000
+    opsft serve --allow-open                      # a local demo: no auth at all (reloads open too)
+    opsft serve --model /ckpt --port 8080 --api-key-file key --admin-key-file admin_key
     curl -s localhost:8000/v1/score -H 'content-type: application/json' \\
       -d '{"items": [{"prompt": "What is 2+2?", "response": "4"}]}'
 
@@ -28,7 +29,14 @@ def add_parser(sub) -> None:
     parser.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                         help="score each request on its own (for comparison)")
     parser.add_argument("--api-key-file", help="require 'Authorization: Bearer <key>' with the key in this file "
-                                               "(or set OPSFT_API_KEY)")
+                                               "(or set OPSFT_API_KEY); without a key the service refuses to start")
+    parser.add_argument("--admin-key-file", help="the admin key (reloads) in this file (or set OPSFT_ADMIN_KEY); "
+                                                 "without one, reloads are refused")
+    parser.add_argument("--allow-open", action="store_true", default=None,
+                        help="DISABLES AUTH: serve without an API key (every route open, and reloads too unless an "
+                             "admin key is set); for local demos only")
+    parser.add_argument("--model-root", action="append", dest="model_roots", metavar="DIR",
+                        help="a folder reloads may load checkpoints from (repeatable; default: the model's folder)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     parser.set_defaults(run=run)
@@ -39,7 +47,14 @@ def run(args) -> int:
 
     cfg = load_config(ServeConfig, args.config, {
         **engine_overrides(args), "host": args.host, "port": args.port, "num_replicas": args.replicas,
-        "batching": args.batching, "api_key_file": args.api_key_file})
+        "batching": args.batching, "api_key_file": args.api_key_file, "admin_key_file": args.admin_key_file,
+        "allow_open": args.allow_open, "model_roots": args.model_roots})
+    from opsft.serve.auth import read_keys
+
+    keys = read_keys(cfg)  # no API key and no --allow-open: refused here, before Ray starts
+    if keys.api_key is None:
+        print("opsft serve: WARNING: auth is off (--allow-open): anyone who reaches the port can score"
+              + ("" if keys.admin_key else " and reload models"), flush=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve

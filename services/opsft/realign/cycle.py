@@ -15,7 +15,9 @@ or s3://..., default output_dir; the state and the lock stay in the POSIX folder
                                                                   train/final, the stable copy of the last one)
     rescore   the new corpus under the new model               -> rescored.parquet/
     report    before/after CLL, counts by source, training     -> report/summary.json + PNGs
-    promote   POST /v1/models/reload to a scoring service (optional)
+    promote   POST /v1/models/reload to a scoring service (optional; transient errors are retried
+              with backoff, a refusal fails at once); the service records the promoted checkpoint in its
+              current link, so a restarted service serves it
 
 The current model is the checkpoint of the newest completed cycle, else `model` from the
 config (with `start_from: model`, always `model`). `state.json` records the completed
@@ -200,7 +202,8 @@ class Cycle:
     def fingerprint(self, model: str) -> str:
         config = self.cfg.model_dump(mode="json", exclude={"output_dir", "data_dir", "rows_per_part", "start_from",
                                                                 "promote_url", "promote_api_key_env",
-                                                                "promote_timeout_s"})
+                                                                "promote_timeout_s", "promote_attempts",
+                                                                "promote_backoff_s", "promote_backoff_max_s"})
         blob = json.dumps({"corpus": corpus_fingerprint(self.cfg.corpus), "model": model_fingerprint(model),
                            "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -433,19 +436,84 @@ def run_report(cycle: Cycle, folder: Path, state: dict) -> dict:
     return {"folder": report, **compact, "separation": summary.get("pairs")}
 
 
-def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
+RETRY_STATUSES = (429, 502, 503, 504)  # the service is busy, restarting or behind a proxy that is
+
+
+class PromoteError(RuntimeError):
+    """The scoring service refused the promotion, or stayed unreachable through every try."""
+
+
+def _promote_retryable(exc: BaseException) -> bool:
+    """A transient failure: 429/502/503/504, a connection refused/reset/dropped, a timeout."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in RETRY_STATUSES
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def _http_detail(exc) -> str:
+    try:
+        body = exc.read()[:2000]
+        return str(json.loads(body).get("detail", body.decode(errors="replace")))
+    except Exception:  # noqa: BLE001 - the detail is a courtesy; the status code says what happened
+        return exc.reason if isinstance(exc.reason, str) else ""
+
+
+def _retry_after(exc) -> float | None:
+    value = exc.headers.get("Retry-After") if getattr(exc, "headers", None) is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def post_reload(url: str, model: str, token: str | None, *, timeout_s: float, attempts: int, backoff_s: float,
+                backoff_max_s: float, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """POST {"model": model} to `url` (a service's /v1/models/reload). Transient failures
+    (_promote_retryable) are tried again, up to `attempts` in all, waiting backoff_s, then twice as
+    long each time (at most backoff_max_s; a Retry-After within that cap is honoured); any other
+    failure (400, 401, 403, 422, 500, ...) raises PromoteError at once. A reload repeats safely: the
+    service loads the same checkpoint again."""
+    import urllib.error
     import urllib.request
 
-    url = cycle.cfg.promote_url.rstrip("/") + "/v1/models/reload"
-    body = json.dumps({"model": state["outputs"]["train"]["checkpoint"]}).encode()
+    body = json.dumps({"model": model}).encode()
     headers = {"Content-Type": "application/json"}
-    token = os.environ.get(cycle.cfg.promote_api_key_env or "", "")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    for attempt in range(1, attempts + 1):
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}"),
+                        "attempts": attempt}
+        except Exception as exc:
+            http = isinstance(exc, urllib.error.HTTPError)
+            what = f"HTTP {exc.code}: {_http_detail(exc)}" if http else f"{type(exc).__name__}: {exc}"
+            if not _promote_retryable(exc):
+                raise PromoteError(f"POST {url}: {what} (not retried)") from exc
+            if attempt == attempts:
+                raise PromoteError(f"POST {url}: {what} (gave up after {attempts} tries)") from exc
+            wait = min(backoff_s * 2 ** (attempt - 1), backoff_max_s)
+            hinted = _retry_after(exc) if http else None
+            if hinted is not None:
+                wait = min(max(wait, hinted), backoff_max_s)
+            log.warning("promote: POST %s: %s; try %d of %d in %.1f s", url, what, attempt + 1, attempts, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def run_promote(cycle: Cycle, folder: Path, state: dict) -> dict:
+    cfg = cycle.cfg
+    url = cfg.promote_url.rstrip("/") + "/v1/models/reload"
+    token = os.environ.get(cfg.promote_api_key_env or "", "")
     maybe_crash("promote")
-    with urllib.request.urlopen(request, timeout=cycle.cfg.promote_timeout_s) as response:
-        return {"url": url, "status": response.status, "answer": json.loads(response.read() or b"{}")}
+    return post_reload(url, state["outputs"]["train"]["checkpoint"], token or None, timeout_s=cfg.promote_timeout_s,
+                       attempts=cfg.promote_attempts, backoff_s=cfg.promote_backoff_s,
+                       backoff_max_s=cfg.promote_backoff_max_s)
 
 
 def default_runners() -> dict[str, Callable]:

@@ -4,7 +4,9 @@
     opsft.serve.app:app_builder      # import path for `serve run` / `serve deploy` (args = ServeConfig fields)
     run_local(cfg)                   # serve.start on cfg.host:cfg.port, then serve.run; returns the URL
 
-Replicas, autoscaling, max_ongoing_requests and GPUs of the scorer come from the config.
+Replicas, autoscaling, max_ongoing_requests and GPUs of the scorer come from the config. The
+keys are read where the ingress runs (opsft.serve.auth); `run_local` and `app_builder` read them
+first too, so a service without an API key (and without allow_open) is refused before it deploys.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from ray import serve
 
 from opsft.config import ServeConfig
+from opsft.serve.auth import read_keys
 from opsft.serve.deployments import ModelRegistry, ScoreAPI, Scorer
 
 
@@ -36,17 +39,18 @@ def scorer_options(cfg: ServeConfig) -> dict:
 
 
 def ingress_options(cfg: ServeConfig, forward_key: bool) -> dict:
-    """The ingress reads the API key from its environment. A local run passes the caller's
-    along; on a cluster the containers carry it (e.g. from a Kubernetes secret)."""
-    key = os.environ.get(cfg.api_key_env)
-    if forward_key and key and not cfg.api_key_file:
-        return {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {cfg.api_key_env: key}}}}
+    """The ingress reads the API and admin keys from its environment. A local run passes the
+    caller's along; on a cluster the containers carry them (e.g. from a Kubernetes secret)."""
+    named = [(cfg.api_key_env, cfg.api_key_file), (cfg.admin_key_env, cfg.admin_key_file)]
+    env = {name: os.environ[name] for name, file in named if name and not file and os.environ.get(name)}
+    if forward_key and env:
+        return {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
     return {}
 
 
 def build_app(cfg: ServeConfig, engine_factory=None, forward_key: bool = False) -> serve.Application:
     config = cfg.model_dump()
-    registry = ModelRegistry.bind(cfg.engine.model)
+    registry = ModelRegistry.bind(cfg.engine.model, cfg.current_link)
     scorer = Scorer.options(**scorer_options(cfg)).bind(config, registry, engine_factory)
     return ScoreAPI.options(**ingress_options(cfg, forward_key)).bind(config, scorer, registry)
 
@@ -56,12 +60,14 @@ def app_builder(args: dict) -> serve.Application:
     from opsft.plan import preflight
 
     cfg = ServeConfig.model_validate(args or {})
+    read_keys(cfg)  # no API key (and not allow_open): refused at deploy time, naming the variable
     preflight(cfg)  # a replica that cannot fit its GPU is refused at deploy time, not at model load
     return build_app(cfg)
 
 
 def run_local(cfg: ServeConfig, engine_factory=None, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its base URL."""
+    read_keys(cfg)  # the keys this process forwards to the ingress: refused here, before Serve starts
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, engine_factory, forward_key=True), name=cfg.app_name, route_prefix=cfg.route_prefix,
               blocking=blocking)

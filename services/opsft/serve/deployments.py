@@ -1,15 +1,19 @@
 """The Ray Serve deployments of the CLL scoring API.
 
 - ModelRegistry (1 replica, no CPU): which checkpoint is current, and its version. A scorer
-  replica that starts later (autoscaling, restart) loads what the registry names.
+  replica that starts later (autoscaling, restart) loads what the registry names. With
+  `current_link` the registry is the durable pointer's one reader (at start: it serves the link's
+  target) and one writer (after a reload every replica loaded: opsft.serve.current.point_link).
 - Scorer (the replicas that hold an engine): validates each request's items with the
   tokenizer, merges concurrent requests into one scoring call (@serve.batch), runs it on
   one worker thread, and swaps engines on `load(record)` while requests keep flowing. An
   engine fault (opsft.faults: the engine, re-checked, fails) answers 503 and fails the
   replica's health check, so Serve replaces it; it is never a 4xx on a good request.
-- ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth; sends a request again when the
-  scorer replica it went to dies or its engine failed (scoring has no side effects); on a reload
-  it promotes the new checkpoint in the registry and broadcasts `load` to every scorer replica.
+- ScoreAPI (the FastAPI ingress, no model): HTTP, limits, auth (opsft.serve.auth: it refuses to
+  start without an API key unless allow_open); sends a request again when the scorer replica it
+  went to dies or its engine failed (scoring has no side effects); on a reload it checks the path
+  against the model roots, promotes the checkpoint in the registry, broadcasts `load` to every
+  scorer replica, then has the registry record it in the current link.
 
 The engine is built by `engine_factory(model)`; the default makes an opsft engine from the
 config (tests may hand in another picklable callable).
@@ -33,7 +37,9 @@ from ray.serve.metrics import Counter, Histogram
 
 from opsft.config import EngineConfig, ServeConfig
 from opsft.faults import EngineFault, Guard
+from opsft.serve.auth import read_keys
 from opsft.serve.core import Job, check_job, score_jobs_guarded
+from opsft.serve.current import ModelPathError, check_model_path, default_roots, point_link, read_link
 from opsft.serve.http import Limits, build_http_app
 
 log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
@@ -64,10 +70,15 @@ class EngineFactory:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class ModelRegistry:
-    """The current model record: {model, version, source, promoted_at}."""
+    """The current model record: {model, version, source, promoted_at}. With `current_link` the
+    model at start is the link's target (source 'current_link'), and `record` moves the link."""
 
-    def __init__(self, model: str | None):
-        self.record = {"model": model, "version": 0, "source": "config", "promoted_at": utc_now()}
+    def __init__(self, model: str | None, current_link: str | None = None):
+        self.current_link = current_link
+        linked = read_link(current_link) if current_link else None
+        source = "config" if linked is None else "current_link"
+        self.record = {"model": linked or model, "version": 0, "source": source, "promoted_at": utc_now()}
+        log.info("model registry: serving %s (from %s)", self.record["model"], source)
 
     def current(self) -> dict:
         return self.record
@@ -82,6 +93,15 @@ class ModelRegistry:
     def restore(self, record: dict) -> None:
         """Undo a promotion that no replica could load."""
         self.record = record
+
+    def persist(self, record: dict) -> bool:
+        """Make the promotion outlive this process: point current_link at the record's model
+        (atomically). False when there is no link to move."""
+        if not self.current_link:
+            return False
+        point_link(self.current_link, record["model"])
+        log.info("model registry: %s -> %s", self.current_link, record["model"])
+        return True
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -246,24 +266,19 @@ def replica_name() -> str:
         return f"pid{os.getpid()}"
 
 
-def read_api_key(cfg: ServeConfig) -> str | None:
-    """The bearer token: from cfg.api_key_file if set, else the env var cfg.api_key_env; None = no auth."""
-    if cfg.api_key_file:
-        key = Path(cfg.api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"{cfg.api_key_file}: the API key file is empty")
-        return key
-    return os.environ.get(cfg.api_key_env) or None
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress()
 class ScoreAPI:
     def __init__(self, config: dict, scorer, registry):
         self.cfg = ServeConfig.model_validate(config)
+        keys = read_keys(self.cfg)  # no API key and not allow_open: the ingress refuses to start
         self.scorer, self.registry = scorer, registry
+        self.roots = self.cfg.model_roots or default_roots(self.cfg.engine.model, self.cfg.current_link)
         self.limits = Limits(max_items=self.cfg.max_items, max_body_bytes=self.cfg.max_body_bytes,
-                             api_key=read_api_key(self.cfg))
+                             api_key=keys.api_key, admin_key=keys.admin_key, allow_open=keys.allow_open)
+        log.info("scoring API: auth %s, reloads %s, model roots %s", "on" if keys.api_key else "OFF (allow_open)",
+                 "need the admin key" if keys.admin_key else "open (allow_open)" if keys.allow_open else "disabled",
+                 self.roots)
         self.requests = Counter("opsft_http_requests", description="HTTP requests by route and status",
                                 tag_keys=("route", "status"))
         self.latency = Histogram("opsft_http_latency_ms", description="HTTP latency by route",
@@ -297,7 +312,12 @@ class ScoreAPI:
         return {"data": [info]}
 
     async def reload(self, model: str) -> dict:
-        """Promote `model` and load it on every scorer replica; on failure keep the old one."""
+        """Promote `model` (a checkpoint under a model root) and load it on every scorer replica, then
+        record it in the current link; on any failure keep the old one everywhere."""
+        try:
+            model = check_model_path(model, self.roots)
+        except ModelPathError as exc:
+            return {"status": exc.status, "detail": str(exc)}
         async with self.reload_lock:
             record, previous = await self.registry.promote.remote(model)
             answers = await self.scorer.broadcast("load", record).results_async(
@@ -307,10 +327,22 @@ class ScoreAPI:
             # (its replacement asks the registry); if none did, the model may be what kills them.
             failed = [a for a in answers if isinstance(a, BaseException) and not (loaded and replica_died(a))]
             if failed:
-                await self.registry.restore.remote(previous)
-                await self.scorer.broadcast("load", previous).results_async(
-                    timeout_s=self.cfg.reload_timeout_s, return_exceptions=True)
+                await self.undo(previous)
                 cause = getattr(failed[0], "cause", None) or failed[0]
                 return {"status": 422, "detail": f"cannot load model {model!r}: {type(cause).__name__}: "
                                                   f"{str(cause).strip().splitlines()[-1][:300]}"}
+            try:
+                await self.registry.persist.remote(record)
+            except Exception as exc:  # noqa: BLE001 - the link could not move: the promotion would not last
+                await self.undo(previous)
+                cause = getattr(exc, "cause", None) or exc
+                return {"status": 500, "detail": f"loaded {model!r} but could not record it in current_link "
+                                                  f"{self.cfg.current_link}: {type(cause).__name__}: {cause}"[:600]
+                                                  + "; the previous model is served"}
             return await self.models(loaded)
+
+    async def undo(self, previous: dict) -> None:
+        """Back to the previous record, in the registry and on every replica."""
+        await self.registry.restore.remote(previous)
+        await self.scorer.broadcast("load", previous).results_async(
+            timeout_s=self.cfg.reload_timeout_s, return_exceptions=True)

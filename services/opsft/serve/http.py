@@ -5,9 +5,11 @@ and `reload(model)` coroutines plus the limits below; the Ray Serve ingress (dep
 is one such object, so the HTTP layer is the same with or without Ray.
 
 Error policy: every problem with the input is a 4xx whose `detail` says what is wrong
-(400 malformed JSON or bad Content-Length, 401 auth, 404/405 routing, 413 body or item count
-over the limit, 415 a body that is not declared JSON, 422 wrong types or an item the model
-cannot score); a 500 means a bug and a 503 an unavailable backend, never bad input.
+(400 malformed JSON, bad Content-Length or an unusable model path, 401 a missing or wrong key,
+403 a key without the right: a scoring key on a reload, reloads disabled, a model path outside
+the model roots; 404/405 routing, 413 body or item count over the limit, 415 a body that is not
+declared JSON, 422 wrong types or an item the model cannot score); a 500 means a bug (or a
+promotion that could not be recorded) and a 503 an unavailable backend, never bad input.
 """
 
 from __future__ import annotations
@@ -27,16 +29,27 @@ from opsft.serve.schemas import ErrorResponse, ModelsResponse, ReloadRequest, Sc
 
 log = logging.getLogger("ray.serve.opsft")  # under Serve's logger: lands in the replica logs
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
-JSON_ROUTES = {("POST", "/v1/score"), ("POST", "/v1/models/reload")}  # the routes that read a JSON body
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 503)}
+RELOAD = "/v1/models/reload"
+JSON_ROUTES = {("POST", "/v1/score"), ("POST", RELOAD)}  # the routes that read a JSON body
 MAX_ERRORS = 20  # schema errors listed in a 422 body: a hostile body must not get a huge answer
 
 
 @dataclass(frozen=True)
 class Limits:
+    """Request limits and keys (opsft.serve.auth). api_key scores and reads; admin_key also reloads.
+    No api_key is allowed only with allow_open (every route open); no admin_key refuses reloads
+    unless allow_open (then a reload needs what every route needs)."""
+
     max_items: int = 64
     max_body_bytes: int = 2 * 1024 * 1024
-    api_key: str | None = None  # None = no auth
+    api_key: str | None = None
+    admin_key: str | None = None
+    allow_open: bool = False
+
+    def __post_init__(self):
+        if self.api_key is None and not self.allow_open:
+            raise ValueError("Limits: no api_key: give one, or allow_open=True to serve without auth")
 
 
 def json_error(status: int, detail: str, headers: dict | None = None, errors: list | None = None) -> JSONResponse:
@@ -78,16 +91,28 @@ class Guard:
                 self.on_request(route, status[0], ms)
 
     def _check_auth(self, scope):
-        key = self.limits.api_key
-        if not key or route_of(scope) == "/healthz":
+        route, lim = route_of(scope), self.limits
+        if route == "/healthz":
             return None
         given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        token = token.strip().encode() if scheme.lower() == "bearer" else None
+        is_admin = matches(token, lim.admin_key)
+        reload = route == RELOAD
+        if lim.api_key is not None or (reload and lim.admin_key is not None):
+            if not (is_admin or matches(token, lim.api_key)):
+                why = "missing" if not given else "wrong"
+                what = "admin key" if reload and lim.admin_key is not None else "API key"
+                return json_error(401, f"{why} {what}: send the header 'Authorization: Bearer <key>'",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if not reload or is_admin:
             return None
-        why = "missing" if not given else "wrong"
-        return json_error(401, f"{why} API key: send the header 'Authorization: Bearer <key>'",
-                          headers={"WWW-Authenticate": "Bearer"})
+        if lim.admin_key is None:
+            if lim.allow_open:
+                return None
+            return json_error(403, "reloads are disabled: the service has no admin key (set admin_key_env, "
+                                   "default OPSFT_ADMIN_KEY, or admin_key_file where the service runs)")
+        return json_error(403, "this key may score but not reload: POST /v1/models/reload needs the admin key")
 
     def _check_type(self, scope):
         if (scope.get("method"), route_of(scope)) not in JSON_ROUTES:
@@ -124,6 +149,11 @@ class Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def matches(token: bytes | None, key: str | None) -> bool:
+    """The token is the key (constant-time comparison)."""
+    return token is not None and key is not None and hmac.compare_digest(token, key.encode())
 
 
 def replay(body: bytes, receive):
@@ -163,7 +193,8 @@ def plain_errors(errors) -> list[dict]:
 def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
     app = FastAPI(title="opsft CLL scoring API", version="1",
                   description="Centered log-likelihood (phi = log p + H) of responses under the served model. "
-                              "When an API key is set, send 'Authorization: Bearer <key>' (all routes but /healthz).")
+                              "Send 'Authorization: Bearer <key>' (all routes but /healthz): the API key scores and "
+                              "reads, the admin key also reloads.")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, exc: RequestValidationError):
@@ -199,7 +230,7 @@ def build_http_app(service, limits: Limits, on_request=None) -> FastAPI:
                               headers={"Retry-After": "5"} if answer["status"] == 503 else None)
         return answer
 
-    @app.post("/v1/models/reload", response_model=ModelsResponse, responses=ERRORS)
+    @app.post(RELOAD, response_model=ModelsResponse, responses=ERRORS)
     async def reload(req: ReloadRequest):
         answer = await service.reload(req.model)
         if "status" in answer:

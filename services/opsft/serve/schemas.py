@@ -86,7 +86,9 @@ class ScoreResponse(Body):
 
 
 class ReloadRequest(Body):
-    model: str = Field(..., min_length=1, max_length=4096, description="a local HF checkpoint folder")
+    model: str = Field(..., min_length=1, max_length=4096, description="an absolute HF checkpoint folder under one of "
+                       "the service's model roots (symlinks and '..' resolved), or an s3://... URI under a root "
+                       "that is such a prefix; needs the admin key")
 
 
 class ReplicaModel(Body):
@@ -99,7 +101,8 @@ class ReplicaModel(Body):
 class ModelInfo(Body):
     model: str = Field(..., description="the checkpoint being served")
     name: str
-    source: str = Field(..., description="where it came from: 'config' or 'reload'")
+    source: str = Field(..., description="where it came from: 'config', 'current_link' (the promoted checkpoint, "
+                        "read at start) or 'reload'")
     version: int
     loaded_at: str = Field(..., description="UTC time the current model was promoted")
     replicas: list[ReplicaModel]
