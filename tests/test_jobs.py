@@ -234,3 +234,71 @@ def test_every_schema_of_a_scored_row_agrees_with_score_columns(tiny_model, toke
     assert set(parts.SCORE_TYPES) == set(score_columns.SCORED_COLUMNS) | {"id"}
     http = {name: f.annotation for name, f in ItemScores.model_fields.items() if name not in ("id", "tokens")}
     assert http == {f: python[score_columns.FIELD_TYPES[f]] for f in fields}
+
+
+def test_progress_lines_one_per_stage_from_the_monitors_counts():
+    from opsft.jobs.pipeline import ProgressLog, progress_interval
+
+    now = [100.0]
+    counts: dict = {}
+    emitted: list[str] = []
+    progress = ProgressLog("rewrite", ["self-answer", "score", "write"], 1000, lambda: {"rows": dict(counts)},
+                           30, emitted.append, clock=lambda: now[0])
+    now[0] += 20
+    assert progress.lines() == ["rewrite [20s] 1000 rows to do; no stage has finished a batch yet"]
+    now[0] += 70
+    counts.update({"self-answer": 450, "score": 90})
+    assert progress.lines() == ["rewrite [1m30s] self-answer: 450/1000 rows (45%), 5 rows/s, ~1m50s left",
+                                "rewrite [1m30s] score: 90/1000 rows (9%), 1 rows/s, ~15m10s left"]  # write: quiet
+    now[0] += 3600  # 3690 s in all: 999 / 3690 = 0.2707 rows/s, 640 / 3690 = 0.1734 (360 rows: 2076 s left)
+    counts.update({"self-answer": 1000, "score": 999, "write": 640})
+    assert progress.lines() == ["rewrite [1h01m] self-answer: 1000/1000 rows (100%), done",
+                                "rewrite [1h01m] score: 999/1000 rows (99%), 0.271 rows/s, ~4s left",
+                                "rewrite [1h01m] write: 640/1000 rows (64%), 0.173 rows/s, ~34m36s left"]
+    counts.update({"score": 1000, "write": 1000})
+    progress.stop()  # the stages not yet reported done, once; a finished stage is quiet
+    assert emitted == ["rewrite [1h01m] score: 1000/1000 rows (100%), done",
+                       "rewrite [1h01m] write: 1000/1000 rows (100%), done"]
+    assert progress.lines() == []
+    from opsft.jobs.pipeline import JobSpec
+
+    spec = JobSpec(input="a.jsonl", output="b.parquet", fn="m:f")
+    assert progress_interval(spec, {}) == 30 and progress_interval(spec, {"OPSFT_PROGRESS_S": "45"}) == 45
+    assert progress_interval(JobSpec(input="a", output="b", fn="f", progress_s=0), {"OPSFT_PROGRESS_S": "5"}) == 0
+    with pytest.raises(ValueError, match="OPSFT_PROGRESS_S='soon'"):
+        progress_interval(spec, {"OPSFT_PROGRESS_S": "soon"})
+
+
+@pytest.mark.slow
+def test_a_job_outside_a_terminal_logs_one_line_per_stage_not_ray_data_blocks(ray_local, tmp_path, caplog, capfd):
+    """Not a TTY (pytest captures stdout): Ray Data's progress is off for the job's dataset (it would log a
+    '======= Running Dataset' block at once, then every 10 s) and each stage ends with one line of its rows.
+    A 4-stage rewrite on the fake engine; no deprecation warning points at our calls of Ray Data's API
+    (Ray 2.60 warns where `map_batches(ray_remote_args_fn=...)` or `**ray_remote_args` are called)."""
+    import logging
+    import warnings
+
+    from opsft.config import EngineConfig, PoolConfig, RewriteConfig
+    from opsft.jobs.pipeline import rewrite_spec, run_job
+
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "response": f"It is {i + 1}."} for i in range(10)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = rewrite_spec(RewriteConfig(max_new_tokens=8, hint_max_new_tokens=8), str(tmp_path / "in.jsonl"),
+                        str(tmp_path / "out.parquet"), engine=EngineConfig(kind="fake"),
+                        pool=PoolConfig(num_cpus=0.25, batch_size=4), dropped_output=str(tmp_path / "dropped"))
+    spec.progress_s = 3600  # no periodic line in this short job: the closing ones only
+    caplog.set_level(logging.INFO, logger="opsft.jobs.pipeline")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        summary = run_job(spec)
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if issubclass(w.category, DeprecationWarning)
+            and ("/opsft/" in w.filename or "ray_remote_args" in str(w.message))]
+    assert ours == []
+    assert summary["rows_out_total"] == 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "opsft.jobs.pipeline" and "rows" in r.getMessage()]
+    stages = [s.name for s in spec.steps] + ["write"]
+    assert [line.split("] ")[1] for line in lines] == [f"{s}: 10/10 rows (100%), done" for s in stages]
+    assert all(line.startswith("rewrite [") for line in lines)
+    out, err = capfd.readouterr()
+    assert "Running Dataset" not in out + err and "Total Progress" not in out + err
+    assert not any("Running Dataset" in r.getMessage() for r in caplog.records)

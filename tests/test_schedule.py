@@ -12,47 +12,56 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from opsft.realign.cron import next_fire_time, parse_cron
+from opsft.realign.cron import fire_times, next_fire_time, parse_cron
 from opsft.realign.schedule import LocalSubmitter, RayJobSubmitter, Scheduler, SchedulerBusy, StateLock, read_history
 
 # ---------------------------------------------------------------------------- cron
 
+PARIS, NEW_YORK = ZoneInfo("Europe/Paris"), ZoneInfo("America/New_York")
 
-def test_fields_expand_lists_ranges_steps_and_names():
-    c = parse_cron("5/20 1,3-5 */10 jan-mar,dec 7")
-    assert c.minutes == {5, 25, 45}
-    assert c.hours == {1, 3, 4, 5}
-    assert c.days == {1, 11, 21, 31}
-    assert c.months == {1, 2, 3, 12}
-    assert c.weekdays == {0}  # 7 is Sunday too
-    assert parse_cron("0-30/15 * * * mon-fri").minutes == {0, 15, 30}
-    assert parse_cron("0 0 * * MON-FRI").weekdays == {1, 2, 3, 4, 5}
-    assert parse_cron("@daily") == parse_cron("0 0 * * *").__class__(**{**parse_cron("0 0 * * *").__dict__,
-                                                                       "text": "@daily"})
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def fires_utc(expr: str, after: datetime, n: int) -> list[datetime]:
+    return [t.astimezone(UTC) for t in fire_times(expr, after, n)]
 
 
 @pytest.mark.parametrize("expr, words", [
-    ("* * * *", "needs 5 fields"), ("60 * * * *", "minute value 60 is outside 0-59"),
-    ("* 24 * * *", "hour value 24"), ("* * 0 * *", "day of month value 0"), ("* * * 13 *", "month value 13"),
-    ("* * * * 8", "day of week value 8"), ("5-1 * * * *", "runs backwards"), ("*/0 * * * *", "step '0'"),
-    ("* * * foo *", "'foo' is not a number or one of"), ("1,,2 * * * *", "empty minute"),
+    ("* * * *", "needs 5 fields"), ("* * * * * *", "needs 5 fields"), ("60 * * * *", "bad minute"),
+    ("* 24 * * *", "bad hour"), ("* * 0 * *", "bad day-of-month"), ("* * * 13 *", "bad month"),
+    ("* * * * 8", "bad day-of-week"), ("5-1 * * * *", "bad minute"), ("*/0 * * * *", "bad minute"),
+    ("* * * foo *", "bad month"), ("1,,2 * * * *", "bad minute"), ("@sometimes", "needs 5 fields"),
+    ("0 0 30 2 *", "a day that none of its months has"),
 ])
-def test_bad_expressions_say_which_field(expr, words):
-    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("*", r"\*")):
+def test_bad_expressions_are_value_errors_that_name_the_expression(expr, words):
+    with pytest.raises(ValueError, match=re.escape(f"cron {expr!r}: ") + ".*" + re.escape(words)):
         parse_cron(expr)
+    with pytest.raises(ValueError, match=re.escape(repr(expr))):
+        next_fire_time(expr, datetime(2026, 1, 1))
 
 
-def test_impossible_date_is_an_error_not_a_hang():
-    with pytest.raises(ValueError, match="never fires"):
-        next_fire_time("0 0 30 2 *", datetime(2026, 1, 1))
+def test_macros_and_names():
+    assert parse_cron("@daily").expr == "0 0 * * *" and parse_cron("@daily").text == "@daily"
+    after = datetime(2026, 11, 6, 17, 50)  # a Friday
+    assert next_fire_time("@hourly", after) == datetime(2026, 11, 6, 18, 0)
+    assert next_fire_time("@weekly", after) == datetime(2026, 11, 8)  # Sunday midnight
+    assert next_fire_time("@monthly", after) == datetime(2026, 12, 1)
+    assert next_fire_time("@yearly", after) == next_fire_time("@annually", after) == datetime(2027, 1, 1)
+    assert fire_times("5/20 1,3-5 */10 jan-mar,dec 7", datetime(2026, 11, 30), 4) == [
+        datetime(2027, 1, 31, 1, 5), datetime(2027, 1, 31, 1, 25), datetime(2027, 1, 31, 1, 45),
+        datetime(2027, 1, 31, 3, 5)]  # as in cron, a day field that starts with * ("*/10": 1, 11, 21, 31)
+    # counts as unrestricted, so the day rule is AND: the first of those days that is a Sunday (7)
 
 
 @pytest.mark.parametrize("expr, after, expected", [
@@ -69,19 +78,29 @@ def test_next_fire_time_hand_computed(expr, after, expected):
     assert next_fire_time(expr, after) == expected
 
 
+def _expand(field: str, low: int, high: int, names: list[str] | None = None) -> set[int]:
+    """The values a cron field allows, written out again (numbers, names, ranges, lists, steps)."""
+    def value(token):
+        return names.index(token.lower()) + low if names and token.lower() in names else int(token)
+    out: set[int] = set()
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        a, b = (low, high) if base == "*" else (value(base.split("-")[0]), value(base.split("-")[-1]))
+        out.update(range(a, (high if step and "-" not in base else b) + 1, int(step or 1)))
+    return out
+
+
 def _brute_next(expr: str, after: datetime) -> datetime:
     """Minute-by-minute scan with the day rule written out again (Vixie: OR when both are restricted)."""
-    c = parse_cron(expr)
-    dom, dow = expr.split()[2], expr.split()[4]
+    m, h, dom, mon, dow = expr.split()
+    minutes, hours, days = _expand(m, 0, 59), _expand(h, 0, 23), _expand(dom, 1, 31)
+    months = _expand(mon, 1, 12, "jan feb mar apr may jun jul aug sep oct nov dec".split())
+    weekdays = {d % 7 for d in _expand(dow, 0, 7, "sun mon tue wed thu fri sat".split())}
     t = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
     while True:
-        day_ok = t.day in c.days
-        week_ok = (t.weekday() + 1) % 7 in c.weekdays
-        if dom != "*" and dow != "*":
-            both = day_ok or week_ok
-        else:
-            both = day_ok and week_ok
-        if t.minute in c.minutes and t.hour in c.hours and t.month in c.months and both:
+        day_ok, week_ok = t.day in days, (t.weekday() + 1) % 7 in weekdays
+        both = (day_ok or week_ok) if not dom.startswith("*") and not dow.startswith("*") else (day_ok and week_ok)
+        if t.minute in minutes and t.hour in hours and t.month in months and both:
             return t
         t += timedelta(minutes=1)
 
@@ -96,14 +115,68 @@ def test_next_fire_time_matches_a_brute_force_scan():
             assert next_fire_time(expr, after) == _brute_next(expr, after), (expr, after)
 
 
-def test_time_zone_follows_daylight_saving():
-    paris = ZoneInfo("Europe/Paris")  # clocks go back on 2026-10-25 at 03:00 CEST
-    before = next_fire_time("0 3 * * *", datetime(2026, 10, 23, 12, 0, tzinfo=paris))
-    after = next_fire_time("0 3 * * *", datetime(2026, 10, 24, 12, 0, tzinfo=paris))
-    assert (before.hour, before.utcoffset()) == (3, timedelta(hours=2))
-    assert (after.hour, after.utcoffset(), after.day) == (3, timedelta(hours=1), 25)
-    utc = ZoneInfo("UTC")
-    assert after.astimezone(utc) - before.astimezone(utc) == timedelta(days=1, hours=1)  # a longer night
+# Daylight saving, hand-computed. Europe/Paris: 2026-03-29 02:00 CET (+01) -> 03:00 CEST (+02), at 01:00Z;
+# 2026-10-25 03:00 CEST -> 02:00 CET, at 01:00Z (local 02:00-02:59 twice: 00:00-00:59Z and 01:00-01:59Z).
+# America/New_York: 2026-03-08 02:00 EST (-05) -> 03:00 EDT (-04), at 07:00Z; 2026-11-01 02:00 EDT ->
+# 01:00 EST, at 06:00Z (local 01:00-01:59 twice: 05:00-05:59Z and 06:00-06:59Z).
+
+
+def test_autumn_sub_hourly_fires_in_both_copies_of_the_repeated_hour():
+    # the bug: the old parser went 00:00Z, 00:30Z, then 02:00Z (it skipped the second 02:00 and 02:30)
+    after = datetime(2026, 10, 25, 1, 45, tzinfo=PARIS)  # 23:45Z on the 24th
+    got = fire_times("*/30 * * * *", after, 6)
+    assert [t.astimezone(UTC) for t in got] == [utc(2026, 10, 25, 0, 0), utc(2026, 10, 25, 0, 30),
+                                                utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 1, 30),
+                                                utc(2026, 10, 25, 2, 0), utc(2026, 10, 25, 2, 30)]
+    assert [t.isoformat() for t in got[:5]] == ["2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00",
+                                                "2026-10-25T02:00:00+01:00", "2026-10-25T02:30:00+01:00",
+                                                "2026-10-25T03:00:00+01:00"]
+    # an hourly schedule (wildcard hour) fires every real hour, in both copies too
+    assert fires_utc("0 * * * *", after, 3) == [utc(2026, 10, 25, 0), utc(2026, 10, 25, 1), utc(2026, 10, 25, 2)]
+
+
+def test_autumn_fixed_time_fires_once():
+    got = fires_utc("30 2 * * *", datetime(2026, 10, 24, 12, 0, tzinfo=PARIS), 3)
+    assert got == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30), utc(2026, 10, 27, 1, 30)]
+    # asked from inside the second copy of the hour (02:15 CET, fold=1): not again that day, not in the past
+    second = datetime(2026, 10, 25, 2, 15, tzinfo=PARIS, fold=1)
+    assert second.utcoffset() == timedelta(hours=1)
+    assert next_fire_time("30 2 * * *", second).astimezone(UTC) == utc(2026, 10, 26, 1, 30)
+    # 03:00 every day: a night one hour longer
+    before, after = fires_utc("0 3 * * *", datetime(2026, 10, 23, 12, 0, tzinfo=PARIS), 2)
+    assert (before, after) == (utc(2026, 10, 24, 1, 0), utc(2026, 10, 25, 2, 0))
+
+
+def test_spring_skipped_time_fires_at_the_jump():
+    got = fire_times("30 2 * * *", datetime(2026, 3, 27, 12, 0, tzinfo=PARIS), 3)
+    assert [t.astimezone(UTC) for t in got] == [utc(2026, 3, 28, 1, 30), utc(2026, 3, 29, 1, 0),
+                                                utc(2026, 3, 30, 0, 30)]
+    assert [t.isoformat() for t in got] == ["2026-03-28T02:30:00+01:00", "2026-03-29T03:00:00+02:00",
+                                            "2026-03-30T02:30:00+02:00"]
+    # sub-hourly: 01:30 CET, then 03:00 CEST (no 02:xx exists that night): every real 30 minutes
+    assert fires_utc("*/30 * * * *", datetime(2026, 3, 29, 1, 10, tzinfo=PARIS), 3) == [
+        utc(2026, 3, 29, 0, 30), utc(2026, 3, 29, 1, 0), utc(2026, 3, 29, 1, 30)]
+
+
+def test_new_york_both_changes():
+    assert fires_utc("*/30 * * * *", datetime(2026, 11, 1, 0, 40, tzinfo=NEW_YORK), 5) == [
+        utc(2026, 11, 1, 5, 0), utc(2026, 11, 1, 5, 30), utc(2026, 11, 1, 6, 0), utc(2026, 11, 1, 6, 30),
+        utc(2026, 11, 1, 7, 0)]  # 01:00 EDT, 01:30 EDT, 01:00 EST, 01:30 EST, 02:00 EST
+    assert fires_utc("30 1 * * *", datetime(2026, 10, 31, 12, 0, tzinfo=NEW_YORK), 2) == [
+        utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)]  # once, at 01:30 EDT; then 01:30 EST
+    assert fires_utc("30 2 * * *", datetime(2026, 3, 7, 12, 0, tzinfo=NEW_YORK), 2) == [
+        utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)]  # at the jump (03:00 EDT); then 02:30 EDT
+    assert fires_utc("*/20 * * * *", datetime(2026, 3, 8, 1, 30, tzinfo=NEW_YORK), 3) == [
+        utc(2026, 3, 8, 6, 40), utc(2026, 3, 8, 7, 0), utc(2026, 3, 8, 7, 20)]  # 01:40 EST, 03:00 EDT, 03:20 EDT
+
+
+def test_utc_has_no_daylight_saving():
+    after = datetime(2026, 10, 25, 0, 10, tzinfo=ZoneInfo("UTC"))
+    got = fire_times("*/30 * * * *", after, 4)
+    assert got == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 1, 30),
+                   utc(2026, 10, 25, 2, 0)]
+    assert all(t.utcoffset() == timedelta(0) for t in got)
+    assert fires_utc("30 2 * * *", utc(2026, 3, 28, 12), 2) == [utc(2026, 3, 29, 2, 30), utc(2026, 3, 30, 2, 30)]
 
 
 # ---------------------------------------------------------------------------- scheduler, fake clock
@@ -119,7 +192,10 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += timedelta(seconds=seconds)
+        if self.now.tzinfo is None:
+            self.now += timedelta(seconds=seconds)
+        else:  # real time passes: aware arithmetic in one zone would add wall-clock time
+            self.now = (self.now.astimezone(UTC) + timedelta(seconds=seconds)).astimezone(self.now.tzinfo)
 
 
 class FakeSubmitter:
@@ -223,6 +299,22 @@ def test_missed_ticks_are_not_caught_up(tmp_path):
     sched.run(max_ticks=2)
     ticks = [t for _, _, t in sub.submitted]
     assert len(ticks) == 2 and ticks[1] - ticks[0] >= timedelta(hours=1)
+
+
+def test_the_scheduler_ticks_through_the_autumn_change_in_real_time(tmp_path):
+    clock = FakeClock(datetime(2026, 10, 25, 1, 40, tzinfo=PARIS))  # 23:40Z
+    sub = FakeSubmitter(clock, timedelta(minutes=5))
+    sched = Scheduler("*/30 * * * *", "x", tmp_path / "state", sub, clock=clock, sleep=clock.sleep, poll_s=60)
+    sched.run(max_ticks=5)
+    assert [t.astimezone(UTC) for _, _, t in sub.submitted] == [
+        utc(2026, 10, 25, 0, 0), utc(2026, 10, 25, 0, 30), utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 1, 30),
+        utc(2026, 10, 25, 2, 0)]
+    hist = read_history(tmp_path / "state")
+    assert [h["tick"] for h in hist] == ["2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00",
+                                         "2026-10-25T02:00:00+01:00", "2026-10-25T02:30:00+01:00",
+                                         "2026-10-25T03:00:00+01:00"]
+    assert [h["status"] for h in hist] == ["SUCCEEDED"] * 4 + ["SUBMITTED"]  # none skipped: 30 real minutes apart
+    assert max(clock.sleeps) <= 60.0
 
 
 def test_once_ticks_now(tmp_path):
@@ -372,6 +464,51 @@ def test_cli_once_runs_the_tick_and_history_shows_it(tmp_path, capsys):
         assert main([*flags, "--once", "--entrypoint", "true"]) == 3  # another scheduler holds it
 
 
+def test_cli_next_prints_fire_times_and_schedules_nothing(tmp_path, capsys):
+    from opsft.cli import build_parser, main
+    from opsft.cli.schedule import print_next
+
+    args = build_parser().parse_args(["schedule", "--cron", "*/30 * * * *", "--timezone", "Europe/Paris",
+                                      "--next", "4"])
+    assert print_next(args, now=utc(2026, 10, 24, 23, 50)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# '*/30 * * * *' in Europe/Paris, after 2026-10-25T01:50:00+02:00"
+    assert lines[1:] == ["2026-10-25T02:00:00+02:00  2026-10-25T00:00:00Z",
+                         "2026-10-25T02:30:00+02:00  2026-10-25T00:30:00Z",
+                         "2026-10-25T02:00:00+01:00  2026-10-25T01:00:00Z",
+                         "2026-10-25T02:30:00+01:00  2026-10-25T01:30:00Z"]
+    # through main, now: no --config needed, no state folder made, nothing submitted
+    cfg = tmp_path / "sched.yaml"
+    cfg.write_text("cron: '0 3 * * *'\ntimezone: America/New_York\n")
+    assert main(["schedule", "--schedule-config", str(cfg), "--next", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[0].startswith("# '0 3 * * *' in America/New_York, after ")
+    for line in out[1:]:
+        local, utc_text = line.split("  ")
+        t = datetime.fromisoformat(local)
+        assert (t.hour, t.minute) == (3, 0) and t.utcoffset() in (timedelta(hours=-4), timedelta(hours=-5))
+        assert datetime.fromisoformat(utc_text.replace("Z", "+00:00")) == t
+    assert list(tmp_path.iterdir()) == [cfg]
+    assert main(["schedule", "--cron", "61 * * * *", "--next", "2"]) == 2
+    assert "cron '61 * * * *': bad minute" in capsys.readouterr().err
+    assert main(["schedule", "--once"]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_local_zone_follows_tz_then_etc_localtime(tmp_path):
+    from opsft.cli.schedule import _clock, local_zone
+
+    assert local_zone({"TZ": "Europe/Paris"}).key == "Europe/Paris"
+    assert local_zone({"TZ": ":America/New_York"}).key == "America/New_York"
+    assert local_zone({"TZ": "Mars/Olympus"}, localtime=str(tmp_path / "none")) is None
+    zone_file = Path(__import__("zoneinfo").TZPATH[0]) / "Europe" / "Paris"
+    if zone_file.exists():  # the machine's zone from its file: with its rules, not just today's offset
+        zone = local_zone({}, localtime=str(zone_file))
+        assert datetime(2026, 7, 1, tzinfo=zone).utcoffset() == timedelta(hours=2)
+        assert datetime(2026, 12, 1, tzinfo=zone).utcoffset() == timedelta(hours=1)
+    assert _clock("Europe/Paris")().tzinfo == PARIS
+
+
 # ---------------------------------------------------------------------------- a real Ray head (slow)
 
 
@@ -456,3 +593,51 @@ def test_a_submitted_opsft_job_can_start_its_ray_driver(ray_head, tmp_path):
     logs = client.get_job_logs(job_id)
     assert str(client.get_job_status(job_id)).endswith("SUCCEEDED"), logs[-2000:]
     assert "answer (42, '1')" in logs  # the worker saw the job's environment
+
+
+@pytest.mark.slow
+def test_submit_wait_streams_a_real_jobs_logs(ray_head, tmp_path, capsys):
+    """`opsft submit --wait` (opsft.cli.submit.wait) against a real job API: the job waits for a file
+    that this test writes only once the job's first line has come through the stream, so the logs
+    are shown while the job runs, not fetched at its end; then the exit status follows the job's."""
+    from opsft.cli.submit import submit_with_retry, wait
+    from ray.job_submission import JobSubmissionClient
+
+    go = tmp_path / "go"
+
+    class Out:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, chunk):
+            self.text += chunk
+            if "ready\n" in self.text:
+                go.touch()
+
+        def flush(self):
+            pass
+
+    deadline = time.monotonic() + 600  # a hang guard: on a loaded 2-core machine the head takes minutes
+    while True:
+        try:
+            client = JobSubmissionClient(ray_head)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "the head's dashboard never came up"
+            time.sleep(1)
+    script = tmp_path / "job.py"
+    script.write_text(f"import os, time\nprint('ready', flush=True)\nt = time.monotonic()\n"
+                      f"while not os.path.exists({str(go)!r}) and time.monotonic() - t < 300:\n    time.sleep(0.1)\n"
+                      f"print('streamed' if os.path.exists({str(go)!r}) else 'never streamed', flush=True)\n")
+    job_id = submit_with_retry(client, {"entrypoint": f"{sys.executable} {script}"})
+    out = Out()
+    assert wait(client, job_id, out, poll=0.5) == 0
+    assert out.text.splitlines()[-2:] == ["ready", "streamed"]
+    assert out.text == client.get_job_logs(job_id)  # all of it, once
+    assert capsys.readouterr().err.splitlines()[-1] == f"job {job_id}: SUCCEEDED"
+
+    failing = submit_with_retry(client, {"entrypoint": "echo about to fail; exit 3"})
+    out = Out()
+    assert wait(client, failing, out, poll=0.5) == 1
+    assert "about to fail" in out.text.splitlines() and out.text == client.get_job_logs(failing)
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"job {failing}: FAILED (")

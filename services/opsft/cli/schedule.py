@@ -4,11 +4,14 @@
     opsft schedule --config realign.yaml --cron "0 3 * * *" --address http://head:8265   # a Ray job per tick
     opsft schedule --config realign.yaml --once          # the next tick now; waits for the job (--detach: not)
     opsft schedule --config realign.yaml --history       # one line per tick: when, job, status, outputs
+    opsft schedule --cron "*/30 * * * *" --timezone Europe/Paris --next 5   # the next 5 fire times, then exit
 
 With --address (or RAY_ADDRESS) each tick submits a Ray job (the working dir is uploaded, as in
 `opsft submit`; give --config relative to it or on storage the cluster sees). Without, the cycle
 runs as a subprocess of this machine. A tick is skipped while the previous job still runs. The
 history and the lock live in --state-dir (default: <output_dir of realign.yaml>/.schedule).
+The cron expression keeps wall-clock time in --timezone (default: this machine's zone), across
+daylight-saving changes as cron does (opsft/realign/cron.py); --next N shows what that means.
 See opsft/realign/schedule.py for the details and docs/deployment.md for the cluster path.
 """
 
@@ -25,10 +28,11 @@ import yaml
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("schedule", help="run the realignment cycle on a cron schedule (Ray jobs or local)")
-    parser.add_argument("--config", required=True, help="the cycle's realign.yaml (passed to `opsft realign`)")
+    parser.add_argument("--config", help="the cycle's realign.yaml (passed to `opsft realign`); needed except "
+                        "with --next")
     parser.add_argument("--schedule-config", help="YAML of ScheduleConfig fields; flags override it")
     parser.add_argument("--cron", help='5-field cron expression (default "0 3 * * *")')
-    parser.add_argument("--timezone", help="IANA time zone of the cron expression (default: local time)")
+    parser.add_argument("--timezone", help="IANA time zone of the cron expression (default: this machine's)")
     parser.add_argument("--address", help="Ray dashboard address (default RAY_ADDRESS; none = local subprocess)")
     parser.add_argument("--state-dir", help="history and lock folder (default <output_dir>/.schedule)")
     parser.add_argument("--working-dir", help="Ray mode: folder uploaded as the job's working dir (default .)")
@@ -38,6 +42,8 @@ def add_parser(sub) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run the next tick now, then exit")
     mode.add_argument("--history", action="store_true", help="print the history and exit")
+    mode.add_argument("--next", type=int, metavar="N", help="print the next N fire times (local and UTC) and exit; "
+                      "schedules nothing")
     parser.add_argument("--detach", action="store_true", help="with --once: do not wait for the job to end")
     parser.set_defaults(run=run)
 
@@ -53,14 +59,12 @@ def realign_output_dir(config_path: str) -> str | None:
 
 def resolve(args, environ=None):
     """(ScheduleConfig, state_dir, outputs, address or None, entrypoint) from the flags."""
-    from opsft.config import ScheduleConfig, load_config
-
     environ = os.environ if environ is None else environ
+    if not args.config:
+        raise ValueError("--config (the cycle's realign.yaml) is needed, except with --next")
     if not Path(args.config).exists():
         raise FileNotFoundError(f"realign config {args.config} does not exist")
-    cfg = load_config(ScheduleConfig, args.schedule_config, {
-        "cron": args.cron, "timezone": args.timezone, "address": args.address, "state_dir": args.state_dir,
-        "working_dir": args.working_dir, "entrypoint": args.entrypoint, "poll_s": args.poll_s})
+    cfg = schedule_config(args)
     if args.no_upload:
         cfg.working_dir = None
     outputs = realign_output_dir(args.config)
@@ -73,6 +77,18 @@ def resolve(args, environ=None):
     return cfg, state_dir, outputs, address, entrypoint
 
 
+def schedule_config(args):
+    """The ScheduleConfig of --schedule-config with the flags over it (the cron expression checked)."""
+    from opsft.config import ScheduleConfig, load_config
+    from opsft.realign.cron import parse_cron
+
+    cfg = load_config(ScheduleConfig, args.schedule_config, {
+        "cron": args.cron, "timezone": args.timezone, "address": args.address, "state_dir": args.state_dir,
+        "working_dir": args.working_dir, "entrypoint": args.entrypoint, "poll_s": args.poll_s})
+    parse_cron(cfg.cron)
+    return cfg
+
+
 def build_scheduler(args, environ=None):
     from opsft.realign.schedule import LocalSubmitter, RayJobSubmitter, Scheduler
 
@@ -81,22 +97,63 @@ def build_scheduler(args, environ=None):
         submitter = RayJobSubmitter(address, working_dir=cfg.working_dir, pip=cfg.pip, environ=environ)
     else:
         submitter = LocalSubmitter(Path(state_dir) / "jobs", environ=environ)
-    clock = _clock(cfg.timezone)
+    clock = _clock(cfg.timezone, environ)
     return Scheduler(cfg.cron, entrypoint, state_dir, submitter, outputs=outputs, clock=clock, poll_s=cfg.poll_s)
 
 
-def _clock(timezone: str | None):
+def _clock(timezone: str | None, environ=None):
+    """now() in the schedule's zone (aware, so that fire times follow its daylight saving): the named
+    IANA zone, else this machine's (TZ, else /etc/localtime); naive local time if neither is readable."""
     from datetime import datetime
 
-    if timezone is None:
+    zone = _zone(timezone) if timezone else local_zone(environ)
+    if zone is None:
         return datetime.now
+    return lambda: datetime.now(zone)
+
+
+def _zone(name: str):
     from zoneinfo import ZoneInfo
 
     try:
-        zone = ZoneInfo(timezone)
+        return ZoneInfo(name)
     except Exception as exc:
-        raise ValueError(f"unknown time zone {timezone!r} (an IANA name such as Europe/Paris)") from exc
-    return lambda: datetime.now(zone)
+        raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Paris)") from exc
+
+
+def local_zone(environ=None, localtime: str = "/etc/localtime"):
+    """This machine's time zone with its rules (not just today's offset), or None."""
+    from zoneinfo import ZoneInfo
+
+    environ = os.environ if environ is None else environ
+    name = (environ.get("TZ") or "").lstrip(":")
+    if name:
+        try:
+            return ZoneInfo(name)
+        except Exception:  # noqa: BLE001 - a POSIX TZ string such as CET-1CEST: fall back to the file
+            pass
+    try:
+        with open(localtime, "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return None
+
+
+def print_next(args, now=None) -> int:
+    """--next N: the next N fire times of the schedule after `now` (default: now), local (with its UTC
+    offset) and UTC. Needs no realign config, takes no lock, submits nothing."""
+    from opsft.realign.schedule import preview
+
+    if args.next < 1:
+        raise ValueError(f"--next {args.next}: give a number of fire times, 1 or more")
+    cfg = schedule_config(args)
+    clock = _clock(cfg.timezone)
+    now = clock() if now is None else now.astimezone(clock().tzinfo)
+    zone = cfg.timezone or "this machine's time zone"
+    print(f"# {cfg.cron!r} in {zone}, after {now.isoformat(timespec='seconds')}", flush=True)
+    for local, utc in preview(cfg.cron, now, args.next):
+        print(f"{local}  {utc}")
+    return 0
 
 
 def print_history(entries: list[dict]) -> None:
@@ -112,6 +169,8 @@ def print_history(entries: list[dict]) -> None:
 def run(args) -> int:
     from opsft.realign.schedule import SchedulerBusy, StateLock, read_history
 
+    if args.next is not None:
+        return print_next(args)
     sched = build_scheduler(args)
     if args.history:
         print_history(read_history(sched.state_dir))

@@ -11,6 +11,14 @@ run the recipe's stages (rewrite_spec below).
 
 Resume, exactly once, and faults: docs/reliability.md. `build_plan` needs a Ray connection;
 `opsft.cluster.connect()` makes one.
+
+Progress: in a terminal, Ray Data's own progress bars. Elsewhere (a log file, a Ray job's driver log,
+`make demo`) Ray Data would log a block of lines every 10 s; there its bars are off for the job's
+dataset (DataContext.enable_progress_bars) and the job logs one line per stage every
+OPSFT_PROGRESS_S seconds (default 30; 0: none), from the row counts of its JobMonitor:
+
+    score [1m30s] score: 640/1000 rows (64%), 7.1 rows/s, ~50s left
+    score [1m30s] write: 576/1000 rows (58%), 6.4 rows/s, ~1m6s left
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import json
 import logging
 import math
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +42,7 @@ from opsft.data import parts
 from opsft.data.corpus import file_format
 from opsft.data.reader import corpus_ranges
 from opsft.faults import JobFailed
-from opsft.jobs.stages import EngineActor, JobMonitor, PartsDatasink, read_pieces, task_batch
+from opsft.jobs.stages import WRITE_STEP, EngineActor, JobMonitor, PartsDatasink, read_pieces, task_batch
 
 log = logging.getLogger(__name__)
 # CPU share of the light stages (read, write): actors that take every CPU of a node must not
@@ -40,6 +51,8 @@ LIGHT_CPUS = 0.25
 # Bytes of JSONL input per read task: small pieces keep the output's parts close to input order (parts
 # written side by side hold rows of the pieces in flight), which keeps reading them in order cheap.
 JOB_RANGE_BYTES = 4 << 20
+PROGRESS_ENV = "OPSFT_PROGRESS_S"  # seconds between the progress lines of a job outside a terminal; 0: none
+DEFAULT_PROGRESS_S = 30.0
 
 
 @dataclass
@@ -85,6 +98,7 @@ class JobSpec:
     steps: list[StepSpec] | None = None  # None: one step, fn on engine / pool
     dropped_output: str | None = None  # rows marked `dropped` go here (a folder of parts too)
     need: str | None = None  # the capability fn uses of its engine (one-step jobs; steps name their own)
+    progress_s: float | None = None  # progress lines outside a terminal: seconds apart (0: none; None: env or 30)
 
     def all_steps(self) -> list[StepSpec]:
         return self.steps or [StepSpec(self.name, self.fn, self.fn_kwargs, self.engine, self.pool, self.need)]
@@ -236,7 +250,8 @@ def build_plan(spec: JobSpec, monitor=None) -> Plan:
         pool = step.pool or spec.pool
         if step.engine is None:  # a CPU stage: light tasks, no engine
             if ds is not None:
-                ds = ds.map_batches(task_batch, fn_kwargs={"fn": step.fn, "fn_kwargs": step.fn_kwargs},
+                ds = ds.map_batches(task_batch, fn_kwargs={"fn": step.fn, "fn_kwargs": step.fn_kwargs,
+                                                           "monitor": monitor, "step": step.name},
                                     batch_size=spec.pool.batch_size, batch_format="pyarrow", zero_copy_batch=False,
                                     num_cpus=LIGHT_CPUS)
             stages.append(Stage(step.name, "task", batch_size=spec.pool.batch_size,
@@ -247,7 +262,7 @@ def build_plan(spec: JobSpec, monitor=None) -> Plan:
         else:
             stages.append(_actor_stage(step, pool))
     stages.append(Stage(f"write:{file_format(spec.output)}", "write", resources={"num_cpus": LIGHT_CPUS}))
-    sink = PartsDatasink(spec.output, spec.column_types, spec.rows_per_part, spec.dropped_output)
+    sink = PartsDatasink(spec.output, spec.column_types, spec.rows_per_part, spec.dropped_output, monitor)
     return Plan(spec, stages, ds, sink, n_rows, done, len(todo))
 
 
@@ -270,11 +285,17 @@ def run_job(spec: JobSpec) -> dict:
                      " + ".join(spec.outputs()))
         start = time.monotonic()
         if plan.dataset is not None:
+            progress = None
+            if log_progress_lines(plan.dataset):
+                progress = ProgressLog.for_job(spec, plan, monitor)
             try:
                 plan.dataset.write_datasink(plan.datasink, ray_remote_args={"num_cpus": LIGHT_CPUS})
             except Exception as exc:
                 report = ray.get(monitor.report.remote())
                 raise JobFailed(_failure(spec, exc, report)) from exc
+            finally:
+                if progress is not None:
+                    progress.stop()
         elapsed = time.monotonic() - start
         report = ray.get(monitor.report.remote())
     finally:
@@ -306,6 +327,103 @@ def run_job(spec: JobSpec) -> dict:
     if spec.dropped_output:
         summary.update(dropped=res["dropped"], dropped_output=spec.dropped_output)
     return summary
+
+
+def progress_interval(spec: JobSpec, environ=None) -> float:
+    """Seconds between a job's progress lines: spec.progress_s, else OPSFT_PROGRESS_S, else 30; 0 = none."""
+    if spec.progress_s is not None:
+        return float(spec.progress_s)
+    raw = (os.environ if environ is None else environ).get(PROGRESS_ENV, "").strip()
+    try:
+        return float(raw) if raw else DEFAULT_PROGRESS_S
+    except ValueError:
+        raise ValueError(f"{PROGRESS_ENV}={raw!r}: the seconds between a job's progress lines (0: none)") from None
+
+
+def log_progress_lines(dataset, interactive: bool | None = None) -> bool:
+    """Whether the job logs its own progress lines: not in a terminal (stdout not a TTY, the test
+    Ray Data makes too), where Ray Data's progress is turned off for this dataset (its DataContext,
+    so other datasets of the process keep theirs). In a terminal Ray Data's bars stay."""
+    if sys.stdout.isatty() if interactive is None else interactive:
+        return False
+    dataset.context.enable_progress_bars = False
+    return True
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s}s" if m else f"{s}s"
+
+
+class ProgressLog:
+    """One line per stage every `interval_s` seconds, from the job monitor's row counts (report()["rows"]:
+    stage -> rows finished). A stage that has not started, or has finished and said so once, is quiet
+    (before any stage has rows: one line for the job); stop() logs the stages not yet reported finished
+    (so every job ends with where each stage got to). A thread of the driver."""
+
+    def __init__(self, name: str, stages: list[str], total: int, report: Callable[[], dict], interval_s: float,
+                 emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.name, self.stages, self.total, self.report = name, stages, total, report
+        self.interval_s, self.emit, self.clock = interval_s, emit or log.info, clock
+        self.start = clock()
+        self.finished: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, plan: Plan, monitor) -> ProgressLog | None:
+        interval = progress_interval(spec)
+        if interval <= 0:
+            return None
+        total = plan.n_rows - plan.done.rows
+        stages = [s.name for s in spec.all_steps()] + [WRITE_STEP]
+        progress = cls(spec.name, stages, total, lambda: ray.get(monitor.report.remote(), timeout=60), interval)
+        progress._thread = threading.Thread(target=progress._run, name="opsft-progress", daemon=True)
+        progress._thread.start()
+        return progress
+
+    def lines(self) -> list[str]:
+        rows = self.report().get("rows") or {}
+        elapsed = self.clock() - self.start
+        if not any(rows.get(stage) for stage in self.stages):  # actors still starting: one line, not one a stage
+            return [f"{self.name} [{_duration(elapsed)}] {self.total} rows to do; no stage has finished a batch yet"]
+        out = []
+        for stage in self.stages:
+            if stage in self.finished:
+                continue
+            n = int(rows.get(stage, 0))
+            if not n:  # not started: quiet
+                continue
+            line = f"{self.name} [{_duration(elapsed)}] {stage}: {n}/{self.total} rows"
+            if self.total:
+                line += f" ({100 * n // self.total}%)"
+            if n >= self.total:
+                self.finished.add(stage)
+                out.append(line + ", done")
+                continue
+            rate = n / elapsed if elapsed > 0 else 0.0
+            line += f", {rate:.3g} rows/s" + (f", ~{_duration((self.total - n) / rate)} left" if rate > 0 else "")
+            out.append(line)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                for line in self.lines():
+                    self.emit(line)
+            except Exception as exc:  # noqa: BLE001 - progress is a nicety: never the reason a job fails
+                log.debug("progress: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        try:
+            for line in self.lines():
+                self.emit(line)
+        except Exception as exc:  # noqa: BLE001 - the monitor may be gone with a failed job
+            log.debug("progress: %s", exc)
 
 
 def end_job(monitor) -> None:

@@ -33,6 +33,7 @@ from opsft.faults import EngineFault, Guard, JobFailed, describe
 log = logging.getLogger(__name__)
 ROW = "_row"  # the carrier column of each row's number in the input corpus
 EXIT_ENGINE_FAULT = 75  # the exit status of an engine actor that ends itself after an engine fault
+WRITE_STEP = "write"  # the writer's name in the monitor's row counts
 
 
 def _carrier(numbered: list[tuple[int, dict]]) -> pa.Table:
@@ -71,12 +72,16 @@ def load_function(ref):
     return getattr(importlib.import_module(module), name)
 
 
-def task_batch(batch: pa.Table, fn, fn_kwargs: dict | None = None) -> pa.Table:
+def task_batch(batch: pa.Table, fn, fn_kwargs: dict | None = None, monitor=None, step: str | None = None) -> pa.Table:
     """A stage without an engine (a Ray Data task, e.g. verification): fn(rows, None, **fn_kwargs);
-    a row that raises alone gets `error` (there is no engine to blame)."""
+    a row that raises alone gets `error` (there is no engine to blame). The rows done are counted
+    with the job's monitor (progress)."""
     if not batch.num_rows:
         return batch
-    return with_rows(batch, Guard(None).apply(load_function(fn), rows_of(batch), dict(fn_kwargs or {})))
+    out = with_rows(batch, Guard(None).apply(load_function(fn), rows_of(batch), dict(fn_kwargs or {})))
+    if monitor is not None:  # waited for: when the job ends, its counts are complete
+        ray.get(monitor.done.remote(step, batch.num_rows))
+    return out
 
 
 def batch_key(step: str, batch: pa.Table) -> str:
@@ -88,7 +93,8 @@ def batch_key(step: str, batch: pa.Table) -> str:
 class JobMonitor:
     """One per job (a Ray actor of no CPU): counts how often each batch was started, and records
     engine faults, so that a batch retried too often fails the job with its cause, and the
-    summary says what was retried."""
+    summary says what was retried. It also counts the rows each stage finished (the job's
+    progress lines, opsft.jobs.pipeline.ProgressLog)."""
 
     def __init__(self, max_tries: int):
         self.max_tries = max_tries
@@ -97,6 +103,7 @@ class JobMonitor:
         self.retries = 0  # tries beyond the first of the batches that finished (a batch tried 3 times: 2)
         self.engines: list = []  # every engine actor of the job (run_job ends them all when the job ends)
         self.stopped: str | None = None  # why the job was given up, when it was
+        self.rows: collections.Counter = collections.Counter()  # stage -> rows finished (a retried batch once)
 
     def register(self, actor) -> None:
         self.engines.append(actor)
@@ -117,15 +124,21 @@ class JobMonitor:
                         f"{len(self.faults)} engine fault(s) in this job")
         return self.stopped
 
-    def end(self, key: str) -> None:
+    def end(self, key: str, step: str | None = None, rows: int = 0) -> None:
         self.retries += self.tries.pop(key, 1) - 1
+        if step is not None:
+            self.rows[step] += rows
+
+    def done(self, step: str, rows: int) -> None:
+        """`rows` more rows finished `step` (a stage without an engine, or the writer)."""
+        self.rows[step] += rows
 
     def fault(self, record: dict) -> None:
         self.faults.append(record)
 
     def report(self) -> dict:
         return {"engine_faults": len(self.faults), "batch_retries": self.retries, "stopped": self.stopped,
-                "faults": self.faults[-20:], "unfinished": dict(self.tries)}
+                "faults": self.faults[-20:], "unfinished": dict(self.tries), "rows": dict(self.rows)}
 
 
 class EngineActor:
@@ -164,8 +177,8 @@ class EngineActor:
             self._die(key, fault)
         finally:
             self.busy.pop(key, None)
-        if self.monitor is not None:
-            self.monitor.end.remote(key)
+        if self.monitor is not None:  # waited for: when the job ends, its counts are complete
+            ray.get(self.monitor.end.remote(key, self.step, batch.num_rows))
         return with_rows(batch, out)
 
     def _watch(self, limit_s: float) -> None:
@@ -198,12 +211,14 @@ class EngineActor:
 class PartsDatasink(Datasink):
     """Writes each write task's rows as one part file with its progress record; counts rows,
     errors and tokens. With `dropped_output`, rows marked `dropped` (rewrite's drop_unverified)
-    go to parts of that folder."""
+    go to parts of that folder. With the job's `monitor`, the rows written are counted there as
+    stage WRITE_STEP (progress)."""
 
     def __init__(self, output: str, column_types: dict | None = None, rows_per_part: int | None = None,
-                 dropped_output: str | None = None):
+                 dropped_output: str | None = None, monitor=None):
         self.output, self.column_types, self.rows_per_part = output, column_types, rows_per_part
         self.dropped_output = dropped_output
+        self.monitor = monitor
         self.result: dict | None = None
 
     @property
@@ -227,6 +242,8 @@ class PartsDatasink(Datasink):
             parts.write_part(self.dropped_output if to_side else self.output, kept, [n for _, n in mine],
                              self.column_types, stats)
             written += 1
+        if self.monitor is not None:
+            ray.get(self.monitor.done.remote(WRITE_STEP, len(rows)))
         return {"rows": len(rows), "error_rows": sum(1 for r in rows if r.get("error")), "dropped": sum(side),
                 "tokens": sum(int(r.get("n_tokens") or 0) for r in rows), "parts": written}
 

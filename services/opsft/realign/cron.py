@@ -1,133 +1,89 @@
-"""Cron expressions for `opsft schedule`: a small parser of the classic 5 fields and the next fire time.
+"""Cron expressions for `opsft schedule`: the classic 5 fields, with fire times computed by cronsim.
 
     minute hour day-of-month month day-of-week      e.g. "0 3 * * *" (03:00 every day)
 
-Each field takes `*`, a number, a range `a-b`, a list `a,b,c`, and steps `*/n` or `a-b/n`; months
-and weekdays also take names (`jan`, `mon`); day-of-week 0 and 7 are both Sunday. As in Vixie cron,
-when both day-of-month and day-of-week are restricted, a day matches if EITHER matches. The macros
-`@hourly @daily @midnight @weekly @monthly @yearly @annually` are accepted.
+Fields take what cron takes (`*`, numbers, ranges `a-b`, lists, steps `*/n` and `a-b/n`, the names
+`jan` and `mon`, day-of-week 7 = Sunday; when both day fields are restricted, a day matches if
+EITHER does), plus cronsim's `L`, `LW` and `mon#2`. The macros `@hourly @daily @midnight @weekly
+@monthly @yearly @annually` are expanded here. A bad expression is a ValueError naming it.
 
-    next_fire_time("*/15 9-17 * * mon-fri", datetime(2026, 11, 6, 17, 50))  # -> 2026-11-09 09:00
+    next_fire_time("*/15 9-17 * * mon-fri", datetime(2026, 11, 6, 17, 50, tzinfo=ZoneInfo("Europe/Paris")))
+    fire_times("0 3 * * *", now, 5)          # the next 5
 
-Times are wall-clock times: a naive datetime gives a naive answer; an aware one gives an answer in
-the same tzinfo (with a zoneinfo.ZoneInfo the UTC offset follows daylight saving). Plain Python,
-no Ray: `python -c "from opsft.realign.cron import next_fire_time"`.
+Give an aware datetime (a zoneinfo.ZoneInfo zone): the answers are in that zone and follow its
+daylight-saving changes as (Debian) cron does, through cronsim 2.9:
+- a time skipped when the clocks go forward fires at the jump: "30 2 * * *" in Europe/Paris on
+  2026-03-29 fires at 03:00+02:00;
+- when the clocks go back, a schedule with a wildcard minute or hour ("*/30 * * * *", "0 * * * *")
+  fires in both copies of the repeated hour (every real 30 minutes), while one at a fixed hour and
+  minute ("30 2 * * *") fires once, in the first copy (croniter 7.0 fires such a job twice).
+A naive datetime is taken as a wall clock without daylight saving (answers are naive too).
+Plain Python, no Ray: `python -c "from opsft.realign.cron import next_fire_time"`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 
-MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+from cronsim import CronSim, CronSimError
+
 MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
           "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
-# (name, lowest, highest, names for lowest..): day-of-week allows 7 (= Sunday) and folds it to 0 below.
-FIELDS = [("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
-          ("month", 1, 12, MONTHS), ("day of week", 0, 7, WEEKDAYS)]
-SEARCH_YEARS = 8  # a valid expression fires within 8 years (Feb 29 on a given weekday is the slowest)
+FIELD_NAMES = "minute hour day-of-month month day-of-week"
+# cronsim's words, said with what is wrong (its "Bad day-of-month" also means: no month of the
+# expression has that day, e.g. "0 0 30 2 *")
+HINTS = {"Bad day-of-month": "bad day-of-month (out of 1-31, or a day that none of its months has)"}
 
 
 @dataclass(frozen=True)
 class Cron:
-    """A parsed expression: the allowed values of each field."""
+    """A validated expression: `text` as given, `expr` its 5 fields (a macro expanded)."""
 
     text: str
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday .. 6 = Saturday
-    days_restricted: bool     # day-of-month was not '*'
-    weekdays_restricted: bool
-
-    def day_matches(self, day: datetime) -> bool:
-        in_month = day.day in self.days
-        in_week = (day.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return in_month or in_week
-        return in_month and in_week
-
-    def matches(self, when: datetime) -> bool:
-        return (when.minute in self.minutes and when.hour in self.hours and when.month in self.months
-                and self.day_matches(when))
-
-
-def _value(token: str, field: tuple, expr: str) -> int:
-    name, low, high, names = field
-    if names and token.lower() in names:
-        return names.index(token.lower()) + low
-    if not token.isdigit():
-        raise ValueError(f"cron {expr!r}: {name} value {token!r} is not a number"
-                         + (f" or one of {names}" if names else ""))
-    value = int(token)
-    if not low <= value <= high:
-        raise ValueError(f"cron {expr!r}: {name} value {value} is outside {low}-{high}")
-    return value
-
-
-def _field(text: str, field: tuple, expr: str) -> set[int]:
-    name, low, high, _ = field
-    values: set[int] = set()
-    for part in text.split(","):
-        base, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ValueError(f"cron {expr!r}: {name} step {step_text!r} must be a positive number")
-            step = int(step_text)
-        if base == "*":
-            start, stop = low, high
-        elif "-" in base:
-            a, _, b = base.partition("-")
-            start, stop = _value(a, field, expr), _value(b, field, expr)
-            if start > stop:
-                raise ValueError(f"cron {expr!r}: {name} range {base!r} runs backwards")
-        elif base:
-            start = _value(base, field, expr)
-            stop = high if step_text else start  # "5/10" = from 5 to the end, every 10
-        else:
-            raise ValueError(f"cron {expr!r}: empty {name} in {text!r}")
-        values.update(range(start, stop + 1, step))
-    return values
+    expr: str
 
 
 def parse_cron(expr: str) -> Cron:
-    """Parse a 5-field expression (or a macro); ValueError names the field that is wrong."""
-    text = MACROS.get(expr.strip().lower(), expr)
-    parts = text.split()
-    if len(parts) != 5:
-        raise ValueError(f"cron {expr!r}: needs 5 fields (minute hour day-of-month month day-of-week), "
-                         f"got {len(parts)}")
-    sets = [_field(p, f, expr) for p, f in zip(parts, FIELDS, strict=True)]
-    weekdays = {d % 7 for d in sets[4]}
-    return Cron(expr, frozenset(sets[0]), frozenset(sets[1]), frozenset(sets[2]), frozenset(sets[3]),
-                frozenset(weekdays), not parts[2].startswith("*"), not parts[4].startswith("*"))
+    """Check a 5-field expression (or a macro); ValueError with the expression and what is wrong."""
+    if not isinstance(expr, str):
+        raise ValueError(f"cron {expr!r}: not a string")
+    fields = MACROS.get(expr.strip().lower(), expr.strip())
+    n = len(fields.split())
+    if n != 5:
+        raise ValueError(f"cron {expr!r}: needs 5 fields ({FIELD_NAMES}), got {n}")
+    try:
+        CronSim(fields, datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f"cron {expr!r}: {HINTS.get(str(exc), str(exc).lower())}") from None
+    return Cron(expr, fields)
 
 
-def _next_wall(cron: Cron, after: datetime) -> datetime:
-    """The first wall-clock minute strictly after `after` (naive) that matches."""
-    t = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    limit = t.replace(year=t.year + SEARCH_YEARS, month=1, day=1, hour=0, minute=0)
-    while t < limit:
-        if t.month not in cron.months:  # jump to the 1st of the next month
-            t = (t.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=0)
-        elif not cron.day_matches(t):
-            t = (t + timedelta(days=1)).replace(hour=0, minute=0)
-        elif t.hour not in cron.hours:
-            t = (t + timedelta(hours=1)).replace(minute=0)
-        elif t.minute not in cron.minutes:
-            t += timedelta(minutes=1)
-        else:
-            return t
-    raise ValueError(f"cron {cron.text!r} never fires (no matching date within {SEARCH_YEARS} years)")
+def _instant(t: datetime) -> datetime:
+    """What to compare: the UTC instant of an aware time (a same-zone comparison ignores `fold`)."""
+    return t.astimezone(UTC) if t.tzinfo is not None else t
+
+
+def fire_times(expr: str | Cron, after: datetime, n: int) -> list[datetime]:
+    """The first `n` fire times strictly after `after`, in after's zone (seconds are always 0)."""
+    cron = parse_cron(expr) if isinstance(expr, str) else expr
+    found: list[datetime] = []
+    last = _instant(after)
+    it = CronSim(cron.expr, after)
+    try:
+        while len(found) < n:
+            t = next(it)
+            # For a fixed hour and minute cronsim walks the wall clock, which forgets which copy of a
+            # repeated hour `after` was in: never answer a time that is not after the previous one.
+            if _instant(t) > last:
+                found.append(t)
+                last = _instant(t)
+    except StopIteration:
+        raise ValueError(f"cron {cron.text!r} never fires (no matching time within 50 years after "
+                         f"{after.isoformat()})") from None
+    return found
 
 
 def next_fire_time(expr: str | Cron, after: datetime) -> datetime:
-    """The first time strictly after `after` at which `expr` fires (seconds dropped)."""
-    cron = parse_cron(expr) if isinstance(expr, str) else expr
-    tz = after.tzinfo
-    if tz is None:
-        return _next_wall(cron, after)
-    return _next_wall(cron, after.replace(tzinfo=None)).replace(tzinfo=tz)
+    """The first time strictly after `after` at which `expr` fires."""
+    return fire_times(expr, after, 1)[0]

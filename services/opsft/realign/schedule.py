@@ -7,7 +7,10 @@
 At each tick the Scheduler asks its submitter about the previous job: while that job is PENDING or
 RUNNING the tick is SKIPPED (recorded); otherwise the previous job's end is recorded and a new job
 is submitted. Between ticks it polls the running job every `poll_s` seconds, so a job's end is
-recorded when it happens. Missed ticks (the scheduler was down) are not caught up.
+recorded when it happens. Missed ticks (the scheduler was down) are not caught up. Fire times come
+from opsft.realign.cron in the clock's time zone and keep its wall-clock time across daylight-saving
+changes; they are compared and waited for as UTC instants (two times of one zone compare by their
+wall clock, which is wrong inside a repeated autumn hour).
 
 Submitters (both take the entrypoint as a shell command string):
 - RayJobSubmitter: ray.job_submission.JobSubmissionClient(address).submit_job(...), with the
@@ -35,13 +38,13 @@ import secrets
 import shlex
 import subprocess
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from opsft.cluster import dashboard_address, job_runtime_env
 from opsft.locks import FileLock, describe
-from opsft.realign.cron import Cron, next_fire_time, parse_cron
+from opsft.realign.cron import Cron, fire_times, next_fire_time, parse_cron
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,21 @@ def _iso(t: datetime) -> str:
     return (t if t.tzinfo else t.astimezone()).isoformat(timespec="seconds")
 
 
+def _instant(t: datetime) -> datetime:
+    """An aware time as UTC (what to compare and subtract); a naive one as it is."""
+    return t.astimezone(UTC) if t.tzinfo is not None else t
+
+
+def preview(cron: str | Cron, after: datetime, n: int) -> list[tuple[str, str]]:
+    """The next `n` fire times after `after`: (local ISO time with its UTC offset, the same in UTC)."""
+    out = []
+    for t in fire_times(cron, after, n):
+        local = t if t.tzinfo else t.astimezone()
+        out.append((local.isoformat(timespec="seconds"),
+                    local.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")))
+    return out
+
+
 class Scheduler:
     """Submit `entrypoint` once per tick of `cron`, skipping ticks while the previous job runs.
 
@@ -315,14 +333,15 @@ class Scheduler:
         ticks = 0
         while max_ticks is None or ticks < max_ticks:
             now = self.clock()
-            if now >= next_at:
+            if _instant(now) >= _instant(next_at):
                 self.tick(next_at)
                 ticks += 1
-                later = next_fire_time(self.cron, max(now, next_at))
-                if next_fire_time(self.cron, next_at) < later:
+                later = next_fire_time(self.cron, max(now, next_at, key=_instant))
+                if _instant(next_fire_time(self.cron, next_at)) < _instant(later):
                     log.warning("schedule: ticks between %s and %s were missed (not caught up)",
                                 _iso(next_at), _iso(now))
                 next_at = later
                 continue
             self.poll()
-            self.sleep(max(0.0, min(self.poll_s, (next_at - now).total_seconds())))
+            wait = (_instant(next_at) - _instant(now)).total_seconds()
+            self.sleep(max(0.0, min(self.poll_s, wait)))
