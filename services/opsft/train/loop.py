@@ -82,6 +82,8 @@ class Runtime:
     # (metrics, write(folder), write_shards(folder)) -> checkpoint path or None; called on every
     # rank at checkpoint steps: write on one rank, write_shards on every rank
     checkpoint: Callable | None = None
+    # rank 0's experiment trackers (opsft.train.tracking.Tracker: MLflow / W&B), fed by the MetricsWriter
+    tracker: object | None = None
 
 
 def prepare_data(cfg, tokenizer, max_length: int) -> tuple[list[TrainExample], list[TrainExample], dict]:
@@ -195,7 +197,7 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
         start = restore_training(resume_state, optimizer, scheduler)
         log.info("resumed at step %d of %d", start, total)
     spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature, fused_head(cfg))
-    writer = MetricsWriter(cfg.output_dir, start) if rank == 0 and cfg.output_dir else None
+    writer = MetricsWriter(cfg.output_dir, start, tracker=runtime.tracker) if rank == 0 and cfg.output_dir else None
     last: dict = {"step": start}
     try:
         for step in range(start, total):
@@ -310,13 +312,22 @@ def load_for_training(cfg, device, model_source: str, checkpoint: str | None = N
 def run_local(cfg, model=None, tokenizer=None) -> dict:
     """Train in this process on one device (the `opsft train --local` path and the test
     reference). Resumes from cfg.resume_from when set. A `model` given is trained in place,
-    moved to the device and to cfg.dtype. Returns a summary."""
+    moved to the device and to cfg.dtype. Logs to the configured trackers (cfg.tracking: params, metrics,
+    the final checkpoint; the run ends FINISHED, or FAILED when training raises). Returns a summary."""
+    from opsft.train.tracking import check_available, tracked_run
+
+    check_available(cfg)
+
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     if model is None or cfg.resume_from:
         model, tokenizer, resume_state = load_for_training(cfg, device, cfg.model)
     else:
         model, resume_state = to_dtype(model.to(device), cfg.dtype), None
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, resolve_max_length(cfg, model.config, tokenizer))
-    runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None)
-    last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
+    with tracked_run(cfg) as tracker:
+        runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None,
+                          tracker=tracker)
+        last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
+        if tracker is not None:
+            tracker.log_checkpoint(last.get("checkpoint"))
     return {"data": data_summary, "final": last, "checkpoint": last.get("checkpoint")}

@@ -1,5 +1,6 @@
 """Per-step training metrics as JSONL (`metrics.jsonl`, one object per optimiser step) and
-TensorBoard scalars (`tensorboard/`). Written by rank 0 only. On resume from step s the
+TensorBoard scalars (`tensorboard/`), and to the experiment trackers when configured (MLflow / W&B:
+opsft.train.tracking; the same numeric scalars, at the same step). Written by rank 0 only. On resume from step s the
 lines after step s are dropped (and TensorBoard purges them), so the files show one
 curve even when a run crashed after its last checkpoint.
 
@@ -22,12 +23,13 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: str | Path, start_step: int = 0, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, start_step: int = 0, tensorboard: bool = True, tracker=None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= start_step] if start_step else []
         write_text_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        self.tracker = tracker  # opsft.train.tracking.Tracker or None
         self.tb = None
         if tensorboard:
             try:
@@ -47,6 +49,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, int | float):
                     group = "eval" if key.startswith("eval_") else "train"
                     self.tb.add_scalar(f"{group}/{key}", value, step)
+        if self.tracker is not None:
+            self.tracker.log_metrics(int(metrics["step"]), metrics)
 
     def close(self) -> None:
         if self.tb is not None:

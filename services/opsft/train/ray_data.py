@@ -107,6 +107,19 @@ def worker_datasets(ds, world_size: int, name: str = "train") -> dict:
     return {f"{name}_{rank}": part for rank, part in enumerate(ds.split(world_size, equal=False))}
 
 
+def worker_data_config():
+    """Ray Train's DataConfig for worker_datasets: no dataset split again (each worker reads its own), and
+    the ingest options made here from the driver's DataContext as Ray's default_ingest_options makes them,
+    less `exclude_resources`, which that default always passes and Ray 2.60 deprecates (a warning a run)."""
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+
+    options = DataContext.get_current().execution_options
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(
+        resource_limits=options.resource_limits, preserve_order=options.preserve_order,
+        verbose_progress=options.verbose_progress))
+
+
 def corpus_summary(ds, source: str = "corpus", max_length: int | None = None, eval_rows: int = 0,
                    check: bool = True) -> dict:
     """PrepareStats.as_dict() of a corpus_dataset, from its light columns streamed to the driver (no

@@ -18,6 +18,10 @@ workers and however Ray split the blocks: exact normalisation and resuming depen
 Pair losses (dpo, simpo): the driver reads and tokenises the pairs (opsft.train.pairs) and every
 worker receives all of them (DataConfig(datasets_to_split=[])).
 
+Experiment tracking (cfg.tracking, opsft.train.tracking): the driver starts the MLflow / W&B run (params),
+hands its handle to the workers, rank 0 logs every step's metrics to it (through a Ray Train restart too),
+and the driver logs the final checkpoint and ends the run FINISHED or FAILED.
+
 Ray Train V2 (the default in Ray 2.60): a rerun with the same output_dir continues from the
 run's last checkpoint (ray.train.get_checkpoint), like a restart after a failure.
 
@@ -40,9 +44,10 @@ from opsft.train import fsdp
 from opsft.train.data import TrainExample
 from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
-from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
+from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_data_config, worker_datasets
 from opsft.train.shards import ShardedCorpus, dist_gather
 from opsft.train.step import wants_bf16
+from opsft.train.tracking import check_available, tracked_run
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
@@ -102,10 +107,26 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
 
     from opsft.config import TrainConfig
+    from opsft.train.tracking import worker_tracker
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tracker = worker_tracker(config.get("tracking"), rank)  # rank 0 only
+    try:
+        _train_worker(cfg, config, rank, world, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(ok=False)
+        raise
+    if tracker is not None:
+        tracker.close()
+
+
+def _train_worker(cfg, config: dict, rank: int, world: int, tracker) -> None:
+    import ray.train
+    import ray.train.torch
+
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     if config.get("sharded"):  # token losses: this worker's part of the tokenised corpus
@@ -121,7 +142,7 @@ def train_worker(config: dict) -> None:
         model, tokenizer, resume_state = load_for_training(cfg, torch.device("cpu") if fsdp_ else device,
                                                            config["model"], folder, meta=fsdp_ and rank > 0)
         common = dict(rank=rank, world_size=world, device=device, reduce=_all_reduce,
-                      checkpoint=_report_checkpoint(rank))
+                      checkpoint=_report_checkpoint(rank), tracker=tracker)
         if fsdp_:
             bf16 = cfg.dtype != "float64" and wants_bf16(device, cfg.autocast)
             runtime = Runtime(**common, wrap=lambda m: fsdp.shard(m, device, bf16), full_state=fsdp.full_model_state,
@@ -200,6 +221,7 @@ def run_ray(cfg) -> dict:
 
     if not cfg.output_dir:
         raise ValueError("output_dir is required (checkpoints and metrics go there)")
+    check_available(cfg)  # a tracking library missing: said before the corpus is read
     output_dir = Path(cfg.output_dir).resolve()
     storage_path = cfg.storage_path or str(output_dir)
     if not storage.is_uri(storage_path):
@@ -221,25 +243,30 @@ def run_ray(cfg) -> dict:
     cfg = fit_strategy(cfg, model_path)  # on the cluster: its GPUs are known now
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    cfg_dump = cfg.model_copy(update={"output_dir": str(output_dir)}).model_dump(mode="json")
-    trainer = TorchTrainer(
-        train_worker,
-        # a URI goes as it is: each worker fetches it to its own node (opsft.models.fetch_model)
-        train_loop_config={"cfg": cfg_dump, "has_eval": has_eval,
-                           "model": cfg.model if storage.is_uri(cfg.model or "") else resolve_model(cfg.model),
-                           "sharded": not cfg.loss.pairs, "max_length": max_length},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-    )
-    result = trainer.fit()
-    checkpoint = None
-    if result.checkpoint is not None:  # a path inside the storage's filesystem: a URI again for object storage
-        checkpoint = storage.full_path(storage_path, result.checkpoint.path)
+    cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
+    cfg_dump = cfg.model_dump(mode="json")
+    with tracked_run(cfg) as tracker:  # FINISHED, or FAILED when fit raises (the workers failed for good)
+        trainer = TorchTrainer(
+            train_worker,
+            # a URI goes as it is: each worker fetches it to its own node (opsft.models.fetch_model)
+            train_loop_config={"cfg": cfg_dump, "has_eval": has_eval,
+                               "model": cfg.model if storage.is_uri(cfg.model or "") else resolve_model(cfg.model),
+                               "sharded": not cfg.loss.pairs, "max_length": max_length,
+                               "tracking": tracker.handle() if tracker is not None else None},
+            scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                                   resources_per_worker=resources),
+            datasets=datasets,
+            dataset_config=worker_data_config(),
+            run_config=ray.train.RunConfig(
+                name=RUN_NAME, storage_path=storage_path,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        )
+        result = trainer.fit()
+        checkpoint = None
+        if result.checkpoint is not None:  # a path inside the storage's filesystem: a URI again for object storage
+            checkpoint = storage.full_path(storage_path, result.checkpoint.path)
+        if tracker is not None:
+            tracker.log_checkpoint(checkpoint)
     return {"data": data_summary, "final": result.metrics, "checkpoint": checkpoint,
             "metrics_file": str(output_dir / "metrics.jsonl")}
