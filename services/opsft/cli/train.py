@@ -7,6 +7,7 @@ pairs with DPO / SimPO, as a Ray Train job.
     opsft train --input pairs.jsonl --output-dir runs/dpo --loss dpo --lr 5e-7 --dpo-beta 0.1
     opsft train --config train.yaml --lr 8e-6          # flags override the YAML (TrainConfig)
     opsft train ... --local                            # one process, no Ray (debugging)
+    opsft train ... --mlflow [URI] --wandb-project P   # experiment tracking (pip install 'opsft[tracking]')
 
 The final checkpoint folder (printed) is a Hugging Face model folder; see docs/training.md.
 """
@@ -33,6 +34,8 @@ FLAGS = {
     "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "gpus_per_worker": "scaling.gpus_per_worker",
     "cpus_per_worker": "scaling.cpus_per_worker", "strategy": "scaling.strategy",
     "gradient_checkpointing": "gradient_checkpointing", "fused_head": "fused_head", "packing": "packing",
+    "mlflow_experiment": "tracking.mlflow.experiment", "wandb_project": "tracking.wandb.project",
+    "log_checkpoint": "tracking.log_checkpoint",
 }
 
 
@@ -101,13 +104,32 @@ def add_parser(sub) -> None:
                         "--autocast bf16 / auto on GPU = bf16 mixed precision)")
     g.add_argument("--address", help="Ray cluster address")
     g.add_argument("--local", action="store_true", help="train in this process without Ray (one worker)")
+    g = p.add_argument_group("experiment tracking (the `tracking` extra: pip install 'opsft[tracking]'; "
+                             "docs/training.md)")
+    g.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="log params, every step's metrics and the final checkpoint to MLflow: to URI (a tracking "
+                        "server http(s)://..., a database, or a folder for a local sqlite store), else to "
+                        "MLFLOW_TRACKING_URI when set, else to <output-dir>/mlruns/ (open it with `mlflow ui "
+                        "--backend-store-uri sqlite:///<output-dir>/mlruns/mlflow.db`)")
+    g.add_argument("--mlflow-experiment", help="MLflow experiment name (default opsft; created when missing)")
+    g.add_argument("--wandb-project", metavar="NAME",
+                   help="log the same to Weights & Biases project NAME, offline (the run under <output-dir>/wandb/, "
+                        "uploaded later with `wandb sync`) unless WANDB_MODE says otherwise")
+    g.add_argument("--log-checkpoint", choices=["auto", "path", "files"],
+                   help="the final checkpoint in the trackers: files = uploaded as an artifact, path = its location "
+                        "only; auto (default) = files up to 1 GiB, else path")
     p.set_defaults(run=run)
 
 
 def config_from_args(args):
     from opsft.config import TrainConfig, load_config
 
-    cfg = load_config(TrainConfig, args.config, {key: getattr(args, flag) for flag, key in FLAGS.items()})
+    overrides = {key: getattr(args, flag, None) for flag, key in FLAGS.items()}
+    mlflow = getattr(args, "mlflow", None)
+    if mlflow is not None:  # --mlflow [URI]
+        overrides["tracking.mlflow.enabled"] = True
+        overrides["tracking.mlflow.tracking_uri"] = mlflow or None
+    cfg = load_config(TrainConfig, args.config, overrides)
     if not cfg.input or not cfg.output_dir:
         raise ValueError("--input and --output-dir are required (on the command line or in --config)")
     refuse_overwrite([cfg.output_dir], [cfg.input, cfg.eval_input])
