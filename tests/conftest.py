@@ -143,3 +143,19 @@ def bucket(s3_server, request):
     pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http",
                       allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}"
+
+
+# pytest sets its warning filters afresh for every collection and test; the few deprecations other packages
+# raise inside their own code (opsft.THIRD_PARTY_DEPRECATIONS) stay quiet in both, as in the commands.
+def pytest_collectstart(collector):
+    import opsft
+
+    opsft.quiet_third_party_deprecations()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_third_party_deprecations():
+    import opsft
+
+    opsft.quiet_third_party_deprecations()
+

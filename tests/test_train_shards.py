@@ -14,6 +14,7 @@ import random
 import socket
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -361,6 +362,8 @@ def test_ray_dataset_and_train_split_give_the_one_process_examples(tmp_path, tok
             assert corpus.eval_examples() == eval_ex
             assert fetched == [[train[i] for i in b] for b in wanted]
     ds = corpus_dataset(tmp_path / "c.jsonl", model_dir, MAX_LENGTH, "truncate", max_tasks=1)
-    its = [split["train"] for split in ray.train.DataConfig().configure({"train": ds}, 2, None, None)]
+    with warnings.catch_warnings():  # Ray's own default ingest options pass a deprecated field (Ray 2.60)
+        warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is deprecated")
+        its = [split["train"] for split in ray.train.DataConfig().configure({"train": ds}, 2, None, None)]
     with pytest.raises(RuntimeError, match="exactly once"):
         FakeGroup(2).run(lambda rank, gather: ShardedCorpus(its[rank].iter_rows(), gather, 2, 1))

@@ -17,6 +17,9 @@ EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", ".pytest_cache", ".ruf
 # Variables a driver or a submitter passes on to the cluster's processes.
 PASSED_ENV = ("HF_HUB_OFFLINE", "OPSFT_HOME", "RAY_AUTH_MODE")
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+# Run first in every worker process of our jobs: the third-party deprecations that other packages raise in
+# their own code (opsft.THIRD_PARTY_DEPRECATIONS) stay quiet in Ray's actors too (Ray Train's controller).
+SETUP_HOOK = "opsft.quiet_third_party_deprecations"
 
 
 def driver_runtime_env() -> dict | None:
@@ -25,7 +28,8 @@ def driver_runtime_env() -> dict | None:
     refuses a driver env that sets the same keys."""
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
         return None
-    return {"env_vars": {k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
+    return {"env_vars": {k: os.environ[k] for k in PASSED_ENV if k in os.environ},
+            "worker_process_setup_hook": SETUP_HOOK}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
@@ -66,7 +70,7 @@ def job_runtime_env(working_dir: str | None = ".", pip: list[str] | None = None,
     working dir, that folder uploaded (without EXCLUDES) and its `services` package importable."""
     environ = os.environ if environ is None else environ
     env = {k: environ[k] for k in PASSED_ENV if k in environ}
-    runtime_env: dict = {"env_vars": env}
+    runtime_env: dict = {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
     if working_dir:
         runtime_env.update(working_dir=working_dir, excludes=EXCLUDES)
         env["PYTHONPATH"] = "services"  # the uploaded checkout's package, relative to the job's working dir
