@@ -248,17 +248,22 @@ def test_progress_lines_one_per_stage_from_the_monitors_counts():
     assert progress.lines() == ["rewrite [20s] 1000 rows to do; no stage has finished a batch yet"]
     now[0] += 70
     counts.update({"self-answer": 450, "score": 90})
-    assert progress.lines() == ["rewrite [1m30s] self-answer: 450/1000 rows (45%), 5 rows/s, ~1m50s left",
-                                "rewrite [1m30s] score: 90/1000 rows (9%), 1 rows/s, ~15m10s left"]  # write: quiet
-    now[0] += 3600  # 3690 s in all: 999 / 3690 = 0.2707 rows/s, 640 / 3690 = 0.1734 (360 rows: 2076 s left)
+    # first seen running: counts only (a rate needs two sightings); write has no rows yet: quiet
+    assert progress.lines() == ["rewrite [1m30s] self-answer: 450/1000 rows (45%)",
+                                "rewrite [1m30s] score: 90/1000 rows (9%)"]
+    now[0] += 3600  # score: (999 - 90) / 3600 = 0.2525 rows/s, 1 row left ~4 s; write first seen
     counts.update({"self-answer": 1000, "score": 999, "write": 640})
     assert progress.lines() == ["rewrite [1h01m] self-answer: 1000/1000 rows (100%), done",
-                                "rewrite [1h01m] score: 999/1000 rows (99%), 0.271 rows/s, ~4s left",
-                                "rewrite [1h01m] write: 640/1000 rows (64%), 0.173 rows/s, ~34m36s left"]
+                                "rewrite [1h01m] score: 999/1000 rows (99%), 0.253 rows/s, ~4s left",
+                                "rewrite [1h01m] write: 640/1000 rows (64%)"]
+    now[0] += 100  # write: 100 rows in 100 s since it was first seen (not 740 over the job's 3790 s)
+    counts.update({"write": 740})
+    assert progress.lines() == ["rewrite [1h03m] score: 999/1000 rows (99%), 0.246 rows/s, ~4s left",  # 909 / 3700
+                                "rewrite [1h03m] write: 740/1000 rows (74%), 1 rows/s, ~4m20s left"]
     counts.update({"score": 1000, "write": 1000})
     progress.stop()  # the stages not yet reported done, once; a finished stage is quiet
-    assert emitted == ["rewrite [1h01m] score: 1000/1000 rows (100%), done",
-                       "rewrite [1h01m] write: 1000/1000 rows (100%), done"]
+    assert emitted == ["rewrite [1h03m] score: 1000/1000 rows (100%), done",
+                       "rewrite [1h03m] write: 1000/1000 rows (100%), done"]
     assert progress.lines() == []
     from opsft.jobs.pipeline import JobSpec
 

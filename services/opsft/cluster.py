@@ -47,6 +47,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, log_to_driv
                  runtime_env=driver_runtime_env())
 
 
+def quiet_data_progress(dataset, interactive: bool | None = None) -> bool:
+    """Outside a terminal (stdout not a TTY: a log file, a Ray job's driver log, `make demo`) turn Ray Data's
+    progress off for this dataset (its own DataContext: other datasets of the process keep theirs), since
+    there it logs a block of lines every 10 s. Returns whether it did; in a terminal the bars stay."""
+    import sys
+
+    if sys.stdout.isatty() if interactive is None else interactive:
+        return False
+    dataset.context.enable_progress_bars = False
+    return True
+
+
 def accelerator_types() -> list[str]:
     """The GPU types the connected Ray cluster reports (`accelerator_type:H100` resources), sorted; [] when
     this process is not connected or the nodes name none."""

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any
 import ray
 import ray.data
 
+from opsft.cluster import quiet_data_progress
 from opsft.config import ROWS_PER_PART, EngineConfig, PoolConfig
 from opsft.data import parts
 from opsft.data.corpus import file_format
@@ -341,13 +341,9 @@ def progress_interval(spec: JobSpec, environ=None) -> float:
 
 
 def log_progress_lines(dataset, interactive: bool | None = None) -> bool:
-    """Whether the job logs its own progress lines: not in a terminal (stdout not a TTY, the test
-    Ray Data makes too), where Ray Data's progress is turned off for this dataset (its DataContext,
-    so other datasets of the process keep theirs). In a terminal Ray Data's bars stay."""
-    if sys.stdout.isatty() if interactive is None else interactive:
-        return False
-    dataset.context.enable_progress_bars = False
-    return True
+    """Whether the job logs its own progress lines: outside a terminal, where Ray Data's are turned off for
+    this dataset (opsft.cluster.quiet_data_progress). In a terminal Ray Data's bars stay."""
+    return quiet_data_progress(dataset, interactive)
 
 
 def _duration(seconds: float) -> str:
@@ -360,7 +356,8 @@ class ProgressLog:
     """One line per stage every `interval_s` seconds, from the job monitor's row counts (report()["rows"]:
     stage -> rows finished). A stage that has not started, or has finished and said so once, is quiet
     (before any stage has rows: one line for the job); stop() logs the stages not yet reported finished
-    (so every job ends with where each stage got to). A thread of the driver."""
+    (so every job ends with where each stage got to). A stage's rate counts from the first line that saw
+    it running (a later stage starts late: the job's age would understate it). A thread of the driver."""
 
     def __init__(self, name: str, stages: list[str], total: int, report: Callable[[], dict], interval_s: float,
                  emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
@@ -368,6 +365,7 @@ class ProgressLog:
         self.interval_s, self.emit, self.clock = interval_s, emit or log.info, clock
         self.start = clock()
         self.finished: set[str] = set()
+        self.first_seen: dict[str, tuple[float, int]] = {}  # stage -> (time, rows) of the first line with rows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -402,8 +400,10 @@ class ProgressLog:
                 self.finished.add(stage)
                 out.append(line + ", done")
                 continue
-            rate = n / elapsed if elapsed > 0 else 0.0
-            line += f", {rate:.3g} rows/s" + (f", ~{_duration((self.total - n) / rate)} left" if rate > 0 else "")
+            since, n0 = self.first_seen.setdefault(stage, (self.clock(), n))
+            rate = (n - n0) / (self.clock() - since) if self.clock() > since else 0.0
+            if rate > 0:
+                line += f", {rate:.3g} rows/s, ~{_duration((self.total - n) / rate)} left"
             out.append(line)
         return out
 

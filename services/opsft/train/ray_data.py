@@ -13,6 +13,7 @@ import functools
 import pickle
 from pathlib import Path
 
+from opsft.cluster import quiet_data_progress
 from opsft.data import storage
 from opsft.data.reader import RANGE_BYTES, corpus_files, corpus_ranges, read_range
 from opsft.train.data import OVERLONG, PrepareStats
@@ -90,6 +91,7 @@ def corpus_dataset(path: str | Path, tokenizer_path: str, max_length: int, overl
         raise ValueError(f"{path}: the corpus has no rows")
     tasks = dict(num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=max_tasks) if max_tasks else None)
     ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+    quiet_data_progress(ds)  # outside a terminal; the datasets made from this one (split, summary) inherit it
     ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=1, **tasks)
     return ds.map_batches(_tokenise_batch, fn_kwargs={"tokenizer_path": str(tokenizer_path), "max_length": max_length,
                                                       "overlong": overlong},
