@@ -565,13 +565,25 @@ def test_real_ray_job_submission_through_the_scheduler(ray_head, tmp_path):
     assert sub.status("never-submitted") == "LOST"
 
 
+def job_client(address: str, deadline: float):
+    """A JobSubmissionClient for the head at `address`, once its dashboard answers (it comes up some
+    seconds after `ray start`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except ConnectionError:
+            assert time.monotonic() < deadline, "the head's dashboard never came up"
+            time.sleep(1)
+
+
 @pytest.mark.slow
 def test_a_submitted_opsft_job_can_start_its_ray_driver(ray_head, tmp_path):
     """`opsft submit` passes HF_HUB_OFFLINE etc. in the job's runtime env; the job's driver then
     calls opsft.cluster.connect (every Ray command does), which used to pass the same
     variables again and made Ray refuse to start the driver ("Failed to merge the Job's runtime env")."""
     from opsft.cli.submit import build_submission, submit_with_retry
-    from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(["score"], working_dir=str(Path(__file__).resolve().parents[1]),
                                   environ={"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})
@@ -579,13 +591,7 @@ def test_a_submitted_opsft_job_can_start_its_ray_driver(ray_head, tmp_path):
                "print('answer', ray.get(ray.remote(lambda: (6 * 7, os.environ['HF_HUB_OFFLINE'])).remote()))")
     submission["entrypoint"] = f"{sys.executable} -c \"{snippet}\""
     deadline = time.monotonic() + 600  # a hang guard: on a loaded 2-core machine the head takes minutes
-    while True:  # the dashboard comes up some seconds after `ray start`
-        try:
-            client = JobSubmissionClient(ray_head)
-            break
-        except ConnectionError:
-            assert time.monotonic() < deadline, "the head's dashboard never came up"
-            time.sleep(1)
+    client = job_client(ray_head, deadline)
     job_id = submit_with_retry(client, submission)
     while str(client.get_job_status(job_id)).split(".")[-1] not in {"SUCCEEDED", "FAILED", "STOPPED"}:
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-2000:]
@@ -601,7 +607,6 @@ def test_submit_wait_streams_a_real_jobs_logs(ray_head, tmp_path, capsys):
     that this test writes only once the job's first line has come through the stream, so the logs
     are shown while the job runs, not fetched at its end; then the exit status follows the job's."""
     from opsft.cli.submit import submit_with_retry, wait
-    from ray.job_submission import JobSubmissionClient
 
     go = tmp_path / "go"
 
@@ -618,13 +623,7 @@ def test_submit_wait_streams_a_real_jobs_logs(ray_head, tmp_path, capsys):
             pass
 
     deadline = time.monotonic() + 600  # a hang guard: on a loaded 2-core machine the head takes minutes
-    while True:
-        try:
-            client = JobSubmissionClient(ray_head)
-            break
-        except ConnectionError:
-            assert time.monotonic() < deadline, "the head's dashboard never came up"
-            time.sleep(1)
+    client = job_client(ray_head, deadline)
     script = tmp_path / "job.py"
     script.write_text(f"import os, time\nprint('ready', flush=True)\nt = time.monotonic()\n"
                       f"while not os.path.exists({str(go)!r}) and time.monotonic() - t < 300:\n    time.sleep(0.1)\n"
