@@ -415,7 +415,8 @@ def test_ray_submitter_builds_the_job_request():
     assert sub.status("opsft-realign-1") == "RUNNING" and sub.status("gone") == "LOST"
     bare = RayJobSubmitter("http://h:8265", working_dir=None, client=FakeJobClient(), environ={})
     bare.submit("opsft realign --config /data/r.yaml", "j")
-    assert bare.client.calls[0]["runtime_env"] == {"env_vars": {}}  # nothing uploaded: the image has opsft
+    assert bare.client.calls[0]["runtime_env"] == {  # nothing uploaded: the image has opsft
+        "env_vars": {}, "worker_process_setup_hook": "opsft.quiet_third_party_deprecations"}
 
 
 # ---------------------------------------------------------------------------- the command
