@@ -286,7 +286,7 @@ def run_job(spec: JobSpec) -> dict:
         start = time.monotonic()
         if plan.dataset is not None:
             progress = None
-            if log_progress_lines(plan.dataset):
+            if quiet_data_progress(plan.dataset):  # outside a terminal: our lines instead of Ray Data's
                 progress = ProgressLog.for_job(spec, plan, monitor)
             try:
                 plan.dataset.write_datasink(plan.datasink, ray_remote_args={"num_cpus": LIGHT_CPUS})
@@ -340,12 +340,6 @@ def progress_interval(spec: JobSpec, environ=None) -> float:
         raise ValueError(f"{PROGRESS_ENV}={raw!r}: the seconds between a job's progress lines (0: none)") from None
 
 
-def log_progress_lines(dataset, interactive: bool | None = None) -> bool:
-    """Whether the job logs its own progress lines: outside a terminal, where Ray Data's are turned off for
-    this dataset (opsft.cluster.quiet_data_progress). In a terminal Ray Data's bars stay."""
-    return quiet_data_progress(dataset, interactive)
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
@@ -383,7 +377,8 @@ class ProgressLog:
 
     def lines(self) -> list[str]:
         rows = self.report().get("rows") or {}
-        elapsed = self.clock() - self.start
+        now = self.clock()  # one reading for every line of this report
+        elapsed = now - self.start
         if not any(rows.get(stage) for stage in self.stages):  # actors still starting: one line, not one a stage
             return [f"{self.name} [{_duration(elapsed)}] {self.total} rows to do; no stage has finished a batch yet"]
         out = []
@@ -400,8 +395,8 @@ class ProgressLog:
                 self.finished.add(stage)
                 out.append(line + ", done")
                 continue
-            since, n0 = self.first_seen.setdefault(stage, (self.clock(), n))
-            rate = (n - n0) / (self.clock() - since) if self.clock() > since else 0.0
+            since, n0 = self.first_seen.setdefault(stage, (now, n))
+            rate = (n - n0) / (now - since) if now > since else 0.0
             if rate > 0:
                 line += f", {rate:.3g} rows/s, ~{_duration((self.total - n) / rate)} left"
             out.append(line)
