@@ -126,7 +126,9 @@ def test_a_refused_connection_is_retried():
 def test_a_timeout_and_a_dropped_connection_are_retried(server):
     srv, url = server("hang", "drop", (200, {}))
     sleeps = []
-    out = promote(url, sleeps, timeout_s=0.5)  # the first call never answers; the client gives up at 0.5 s
+    # the first call never answers (the handler waits for the test's end); the client gives up at 3 s, long
+    # enough for the answers that do come on a loaded machine (a 0.5 s limit could time out the 200 too)
+    out = promote(url, sleeps, timeout_s=3.0)
     assert out["status"] == 200 and out["attempts"] == 3 and len(srv.calls) == 3 and sleeps == [0.5, 1.0]
 
 
