@@ -55,7 +55,7 @@ def build(vocab: str):
 
 def measure(vocab: str, fused: bool, rows: int, tokens: int, queue) -> None:
     import torch
-    from opsft.train.data import IGNORE
+    from opsft.train.batches import IGNORE
     from opsft.train.step import LossSpec, forward_loss
 
     torch.set_num_threads(os.cpu_count() or 1)

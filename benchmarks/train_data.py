@@ -1,7 +1,7 @@
 """Benchmark: the memory a training worker spends on the corpus, before and after sharding.
 
 Before (the driver path, still used for pairs and by `--local`): every worker held every example
-as a TrainExample, a Python list of ints. After (opsft.train.shards): a worker holds its part's
+as a TrainExample, a Python list of ints. After (opsft.train.worker_corpus): a worker holds its part's
 token ids as one int32 array, plus per-row metadata of the whole corpus (position and length).
 Both measured with tracemalloc on the same synthetic corpus tokenised with the embedded
 tokenizer, in one process; the sharded figure is for W = 1 (every row held), its token part
@@ -49,8 +49,8 @@ def main() -> int:
     args = p.parse_args()
     from opsft.data.reader import read_rows
     from opsft.models import default_model_dir, load_model
-    from opsft.train.data import prepare_examples
-    from opsft.train.shards import ShardedCorpus, local_rows
+    from opsft.train.batches import prepare_examples
+    from opsft.train.worker_corpus import ShardedCorpus, local_rows
 
     _, tok = load_model(str(default_model_dir()), device="cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -124,16 +124,10 @@ def measure_steps(model, loss: str, *, batch: int, seq: int, steps: int, micro: 
     (sorted into micro-batches by length, as opsft train does); packed: padding-free micro-batches.
     tokens/s counts real tokens, not padding."""
     import torch
-    from opsft.train.data import TrainExample, collate, collate_packed
-    from opsft.train.step import (
-        LossSpec,
-        autocast_context,
-        make_optimizer,
-        make_scheduler,
-        no_reduce,
-        train_step,
-        unwrap,
-    )
+    from opsft.train.batches import TrainExample, collate, collate_packed
+    from opsft.train.optim import make_optimizer, make_scheduler
+    from opsft.train.precision import autocast_context
+    from opsft.train.step import LossSpec, no_reduce, train_step, unwrap
 
     model.train()
     device = device or next(model.parameters()).device
@@ -185,7 +179,8 @@ def _strategy_worker(rank: int, args, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
     from opsft.train import fsdp
-    from opsft.train.step import LossHead, wants_bf16
+    from opsft.train.precision import wants_bf16
+    from opsft.train.step import LossHead
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"

@@ -179,7 +179,7 @@ def test_score_in_process_and_ray_stages_keep_every_row_and_score_good_rows_as_a
 @given(corpus_files())
 def test_train_and_pairs_count_every_row(tokenizer, case):
     from opsft.data.pairs import preference_pairs
-    from opsft.train.data import prepare_examples
+    from opsft.train.batches import prepare_examples
     from opsft.train.pairs import prepare_pairs
 
     rows = jsonl_rows(case[0])

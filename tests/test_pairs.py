@@ -10,7 +10,7 @@ from opsft.cli import main as cli_main
 from opsft.data.corpus import RowError, write_rows
 from opsft.data.pairs import parse_pair, preference_pairs
 from opsft.data.reader import read_rows
-from opsft.train.data import IGNORE
+from opsft.train.batches import IGNORE
 from opsft.train.pairs import collate_pairs, prepare_pairs
 
 

@@ -245,6 +245,8 @@ def test_ray_train_logs_once_per_step_from_rank_zero_into_one_run_through_a_rest
     jsonl = read_metrics(tmp_path / "o" / "metrics.jsonl")
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
     assert [s for s, _ in history] == [1, 2, 3, 4]
+    assert out["strategy"] == "ddp" and {m["strategy"] for m in jsonl} == {"ddp"}  # not a tracked metric (a str)
+    assert "strategy" not in run.data.metrics
     assert history == [(m["step"], m["loss"]) for m in jsonl]
     assert run.data.tags["checkpoint"] == out["checkpoint"]
     assert run.data.params["scaling.num_workers"] == "2"

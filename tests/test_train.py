@@ -1,7 +1,8 @@
 """opsft train without Ray: data plan, labels, exact normalisation over micro-batches and
-(simulated) workers, LR schedule, exact resume, HF checkpoint reload, bad inputs.
-Uses the tiny random Llama of conftest with the real tokenizer. Every comparison between splits
-or with a resumed run is made in float64 within SPLIT_TOL (train_helpers: why, and the bound)."""
+(simulated) workers, LR schedule, exact resume, HF checkpoint reload, bad inputs, the named
+parallel strategy. Uses the tiny random Llama of conftest with the real tokenizer. Every comparison
+between splits or with a resumed run is made in float64 within SPLIT_TOL (train_helpers: why, and
+the bound)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from opsft.cli import main as cli_main
 from opsft.config import TrainConfig
 from opsft.method import losses
-from opsft.train.data import (
+from opsft.train.batches import (
     IGNORE,
     BatchPlan,
     TrainExample,
@@ -22,10 +23,13 @@ from opsft.train.data import (
     prepare_examples,
     worker_micro_batches,
 )
+from opsft.train.checkpoint import check_strategy, load_trainer_state, save_checkpoint, saved_strategy
 from opsft.train.loop import InjectedFailure, run_local
 from opsft.train.metrics import read_metrics
+from opsft.train.optim import lr_factor, make_optimizer, make_scheduler
 from opsft.train.precision import to_dtype
-from opsft.train.step import LossSpec, forward_loss, lr_factor, make_optimizer, make_scheduler, train_step
+from opsft.train.step import LossSpec, forward_loss, train_step
+from opsft.train.strategy import STRATEGIES, Runtime, build_runtime, plain_state, worker_strategy
 from train_helpers import SPLIT_TOL, arithmetic_rows, float64_copy, max_weight_diff, save_tiny, weights, write_corpus
 
 
@@ -200,7 +204,7 @@ def test_packed_micro_batches_equal_padded_ones_in_value_and_gradient(tiny_model
     """Padding-free packing (collate_packed: one row, position ids restarting per sequence) against the
     padded batch: the same loss, metrics and gradients (float64, SPLIT_TOL), with fewer input tokens;
     and a sequence's scores do not depend on its neighbours (attention stays within each sequence)."""
-    from opsft.train.data import collate_packed
+    from opsft.train.batches import collate_packed
     from opsft.train.step import response_scores
 
     ex = _batches(tokenizer, 5)
@@ -295,11 +299,53 @@ def test_kill_and_resume_continues_exactly(tmp_path, tiny_model, tokenizer, drop
         assert (x["lr"], x["lambda_mean"]) == (y["lr"], y["lambda_mean"])  # functions of the step alone
         assert x["loss"] == pytest.approx(y["loss"], rel=SPLIT_TOL)
     assert max_weight_diff(weights(full["checkpoint"]), weights(resumed["checkpoint"])) < SPLIT_TOL
+    # one process: strategy none, in the summary, every metrics line and every checkpoint
+    assert full["strategy"] == full["final"]["strategy"] == resumed["strategy"] == "none"
+    assert {m["strategy"] for m in a + b} == {"none"}
+    for folder in (step2, resumed["checkpoint"]):
+        trainer = load_trainer_state(folder)["trainer"]
+        assert (trainer["strategy"], trainer["world_size"], trainer["shards"]) == ("none", 1, False)
     with pytest.raises(ValueError, match="cannot resume exactly"):
         run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "x"), global_batch_size=2,
                        resume_from=step2, dtype="float64"))
     with pytest.raises(ValueError, match="dtype: checkpoint float64 vs now float32"):
         run_local(_cfg(tmp_path, corpus, model_dir, output_dir=str(tmp_path / "y"), resume_from=step2))
+
+
+def test_the_strategy_is_named_built_and_checked_on_resume(tmp_path):
+    """Exactly none, ddp, fsdp: a Ray worker's from the config and its world size (one worker without
+    FSDP is none); a Runtime that contradicts its strategy is refused; a checkpoint must record one;
+    only an unsharded checkpoint under fsdp cannot resume (a one-line error naming both)."""
+    assert STRATEGIES == ("none", "ddp", "fsdp")
+    assert [worker_strategy(s, w) for s, w in [("fsdp", 1), ("fsdp", 4), ("ddp", 2), ("ddp", 1)]] == [
+        "fsdp", "fsdp", "ddp", "none"]
+    for bad in (dict(strategy="zero"), dict(strategy="none", world_size=2), dict(strategy="fsdp"),
+                dict(strategy="ddp", world_size=2, save_shards=lambda *a: None)):
+        with pytest.raises(ValueError):
+            Runtime(**bad)
+    cfg = TrainConfig(input="unused")
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="replicate"):
+        build_runtime("ddp", cfg, cpu, world_size=2)
+    ddp = build_runtime("ddp", cfg, cpu, rank=1, world_size=2, replicate=copy.copy)
+    assert (ddp.strategy, ddp.wrap, ddp.full_state, ddp.save_shards, ddp.wrapper_casts) == (
+        "ddp", copy.copy, plain_state, None, False)
+    fsdp = build_runtime("fsdp", cfg, cpu, world_size=2)
+    assert fsdp.save_shards is not None and not fsdp.wrapper_casts  # fp32 on the CPU: no bf16 policy
+    none = build_runtime("none", cfg, cpu)
+    head = torch.nn.Linear(2, 2)
+    assert none.wrap(head) is head and none.full_state is plain_state
+    with pytest.raises(ValueError, match="records its strategy"):
+        save_checkpoint(tmp_path, None, None, {}, {}, {"step": 1})
+    # written before the `strategy` entry existed: told by the shards and the world size
+    assert [saved_strategy(t) for t in ({}, {"world_size": 2}, {"shards": True, "world_size": 2})] == [
+        "none", "ddp", "fsdp"]
+    for saved in ({"strategy": "fsdp", "shards": True}, {"strategy": "ddp", "shards": False}):
+        for now in STRATEGIES[:2]:
+            check_strategy(saved, now)
+    check_strategy({"strategy": "fsdp", "shards": True}, "fsdp")
+    with pytest.raises(ValueError, match="written under strategy ddp, without FSDP"):
+        check_strategy({"strategy": "ddp", "world_size": 2, "shards": False}, "fsdp")
 
 
 def test_checkpoint_reloads_with_plain_transformers_and_scores_identically(tmp_path, tiny_model, tokenizer):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from opsft.train.fsdp import SHARDS, decoder_layers
-from opsft.train.step import LossHead, make_optimizer, no_decay_names
+from opsft.train.optim import make_optimizer, no_decay_names
+from opsft.train.step import LossHead
 from train_helpers import (
     SPLIT_TOL,
     arithmetic_rows,
@@ -81,6 +82,7 @@ def test_two_fsdp_workers_with_a_crash_equal_one_process_and_resume_anywhere(tmp
     assert ".metadata" in files and {"__0_0.distcp", "__1_0.distcp"} <= set(files)
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["shards"] and state["strategy"] == "fsdp" and state["world_size"] == 2
+    assert out["strategy"] == "fsdp" and {m["strategy"] for m in two} == {"fsdp"}
 
     # resume the step-2 FSDP checkpoint in one process: DCP loads 2 workers' shards into a whole model
     from opsft.config import TrainConfig
@@ -93,6 +95,10 @@ def test_two_fsdp_workers_with_a_crash_equal_one_process_and_resume_anywhere(tmp
                                     output_dir=str(tmp_path / "resumed")))
     again = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["step"] for m in again] == [3, 4]
+    # the fsdp checkpoint resumed under strategy none: each records its own
+    assert resumed["strategy"] == "none" and {m["strategy"] for m in again} == {"none"}
+    state = json.loads((Path(resumed["checkpoint"]) / "trainer_state.json").read_text())
+    assert (state["strategy"], state["shards"], state["world_size"]) == ("none", False, 1)
     for a, b in zip(one[2:], again, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=SPLIT_TOL)
     assert max_weight_diff(weights(ref["checkpoint"]), weights(resumed["checkpoint"])) < SPLIT_TOL
@@ -101,8 +107,9 @@ def test_two_fsdp_workers_with_a_crash_equal_one_process_and_resume_anywhere(tmp
 def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path, tiny_model, tokenizer):
     """An unsharded optimiser state cannot be loaded into FSDP's shards: a clear error, before any step."""
     from opsft.config import TrainConfig
-    from opsft.train.data import prepare_examples
-    from opsft.train.loop import Runtime, load_for_training, local_checkpointer, train_loop
+    from opsft.train.batches import prepare_examples
+    from opsft.train.loop import load_for_training, local_checkpointer, train_loop
+    from opsft.train.strategy import Runtime
 
     model_dir = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
     rows = arithmetic_rows(4)
@@ -111,10 +118,12 @@ def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path, tiny_model, tokeni
     examples, _ = prepare_examples(rows, tokenizer, 128)
     model, tok, _ = load_for_training(cfg, torch.device("cpu"), model_dir)
     out = train_loop(cfg, examples, [], model, tok, Runtime(checkpoint=local_checkpointer(cfg.output_dir)))
+    assert out["strategy"] == "none"
     cfg2 = cfg.model_copy(update={"resume_from": out["checkpoint"]})
     model, tok, state = load_for_training(cfg2, torch.device("cpu"), model_dir)
-    fake_fsdp = Runtime(save_shards=lambda *a: None)
-    with pytest.raises(ValueError, match="without FSDP"):
+    assert state["trainer"]["strategy"] == "none" and not state["trainer"]["shards"]
+    fake_fsdp = Runtime(strategy="fsdp", save_shards=lambda *a: None)
+    with pytest.raises(ValueError, match="written under strategy none, without FSDP"):
         train_loop(cfg2, examples, [], model, tok, fake_fsdp, state)
 
 
@@ -122,7 +131,7 @@ def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradien
     """With gradient_checkpointing the forward pass saves under half the activations for backward,
     every layer's projections run twice per step (forward, then again in the backward pass), and the
     gradient is the same (float64: the recomputation is the same arithmetic)."""
-    from opsft.train.data import collate, prepare_examples
+    from opsft.train.batches import collate, prepare_examples
     from opsft.train.step import LossSpec, forward_loss
 
     examples, _ = prepare_examples(arithmetic_rows(3), tokenizer, 128)

@@ -15,12 +15,13 @@ import torch
 from opsft.cli import main as cli_main
 from opsft.config import TrainConfig
 from opsft.method import losses
+from opsft.train.batches import worker_micro_batches
 from opsft.train.checkpoint import load_trainer_state
-from opsft.train.data import worker_micro_batches
 from opsft.train.loop import InjectedFailure, run_local
 from opsft.train.metrics import read_metrics
+from opsft.train.optim import make_scheduler
 from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
-from opsft.train.step import LossSpec, forward_loss, make_scheduler, train_step
+from opsft.train.step import LossSpec, forward_loss, train_step
 from train_helpers import SPLIT_TOL, float64_copy, max_weight_diff, save_tiny, weights, write_corpus
 
 OFF = torch.autocast("cpu", enabled=False)

@@ -29,6 +29,7 @@ def test_two_ray_workers_with_a_crash_equal_one_process_for_dpo(tmp_path, tiny_m
         global_batch_size=4, lr=1e-2, warmup_ratio=0.0, eval_rows=2, checkpoint_every=2, seed=3,
         ray_extra={"scaling": {"num_workers": 2, "strategy": "fsdp"}})
     assert one[0]["pairs"] == two[0]["pairs"] == 4
+    assert out["strategy"] == "fsdp"  # recorded in the metrics and checkpoints (train_helpers checks)
     for step, (a, b) in enumerate(zip(one, two, strict=True)):
         assert b["tokens"] == a["tokens"]
         # at step 1 the policy is the reference: every margin is 0 up to rounding (also in float64),

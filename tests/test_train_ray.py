@@ -6,6 +6,8 @@ within SPLIT_TOL (train_helpers: why float64, and the bound)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from train_helpers import (
     SPLIT_TOL,
@@ -32,6 +34,7 @@ def test_two_ray_workers_with_a_crash_equal_one_uninterrupted_process(tmp_path, 
         assert b["phi_mean"] == pytest.approx(a["phi_mean"], rel=SPLIT_TOL, abs=SPLIT_TOL * 10)
     assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=SPLIT_TOL)
     assert out["final"]["step"] == 4 and out["checkpoint"]
+    assert out["strategy"] == "ddp"  # two replicas (train_helpers checks it is recorded everywhere)
     assert max_weight_diff(weights(ref["checkpoint"]), weights(out["checkpoint"])) < SPLIT_TOL
     assert max_weight_diff(weights(model_dir), weights(out["checkpoint"])) > 1e-3  # it did train
 
@@ -63,4 +66,8 @@ def test_a_rerun_after_a_failed_fit_continues_from_the_last_checkpoint(tmp_path,
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[0].get("mark") == 1  # steps 1-2 not redone
     assert resumed["final"]["step"] == 4
+    # one Ray worker without FSDP: strategy none, recorded in every metrics line and checkpoint
+    assert resumed["strategy"] == resumed["final"]["strategy"] == "none"
+    assert {m["strategy"] for m in metrics} == {"none"}
+    assert json.loads((Path(resumed["checkpoint"]) / "trainer_state.json").read_text())["strategy"] == "none"
     assert max_weight_diff(weights(clean["checkpoint"]), weights(resumed["checkpoint"])) < SPLIT_TOL

@@ -10,9 +10,10 @@ import pytest
 import torch
 from opsft.config import TrainConfig
 from opsft.data.corpus import write_rows
-from opsft.train.data import prepare_examples
+from opsft.train.batches import prepare_examples
+from opsft.train.heldout import evaluate
 from opsft.train.loop import run_local
-from opsft.train.step import LossSpec, evaluate
+from opsft.train.step import LossSpec
 
 ROWS = [
     {"prompt": "What is the capital of France?", "response": "The capital of France is Paris, on the Seine."},

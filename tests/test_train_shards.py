@@ -1,4 +1,4 @@
-"""opsft.train.shards against the one-process path it must reproduce exactly: read_rows +
+"""opsft.train.worker_corpus against the one-process path it must reproduce exactly: read_rows +
 prepare_examples + split_eval. Hostile corpora (BOM, blank lines, CRLF / CR ends, invalid JSON and
 UTF-8, non-objects, rows with `error`, no response, too long under skip and truncate, unicode;
 Parquet with several row groups) are cut into ranges of many sizes, their rows split over 1-3
@@ -25,9 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opsft.data.corpus import jsonl_rows, rows_table
 from opsft.data.reader import corpus_ranges, read_range, read_rows
-from opsft.train.data import BatchPlan, prepare_examples, split_eval
+from opsft.train.batches import BatchPlan, prepare_examples, split_eval
 from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_datasets
-from opsft.train.shards import ShardedCorpus, dist_gather, local_rows
+from opsft.train.worker_corpus import ShardedCorpus, dist_gather, local_rows
 from train_helpers import arithmetic_rows
 
 MAX_LENGTH = 64  # the good rows fit (47-58 tokens); the LONG ones do not

@@ -4,6 +4,7 @@ real tokenizer, small corpora, and the tolerance of the split / resume compariso
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from opsft.data.corpus import write_rows
@@ -80,8 +81,11 @@ def one_process_and_two_crashing_workers(tmp_path, ray_extra: dict | None = None
     (micro-batches of 4), and as a Ray Train job of two workers (micro-batches of 1; `ray_extra`
     TrainConfig fields for it only, e.g. the FSDP strategy) that crashes once after step 3 and
     resumes from its last checkpoint. Checks that the crash happened, that the corpus' one bad row
-    was counted and that the checkpoints hold float64 weights; returns (local summary, Ray summary,
-    local metrics, Ray metrics)."""
+    was counted, that the checkpoints hold float64 weights, and that each run recorded its strategy
+    (none for the one process; the Ray run's in its summary, every metrics line and its checkpoint);
+    returns (local summary, Ray summary, local metrics, Ray metrics)."""
+    import json
+
     from opsft.config import TrainConfig
     from opsft.train.loop import run_local
     from opsft.train.metrics import read_metrics
@@ -96,4 +100,8 @@ def one_process_and_two_crashing_workers(tmp_path, ray_extra: dict | None = None
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [m["step"] for m in two] == [1, 2, 3, 4]
     assert {t.dtype for t in weights(out["checkpoint"]).values()} == {torch.float64}
+    assert ref["strategy"] == ref["final"]["strategy"] == "none" and {m["strategy"] for m in one} == {"none"}
+    assert out["strategy"] == out["final"]["strategy"] and {m["strategy"] for m in two} == {out["strategy"]}
+    trainer = json.loads((Path(out["checkpoint"]) / "trainer_state.json").read_text())
+    assert (trainer["strategy"], trainer["world_size"]) == (out["strategy"], 2)
     return ref, out, one, two

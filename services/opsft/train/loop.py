@@ -1,9 +1,11 @@
 """The training loop, shared by the Ray Train workers (opsft.train.ray_job) and the
 in-process run (`run_local`, one worker, no Ray: the reference the tests compare with).
 
-What differs between the two is a `Runtime`: rank, world size, the sum-over-workers
-reduction, how the model is wrapped (DDP / FSDP / not at all) and where a checkpoint
-goes (a folder under output_dir, or ray.train.report). The loop itself: for every
+What differs between the two is a `Runtime` (opsft.train.strategy): the named parallel strategy
+(none, ddp or fsdp) and what it decides (rank, world size, the sum-over-workers reduction, how the
+model is wrapped, how the state is read and saved), and where a checkpoint goes (a folder under
+output_dir, or ray.train.report). The loop records the strategy in every step's metrics and every
+checkpoint. The loop itself: for every
 optimiser step, take this worker's micro-batches of the deterministic global batch,
 call train_step, log, evaluate and checkpoint on schedule. With a pair loss (dpo, simpo) the
 examples are pairs (opsft.train.pairs); for dpo the initial model's reference log-probs are
@@ -19,15 +21,13 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from opsft.data.chat import model_max_length
 from opsft.data.reader import read_rows
-from opsft.train.checkpoint import check_compatible, load_trainer_state, restore_training, save_checkpoint
-from opsft.train.data import (
+from opsft.train.batches import (
     BatchPlan,
     TrainExample,
     check_batch_sizes,
@@ -37,22 +37,22 @@ from opsft.train.data import (
     split_eval,
     worker_micro_batches,
 )
-from opsft.train.fsdp import load_shards
-from opsft.train.metrics import MetricsWriter
-from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
-from opsft.train.precision import to_dtype, torch_dtype
-from opsft.train.step import (
-    LossHead,
-    LossSpec,
-    Reduce,
-    autocast_context,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    no_reduce,
-    train_step,
-    unwrap,
+from opsft.train.checkpoint import (
+    check_compatible,
+    check_strategy,
+    load_trainer_state,
+    restore_training,
+    save_checkpoint,
+    saved_strategy,
 )
+from opsft.train.fsdp import load_shards
+from opsft.train.heldout import evaluate
+from opsft.train.metrics import MetricsWriter
+from opsft.train.optim import make_optimizer, make_scheduler
+from opsft.train.pairs import collate_pairs, evaluate_pairs, prepare_pairs, reference_logps, with_reference
+from opsft.train.precision import autocast_context, to_dtype, torch_dtype
+from opsft.train.step import LossHead, LossSpec, train_step
+from opsft.train.strategy import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 FAIL_MARKER = ".fail_after_step_done"
@@ -60,30 +60,6 @@ FAIL_MARKER = ".fail_after_step_done"
 
 class InjectedFailure(RuntimeError):
     """Raised once by `fail_after_step` (testing crash recovery)."""
-
-
-def _plain_state(wrapped, optimizer) -> tuple[dict, dict]:
-    return unwrap(wrapped).state_dict(), optimizer.state_dict()
-
-
-@dataclass
-class Runtime:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    reduce: Reduce = no_reduce
-    wrap: Callable = lambda model: model  # LossHead -> DDP / FSDP module
-    # (wrapped model, optimizer) -> (full model state, optimizer state or None); collective under FSDP
-    full_state: Callable = _plain_state
-    # (wrapped model, optimizer, folder) -> None: this worker's shards of the state (FSDP; a collective)
-    save_shards: Callable | None = None
-    # the wrapper computes in bf16 itself (FSDP mixed precision): no autocast around the forward
-    wrapper_casts: bool = False
-    # (metrics, write(folder), write_shards(folder)) -> checkpoint path or None; called on every
-    # rank at checkpoint steps: write on one rank, write_shards on every rank
-    checkpoint: Callable | None = None
-    # rank 0's experiment trackers (opsft.train.tracking.Tracker: MLflow / W&B), fed by the MetricsWriter
-    tracker: object | None = None
 
 
 def prepare_data(cfg, tokenizer, max_length: int) -> tuple[list[TrainExample], list[TrainExample], dict]:
@@ -153,9 +129,10 @@ def fused_head(cfg) -> bool:
 def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtime: Runtime,
                resume_state: dict | None = None) -> dict:
     """Train `model` (unwrapped, on runtime.device; under FSDP maybe on the meta device, rank 0
-    excepted) from step 0 or from resume_state; returns the last step's metrics plus `checkpoint`
-    (the last checkpoint path, rank 0). `train`: a list of TrainExamples (PairExamples with a pair
-    loss), or a ShardedCorpus (this worker's shard; its `fetch` is a collective)."""
+    excepted) from step 0 or from resume_state; returns the last step's metrics (`strategy` among them:
+    runtime.strategy) plus `checkpoint` (the last checkpoint path, rank 0). `train`: a list of
+    TrainExamples (PairExamples with a pair loss), or a ShardedCorpus (this worker's part of the corpus,
+    opsft.train.worker_corpus; its `fetch` is a collective)."""
     W, rank = runtime.world_size, runtime.rank
     plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
@@ -168,6 +145,7 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
                      "total_steps": total, "steps_per_epoch": plan.steps_per_epoch, "dtype": cfg.dtype}
     if resume_state is not None:
         check_compatible(resume_state["trainer"], data_position)
+        check_strategy(resume_state["trainer"], runtime.strategy)
     off = cfg.dtype == "float64" or runtime.wrapper_casts
     autocast = autocast_context(runtime.device, "off" if off else cfg.autocast)
     if cfg.loss.pairs:
@@ -191,14 +169,13 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
     if resume_state is not None:
         if resume_state["trainer"].get("shards"):  # an FSDP checkpoint: model and optimiser from its shards
             load_shards(wrapped, optimizer, resume_state["folder"])
-        elif runtime.save_shards is not None:
-            raise ValueError("this checkpoint was written without FSDP (its optimiser state is unsharded): resume it "
-                             "with strategy ddp (an FSDP checkpoint resumes under fsdp, ddp or --local)")
         start = restore_training(resume_state, optimizer, scheduler)
-        log.info("resumed at step %d of %d", start, total)
+        saved = resume_state["trainer"]
+        log.info("resumed at step %d of %d from a checkpoint of strategy %s over %s workers (now %s over %d)", start,
+                 total, saved_strategy(saved), saved.get("world_size", "?"), runtime.strategy, W)
     spec = LossSpec(cfg.loss.name, cfg.loss.params(), cfg.loss.temperature, fused_head(cfg))
     writer = MetricsWriter(cfg.output_dir, start, tracker=runtime.tracker) if rank == 0 and cfg.output_dir else None
-    last: dict = {"step": start}
+    last: dict = {"step": start, "strategy": runtime.strategy}
     try:
         for step in range(start, total):
             torch.manual_seed(step_seed(cfg.seed, step, rank))
@@ -214,7 +191,8 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
             metrics = train_step(wrapped, optimizer, scheduler, batches, spec, progress, world_size=W,
                                  reduce=runtime.reduce, grad_clip=cfg.grad_clip, autocast=autocast)
             done = step + 1
-            metrics.update(step=done, progress=progress, epoch=step // plan.steps_per_epoch)
+            metrics.update(step=done, progress=progress, epoch=step // plan.steps_per_epoch,
+                           strategy=runtime.strategy)
             if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total):
                 kw = dict(micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W, reduce=runtime.reduce,
                           autocast=autocast)
@@ -231,8 +209,7 @@ def train_loop(cfg, train, eval_ex: list[TrainExample], model, tokenizer, runtim
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total:
                 model_state, optim_state = runtime.full_state(wrapped, optimizer)
                 trainer = {**data_position, "step": done, "loss": cfg.loss.model_dump(), "world_size": W,
-                           "strategy": "fsdp" if runtime.save_shards is not None else "ddp" if W > 1 else "none",
-                           "shards": runtime.save_shards is not None, "metrics": metrics}
+                           "strategy": runtime.strategy, "shards": runtime.strategy == "fsdp", "metrics": metrics}
 
                 def write(folder, model_state=model_state, optim_state=optim_state, trainer=trainer):
                     extra = None if reference is None else {"reference_logps": {k: v.cpu() for k, v in
@@ -313,7 +290,8 @@ def run_local(cfg, model=None, tokenizer=None) -> dict:
     """Train in this process on one device (the `opsft train --local` path and the test
     reference). Resumes from cfg.resume_from when set. A `model` given is trained in place,
     moved to the device and to cfg.dtype. Logs to the configured trackers (cfg.tracking: params, metrics,
-    the final checkpoint; the run ends FINISHED, or FAILED when training raises). Returns a summary."""
+    the final checkpoint; the run ends FINISHED, or FAILED when training raises). Returns a summary: data
+    counts, the last step's metrics (`final`), `checkpoint` and `strategy` (none: one process)."""
     from opsft.train.tracking import check_available, tracked_run
 
     check_available(cfg)
@@ -325,9 +303,9 @@ def run_local(cfg, model=None, tokenizer=None) -> dict:
         model, resume_state = to_dtype(model.to(device), cfg.dtype), None
     train, eval_ex, data_summary = prepare_data(cfg, tokenizer, resolve_max_length(cfg, model.config, tokenizer))
     with tracked_run(cfg) as tracker:
-        runtime = Runtime(device=device, checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None,
-                          tracker=tracker)
+        runtime = build_runtime("none", cfg, device, tracker=tracker,
+                                checkpoint=local_checkpointer(cfg.output_dir) if cfg.output_dir else None)
         last = train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
         if tracker is not None:
             tracker.log_checkpoint(last.get("checkpoint"))
-    return {"data": data_summary, "final": last, "checkpoint": last.get("checkpoint")}
+    return {"data": data_summary, "final": last, "checkpoint": last.get("checkpoint"), "strategy": runtime.strategy}

@@ -2,7 +2,7 @@
 
 A pair is two TrainExamples on the same prompt, chosen and rejected, each tokenised like an SFT
 row (chat template, response, end-of-turn token; the loss covers the response and the
-end-of-turn token). The batch plan of opsft.train.data applies unchanged with pairs as the
+end-of-turn token). The batch plan of opsft.train.batches applies unchanged with pairs as the
 unit: global_batch_size and micro_batch_size count pairs, a pair's length is that of its
 longer side. A micro-batch is one forward pass over its chosen rows then its rejected rows.
 
@@ -25,8 +25,9 @@ import torch
 
 from opsft.data.pairs import is_rewrite_output, parse_pair, preference_pairs
 from opsft.method.preference import pair_loss
-from opsft.train.data import PrepareStats, TrainExample, collate, tokenize_rows
-from opsft.train.step import LossSpec, Reduce, evaluating, no_reduce, response_scores, shard_rounds
+from opsft.train.batches import PrepareStats, TrainExample, collate, tokenize_rows
+from opsft.train.heldout import evaluating, shard_rounds
+from opsft.train.step import LossSpec, Reduce, no_reduce, response_scores
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""The parameter dtype of `opsft train` (TrainConfig.dtype): float32, or float64, the exactness
-reference in which the tests compare worker splits, micro-batch splits, resumes and one process.
+"""Precision of `opsft train`: the parameter dtype (TrainConfig.dtype: float32, or float64, the
+exactness reference in which the tests compare worker splits, micro-batch splits, resumes and one
+process), and bf16 compute (TrainConfig.autocast: `wants_bf16`, `autocast_context`; under FSDP the
+same decision picks bf16 mixed precision instead of autocast, opsft.train.strategy).
 
 Why float64 for those comparisons: two splits of the same global batch sum the same terms in
 another order, so they differ by rounding (about n * eps relative for n terms), and AdamW's
@@ -21,10 +23,13 @@ computes them so): they depend on the position only, the same in every split, so
 split noise.
 
     model = to_dtype(model, "float64")
+    with autocast_context(device, "auto"):   # bf16 on a bf16 GPU, else nothing
+        ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -36,6 +41,18 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def wants_bf16(device: torch.device, mode: str) -> bool:
+    """bf16 compute for mode 'bf16', or 'auto' on a CUDA device that supports bf16."""
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def autocast_context(device: torch.device, mode: str):
+    """bf16 autocast when wants_bf16(device, mode); else nothing."""
+    if not wants_bf16(device, mode):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def to_dtype(model: torch.nn.Module, name: str) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""The Ray Data side of opsft.train.shards (the Ray layer; the rest of that module is plain code):
+"""The Ray Data side of opsft.train.worker_corpus (the Ray layer; that module is plain code):
 the tokenised corpus as a Ray Dataset, read in ranges and tokenised in a map stage on the cluster;
 its per-row counts streamed back to the driver; its split into one dataset per Train worker.
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from opsft.cluster import quiet_data_progress
 from opsft.data import storage
 from opsft.data.reader import RANGE_BYTES, corpus_files, corpus_ranges, read_range
-from opsft.train.data import OVERLONG, PrepareStats
-from opsft.train.shards import (
+from opsft.train.batches import OVERLONG, PrepareStats
+from opsft.train.worker_corpus import (
     DATA_CPUS,
     ERROR,
     MIN_RANGE_BYTES,

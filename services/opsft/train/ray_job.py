@@ -6,11 +6,13 @@ back only the per-row counts (corpus_summary: the data summary, and the clear er
 or unusable corpus before any worker starts), splits the dataset into one part per worker
 (worker_datasets: "train_0", "train_1", ...) and starts a TorchTrainer with the ScalingConfig from
 TrainConfig.scaling. Workers: read their part (ray.train.get_dataset_shard), build a ShardedCorpus
-(the same numbering, held-out split and lengths as one process, from metadata the workers
-exchange), load the model (or the checkpoint Ray hands back after a failure, or cfg.resume_from),
-wrap it (DDP via ray.train.torch.prepare_model, or FSDP2 via opsft.train.fsdp) and run the shared
-loop, which fetches each step's rows from the workers that hold them; checkpoints go through
-ray.train.report into <storage_path>/ray/ (storage_path: output_dir, a shared folder or s3://).
+(opsft.train.worker_corpus: the same numbering, held-out split and lengths as one process, from
+metadata the workers exchange), load the model (or the checkpoint Ray hands back after a failure, or
+cfg.resume_from), take their named strategy (opsft.train.strategy.worker_strategy: fsdp, ddp, or
+none for one worker; the driver resolved `auto` first, fit_strategy), wrap the model as it says (DDP
+via ray.train.torch.prepare_model, or FSDP2 via opsft.train.fsdp) and run the shared loop, which
+fetches each step's rows from the workers that hold them; checkpoints go through ray.train.report
+into <storage_path>/ray/ (storage_path: output_dir, a shared folder or s3://).
 
 So no worker holds the corpus, and the rows of step k are still the same whatever the number of
 workers and however Ray split the blocks: exact normalisation and resuming depend on that.
@@ -40,14 +42,13 @@ import torch
 from opsft.cluster import connect
 from opsft.data import storage
 from opsft.data.reader import corpus_files
-from opsft.train import fsdp
-from opsft.train.data import TrainExample
-from opsft.train.loop import Runtime, _plain_state, load_for_training, prepare_data, resolve_max_length, train_loop
+from opsft.train.batches import TrainExample
+from opsft.train.loop import load_for_training, prepare_data, resolve_max_length, train_loop
 from opsft.train.pairs import PairExample
 from opsft.train.ray_data import corpus_dataset, corpus_summary, worker_data_config, worker_datasets
-from opsft.train.shards import ShardedCorpus, dist_gather
-from opsft.train.step import wants_bf16
+from opsft.train.strategy import build_runtime, fit_strategy, worker_strategy
 from opsft.train.tracking import check_available, tracked_run
+from opsft.train.worker_corpus import ShardedCorpus, dist_gather
 
 log = logging.getLogger(__name__)
 RUN_NAME = "ray"
@@ -135,21 +136,16 @@ def _train_worker(cfg, config: dict, rank: int, world: int, tracker) -> None:
         train = _from_shard(ray.train.get_dataset_shard("train"))
         eval_ex = _from_shard(ray.train.get_dataset_shard("eval")) if config.get("has_eval") else []
     ckpt = ray.train.get_checkpoint()  # a restart after a failure, or a rerun of the same output_dir
+    strategy = worker_strategy(cfg.scaling.strategy, world)
     with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as folder:
-        fsdp_ = cfg.scaling.strategy == "fsdp"
+        fsdp_ = strategy == "fsdp"
         # FSDP: rank 0 reads the weights on the CPU and hands out the shards; the others build the
         # structure on the meta device (no worker but rank 0 holds the whole model, no GPU ever does)
         model, tokenizer, resume_state = load_for_training(cfg, torch.device("cpu") if fsdp_ else device,
                                                            config["model"], folder, meta=fsdp_ and rank > 0)
-        common = dict(rank=rank, world_size=world, device=device, reduce=_all_reduce,
-                      checkpoint=_report_checkpoint(rank), tracker=tracker)
-        if fsdp_:
-            bf16 = cfg.dtype != "float64" and wants_bf16(device, cfg.autocast)
-            runtime = Runtime(**common, wrap=lambda m: fsdp.shard(m, device, bf16), full_state=fsdp.full_model_state,
-                              save_shards=fsdp.save_shards, wrapper_casts=bf16)
-        else:
-            runtime = Runtime(**common, wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp"),
-                              full_state=_plain_state)
+        runtime = build_runtime(strategy, cfg, device, rank=rank, world_size=world, reduce=_all_reduce,
+                                replicate=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp"),
+                                checkpoint=_report_checkpoint(rank), tracker=tracker)
         train_loop(cfg, train, eval_ex, model, tokenizer, runtime, resume_state)
 
 
@@ -186,32 +182,9 @@ def _corpus_datasets(cfg, tokenizer_path: str, max_length: int) -> tuple[dict, d
     return datasets | worker_datasets(eds, W, "evalset"), summary, True
 
 
-def fit_strategy(cfg, model_path: str):
-    """cfg with scaling.strategy auto resolved (ddp where the whole training state fits a GPU, else fsdp:
-    opsft.plan.choose_strategy), after opsft plan's check of the workers' GPUs (PlanError when they cannot
-    fit). Without a GPU to size against, auto is ddp on CPU or one worker and fsdp on several GPU workers."""
-    from opsft import plan
-
-    if cfg.scaling.use_gpu:
-        gpu_bytes, _ = plan.gpu_memory()
-        try:
-            shape = plan.read_shape(model_path)
-        except (OSError, ValueError, KeyError):
-            shape = None
-        if gpu_bytes is not None and shape is not None:
-            strategy = plan.choose_strategy(cfg, shape, gpu_bytes)
-            cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"strategy": strategy})})
-            plan.preflight(cfg, model_path)
-            return cfg
-    if cfg.scaling.strategy == "auto":
-        strategy = "fsdp" if cfg.scaling.use_gpu and cfg.scaling.num_workers > 1 else "ddp"
-        cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"strategy": strategy})})
-    return cfg
-
-
 def run_ray(cfg) -> dict:
     """Run the TorchTrainer to the end; returns a summary (data counts, last metrics, the
-    final checkpoint folder: a HF model folder)."""
+    final checkpoint folder: a HF model folder, the workers' `strategy`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -269,4 +242,4 @@ def run_ray(cfg) -> dict:
         if tracker is not None:
             tracker.log_checkpoint(checkpoint)
     return {"data": data_summary, "final": result.metrics, "checkpoint": checkpoint,
-            "metrics_file": str(output_dir / "metrics.jsonl")}
+            "metrics_file": str(output_dir / "metrics.jsonl"), "strategy": worker_strategy(sc.strategy, sc.num_workers)}

@@ -1,4 +1,4 @@
-"""One optimiser step with exact normalisation, the LR schedule, and held-out evaluation.
+"""One optimiser step with exact normalisation, and the module the trainers wrap (LossHead).
 
 No Ray here: a step takes this worker's micro-batches and a `reduce` function (sum over
 workers: torch.distributed.all_reduce under Ray Train, the identity in one process).
@@ -13,24 +13,25 @@ Pair losses (dpo, simpo: opsft.method.preference) use the same mechanism with pa
 pair batch (opsft.train.pairs.collate_pairs) holds its n chosen sequences then its n rejected
 ones and `n_pairs`; the normalizer is (pairs in the global batch) / W, so the loss is the mean
 over the pairs of the global batch, exact over workers and micro-batches.
+
+The optimiser and LR schedule are opsft.train.optim's, held-out evaluation is opsft.train.heldout's,
+bf16 autocast is opsft.train.precision's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from opsft.method import loss_registry, losses
 from opsft.method.cll import linear_logprob_entropy, token_logprob_entropy
 from opsft.method.preference import is_pair_loss, pair_loss
 from opsft.models import plain_lm_head
-from opsft.train.data import IGNORE, TrainExample, cll_mask, collate
+from opsft.train.batches import IGNORE
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,66 +47,6 @@ class LossSpec:
     temperature: float = 1.0
     fused: bool = True  # log p / H from hidden states and the LM head, chunked (response_scores)
 
-
-# ---------------------------------------------------------------------------- optimiser and schedule
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr at optimiser step `step` (0-based): linear warm-up from 0
-    over warmup_steps, then cosine from 1 down to min_ratio at total_steps."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    done = min(max((step - warmup_steps) / span, 0.0), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
-
-
-NORM_WORDS = ("norm",)  # module class names of normalisation layers (LayerNorm, LlamaRMSNorm, ...)
-
-
-def no_decay_names(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters without weight decay: biases and the weights of normalisation layers
-    (decided by parameter and module names, like the HF Trainer, not by shape: FSDP1's flat
-    parameters are 1-d, so a shape rule would silently drop decay under FSDP)."""
-    names = set()
-    for mname, module in model.named_modules(remove_duplicate=False):
-        is_norm = isinstance(module, torch.nn.LayerNorm | torch.nn.GroupNorm) or any(
-            w in type(module).__name__.lower() for w in NORM_WORDS)
-        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
-            if is_norm or pname == "bias" or pname.endswith("_bias"):
-                names.add(f"{mname}.{pname}" if mname else pname)
-    return names
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW; weight decay on everything but biases and normalisation weights (no_decay_names), as
-    the HF Trainer does: the same groups unwrapped, under DDP and under FSDP."""
-    skip = no_decay_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if n not in skip]
-    rest = [p for n, p in named if n in skip]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-
-
-def make_scheduler(optimizer, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
-    warmup = math.ceil(warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, min_ratio))
-
-
-def wants_bf16(device: torch.device, mode: str) -> bool:
-    """bf16 compute for mode 'bf16', or 'auto' on a CUDA device that supports bf16."""
-    return mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-
-def autocast_context(device: torch.device, mode: str):
-    """bf16 autocast when wants_bf16(device, mode); else nothing."""
-    if not wants_bf16(device, mode):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------- the step
 
 LOSS_METRICS = tuple(dict.fromkeys(k for loss in loss_registry.LOSSES.values() for k in loss.metrics))
 STEP_KEYS = ("loss", "phi_mean", "logprob_mean", "entropy_mean", "weight_mean", *LOSS_METRICS)
@@ -286,79 +227,3 @@ def _clip(model, max_norm: float) -> float:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
     return float(norm)
-
-
-# ---------------------------------------------------------------------------- held-out evaluation
-
-
-def shard_rounds(n: int, rank: int, world_size: int, micro_batch_size: int,
-                 lengths: list[int] | None = None) -> Iterator[list[int]]:
-    """Worker `rank`'s share of n held-out items (indices rank, rank + W, ...), in micro-batches of
-    indices, longest first when `lengths` is given. Every worker gets the same number of
-    micro-batches, the last ones possibly empty: under FSDP each forward pass is a collective."""
-    mine = list(range(rank, n, world_size))
-    if lengths is not None:
-        mine.sort(key=lambda i: lengths[i], reverse=True)
-    rounds = -(-n // world_size)
-    for s in range(0, max(rounds, 1), micro_batch_size):
-        yield mine[s:s + micro_batch_size]
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """The model to run held-out passes on: a DDP replica unwrapped (no collective in its
-    forward), in eval mode for the block, then back to the mode it had."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-        # FSDP keeps its root unit gathered after a forward (for the backward that usually follows):
-        # after forwards without backward, put every unit back to its shards (the optimiser's and the
-        # checkpoints' parameters)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-
-
-@torch.no_grad()
-def evaluate(model, examples: list[TrainExample], spec: LossSpec, progress: float, pad_id: int, device, *,
-             micro_batch_size: int = 8, rank: int = 0, world_size: int = 1, reduce: Reduce = no_reduce,
-             autocast=None) -> dict[str, float]:
-    """Held-out figures over all workers: eval_loss (the training loss, token mean), eval_nll
-    (token mean of -log p), eval_cll (row mean of the per-row mean phi over the response
-    without its end-of-turn token, the `cll` of opsft score), eval_rows, eval_tokens."""
-    autocast = autocast or contextlib.nullcontext()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, nll sum, tokens, cll sum, cll rows
-    with evaluating(model) as model:
-        for idx in shard_rounds(len(examples), rank, world_size, micro_batch_size, [len(e) for e in examples]):
-            sums += _eval_sums(model, [examples[i] for i in idx], spec, progress, pad_id, device, autocast)
-    sums = reduce(sums)
-    tokens, cll_rows = max(float(sums[2]), 1.0), max(float(sums[4]), 1.0)
-    return {"eval_loss": float(sums[0]) / tokens, "eval_nll": float(sums[1]) / tokens,
-            "eval_cll": float(sums[3]) / cll_rows, "eval_rows": len(examples), "eval_tokens": float(sums[2])}
-
-
-def _eval_sums(model, group: list[TrainExample], spec: LossSpec, progress: float, pad_id: int, device,
-               autocast) -> torch.Tensor:
-    """[loss sum, nll sum, tokens, cll sum, cll rows] of one held-out micro-batch (maybe empty)."""
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    batch = collate(group, pad_id, device)
-    scores = response_scores(model, batch, autocast, spec.temperature, spec.fused)
-    _, metrics = losses.weighted_nll(spec.name, scores.logp, scores.entropy, scores.labels, scores.vocab, None,
-                                     progress, None, **spec.params)
-    n = metrics["n_tokens"]
-    sums[0] += metrics["loss"] * n
-    sums[1] -= metrics["logprob_mean"] * n
-    sums[2] += n
-    first = batch["labels"].shape[1] - scores.labels.shape[1]
-    mask = cll_mask(group, batch["labels"])[:, first:]
-    phi = (scores.logp + scores.entropy).masked_fill(~mask.bool(), 0.0)
-    rows = mask.sum(1)
-    keep = rows > 0
-    sums[3] += (phi.sum(1)[keep] / rows[keep]).double().sum()
-    sums[4] += float(keep.sum())
-    return sums

@@ -1,5 +1,7 @@
-"""Training data without Ray: rows -> token ids, the deterministic global batch of every
-step, its split over workers and micro-batches (by length), and padding.
+"""Token batches of `opsft train`, without Ray: corpus rows -> token ids (TrainExample, with counted
+skips), the deterministic global batch of every step, its split over workers and micro-batches (by
+length), and padding. (The corpus itself, its formats and rows, is the package opsft.data's; each Ray
+worker's part of the tokenised corpus is opsft.train.worker_corpus's.)
 
 Determinism is the point. The rows of optimiser step k are the same whatever the number
 of workers W and micro-batches K: epoch e visits the examples in a permutation seeded by

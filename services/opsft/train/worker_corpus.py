@@ -1,5 +1,6 @@
-"""Training data read and tokenised by Ray Data, each Ray Train worker holding only its shard,
-with the exact example numbering, eval split and batches of the one-process path.
+"""Each Ray Train worker's part of the tokenised training corpus (its rows, not parameter shards:
+those are opsft.train.fsdp's), read and tokenised by Ray Data, with the exact example numbering,
+eval split and batches of the one-process path. Plain code; the Ray Data side is opsft.train.ray_data.
 
 The one-process path (opsft.train.loop.prepare_data) numbers the usable rows 0..n-1 in file
 order (skipped rows left out), holds out `split_eval`'s seeded draw and plans batches over the
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from opsft.data.reader import RANGE_BYTES, corpus_ranges, read_range
-from opsft.train.data import PrepareStats, TrainExample, prepare_examples, split_eval
+from opsft.train.batches import PrepareStats, TrainExample, prepare_examples, split_eval
 
 MIN_RANGE_BYTES = 1 << 20  # corpus_dataset's default range: file size / 64, within [1, 16] MiB
 TOKENISE_BATCH = 256  # rows per tokenising call
