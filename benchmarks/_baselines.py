@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from opsft.method.hinted import HDItem, HDParams, mixed_logprobs, pick_tokens
+from opsft.method.hinted import mixed_logprobs, pick_tokens
+from opsft.method.hinted_params import HDItem, HDParams
 
 
 @torch.inference_mode()

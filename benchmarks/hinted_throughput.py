@@ -26,7 +26,10 @@ from _baselines import official_hinted_loop  # noqa: E402
 from _results import Recorder  # noqa: E402
 from opsft.data.chat import prompt_ids, response_ids  # noqa: E402
 from opsft.data.datasets import gsm_symbolic_corpus  # noqa: E402
-from opsft.method.hinted import HDItem, HDParams, hint_messages, hinted_decode, item_generator  # noqa: E402
+from opsft.data.hints import hint_messages  # noqa: E402
+from opsft.engines.hf_streams import ModelStreams  # noqa: E402
+from opsft.method.hinted import hinted_decode, item_generator  # noqa: E402
+from opsft.method.hinted_params import HDItem, HDParams  # noqa: E402
 from opsft.models import load_model  # noqa: E402
 
 
@@ -59,8 +62,8 @@ def main() -> None:
     params = HDParams(max_new_tokens=args.new_tokens, splitter=None)  # beta 3, top-p 0.95, T 0.3
 
     start = time.perf_counter()
-    results = hinted_decode(model, items[: args.items], params, eos_ids=set(), pad_id=tokenizer.pad_token_id or 0,
-                            prefill_rows=args.prefill_rows)
+    results = hinted_decode(ModelStreams(model, tokenizer.pad_token_id or 0, args.prefill_rows), items[: args.items],
+                            params, eos_ids=set())
     batched_s = time.perf_counter() - start
     batched_tokens = sum(len(r.tokens) for r in results)
     batched_rate = batched_tokens / batched_s

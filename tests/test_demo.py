@@ -65,7 +65,7 @@ def test_self_first_on_the_demo_family_keeps_right_self_answers_and_moves_the_co
 
     rows = addition_corpus(8, seed=0)
     params = RewriteConfig(policy="self-first", temperature=0.0, max_new_tokens=64,
-                           hint_max_new_tokens=96).recipe_params()
+                           hint_max_new_tokens=96).params()
     out = rewrite_rows(rows, real_engine, params)
     assert [r["id"] for r in out] == [r["id"] for r in rows] and not any(r.get("error") for r in out)
     tok = real_engine.tokenizer

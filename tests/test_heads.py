@@ -158,7 +158,7 @@ def test_a_scaled_head_reproduces_the_model_logits(model_type, tmp_path):
     assert_close_to_logits(hidden @ w64.T, logits, TOL64)
     # the exact vllm scorer's head, read from the saved checkpoint, on the hidden states vLLM's pooling
     # runner returns (which carry a hidden-side scale where vLLM's forward applies it: MiniCPM)
-    from opsft.engines.vllm import load_lm_head
+    from opsft.models import load_lm_head
 
     model.save_pretrained(tmp_path)
     weight, bias = load_lm_head(str(tmp_path))
@@ -181,7 +181,7 @@ def test_an_unpadded_vocabulary_keeps_the_head_rows_the_logits_have(tmp_path):
     assert weight.shape[0] == 100
     assert_close_to_logits(torch.nn.functional.linear(hidden.float(), weight, bias).double(), logits,
                            head_tolerance(torch.float32))
-    from opsft.engines.vllm import load_lm_head
+    from opsft.models import load_lm_head
 
     model.save_pretrained(tmp_path)
     weight, _ = load_lm_head(str(tmp_path))
@@ -207,7 +207,7 @@ def test_a_softcapped_head_is_refused(model_type, tmp_path):
         head_scale(config)
     assert head_transform(config) == f"{field}={CAP}"
     config.save_pretrained(tmp_path)  # the exact vllm scorer refuses it from the config, before any weight
-    from opsft.engines.vllm import load_lm_head
+    from opsft.models import load_lm_head
 
     with pytest.raises(ValueError, match=rf"{tmp_path}: {model_type}: .*{field}={CAP}.*use the hf engine") as info:
         load_lm_head(str(tmp_path))
@@ -396,7 +396,7 @@ def test_a_checkpoint_config_with_a_scale_is_read_by_load_lm_head(tmp_path):
     model = tiny_model(tiny_config("granite", logits_scaling=8.0, tie_word_embeddings=False), torch.float32)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["logits_scaling"] == 8.0
-    from opsft.engines.vllm import load_lm_head
+    from opsft.models import load_lm_head
 
     weight, bias = load_lm_head(str(tmp_path))
     assert bias is None

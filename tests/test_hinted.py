@@ -14,26 +14,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from opsft.data.chat import TokenText
+from opsft.data.hints import OUTPUT_STOPS, HintReading, cut_at_stop, hint_prefix, marker_line, read_hint
+from opsft.engines.hf_streams import ModelStreams
 from opsft.method.hinted import (
-    OUTPUT_STOPS,
-    HDItem,
-    HDParams,
-    HintReading,
     TextWatch,
-    TokenText,
-    cut_at_stop,
-    hint_prefix,
     hinted_decode,
     is_repeating,
     item_generator,
     lambda_weight,
-    marker_line,
     pick_tokens,
-    read_hint,
     sample_inverse_cdf,
     top_p_then_temperature,
     trim_at_stop,
 )
+from opsft.method.hinted_params import HDItem, HDParams
 
 # ------------------------------------------------------------------ the reference (official style)
 
@@ -189,7 +184,7 @@ def pick_markers(first, tokenizer):
 
 def check_equal(model, tokenizer, items, params, eos):
     text = TokenText(tokenizer)
-    got = hinted_decode(model, items, params, eos, decode_token=text, pad_id=tokenizer.pad_token_id or 0)
+    got = hinted_decode(ModelStreams(model, tokenizer.pad_token_id or 0), items, params, eos, decode_token=text)
     reasons = []
     for k, item in enumerate(items):
         tokens, reason, switched = reference_hinted(model, item.hinted_prompt, item.student_prompt, params, eos, text)
@@ -401,7 +396,7 @@ def test_hold_eos_and_stop_strings_equal_reference_tiny(tiny_lm, tokenizer, one_
         assert (r.tokens, r.finish_reason) == ((r0.tokens[:n], "stop") if n else (r0.tokens, r0.finish_reason))
     assert got[1].finish_reason == "stop" and len(got[1].tokens) <= k + 2
     with pytest.raises(ValueError, match="decode_token"):
-        hinted_decode(tiny_lm, items, held, eos)
+        hinted_decode(ModelStreams(tiny_lm), items, held, eos)
 
 
 def test_repeating_stop_equals_reference_tiny(tiny_lm, tokenizer, one_thread):
@@ -429,10 +424,10 @@ def test_sampling_seeded_and_equal_to_reference(tiny_lm64, tokenizer, one_thread
     items = chat_items(tokenizer, QUESTIONS, "Hint. ")
     params = HDParams(beta=3.0, temperature=0.8, top_p=0.9, max_new_tokens=20, splitter=None, seed=5)
     text = TokenText(tokenizer)
-    a = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
-    b = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
-    c = hinted_decode(tiny_lm, items, HDParams(**{**params.__dict__, "seed": 6}), {tokenizer.eos_token_id},
-                      decode_token=text)
+    a = hinted_decode(ModelStreams(tiny_lm), items, params, {tokenizer.eos_token_id}, decode_token=text)
+    b = hinted_decode(ModelStreams(tiny_lm), items, params, {tokenizer.eos_token_id}, decode_token=text)
+    c = hinted_decode(ModelStreams(tiny_lm), items, HDParams(**{**params.__dict__, "seed": 6}),
+                      {tokenizer.eos_token_id}, decode_token=text)
     assert [r.tokens for r in a] == [r.tokens for r in b]
     assert [r.tokens for r in a] != [r.tokens for r in c]
     # Each item's draw is its own: the reference loop with that item's generator gives the same tokens.
@@ -450,9 +445,10 @@ def test_an_item_with_its_own_seed_samples_the_same_tokens_in_any_batch(tiny_lm6
     items = [dataclasses.replace(it, seed=100 + k) for k, it in enumerate(chat_items(tokenizer, QUESTIONS, "Hint. "))]
     params = HDParams(beta=3.0, temperature=0.8, top_p=0.9, max_new_tokens=12, splitter=None, seed=5)
     text = TokenText(tokenizer)
-    together = hinted_decode(tiny_lm, items, params, {tokenizer.eos_token_id}, decode_token=text)
-    alone = hinted_decode(tiny_lm, items[-1:], params, {tokenizer.eos_token_id}, decode_token=text)
-    reordered = hinted_decode(tiny_lm, items[::-1], params, {tokenizer.eos_token_id}, decode_token=text)
+    together = hinted_decode(ModelStreams(tiny_lm), items, params, {tokenizer.eos_token_id}, decode_token=text)
+    alone = hinted_decode(ModelStreams(tiny_lm), items[-1:], params, {tokenizer.eos_token_id}, decode_token=text)
+    reordered = hinted_decode(ModelStreams(tiny_lm), items[::-1], params, {tokenizer.eos_token_id},
+                              decode_token=text)
     assert alone[0].tokens == together[-1].tokens == reordered[0].tokens
     assert [r.tokens for r in reordered[::-1]] == [r.tokens for r in together]
 

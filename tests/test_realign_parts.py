@@ -131,12 +131,14 @@ def test_merge_keeps_rows_dropped_by_the_rewrite_out_of_the_corpus_but_not_lost(
 def test_a_cycle_with_an_engine_that_cannot_rewrite_is_refused_before_it_starts(monkeypatch):
     from opsft.config import RealignConfig
     from opsft.engines import base
+    from opsft.realign.cycle import Cycle
 
-    RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})  # vllm can do every stage
+    # building a cycle runs nothing: the check comes first
+    Cycle(RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"}))  # vllm does every stage
     # an engine kind without the decode capability (as vllm was before opsft.engines.vllm_hd)
     monkeypatch.setitem(base.CAPABILITIES, "vllm", frozenset({"score", "generate"}))
     with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
-        RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"})
+        Cycle(RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"}))
     # generation and scoring on vLLM, hinted decoding on hf: accepted
-    RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"},
-                  rewrite={"stages": {"hinted-decoding": {"engine": {"kind": "hf"}}}})
+    Cycle(RealignConfig(corpus="c.jsonl", output_dir="out", engine={"kind": "vllm"},
+                        rewrite={"stages": {"hinted-decoding": {"engine": {"kind": "hf"}}}}))

@@ -12,10 +12,12 @@ import pytest
 import torch
 from opsft.data.chat import end_of_turn_id, prompt_ids
 from opsft.data.datasets import gsm_symbolic_corpus, train_eval_split
+from opsft.data.hints import HINT_SYSTEM_PROMPT, OUTPUT_STOPS
 from opsft.engines.base import GenerationParams
 from opsft.engines.hf import HFEngine
-from opsft.method.hinted import HINT_SYSTEM_PROMPT, OUTPUT_STOPS, HDParams
-from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows, split_dropped
+from opsft.method.hinted_params import HDParams
+from opsft.recipe import recipe_summary, rewrite_rows, split_dropped
+from opsft.recipe_plan import RewriteParams
 from opsft.scoring import score_rows
 
 
@@ -211,14 +213,17 @@ def test_missing_hint_cot_opens_the_stream_at_the_marker_line(tiny_engine, token
     # the hinted stream is the hint chat + (analysis) + the marker line: the same tokens as decoding by
     # hand from that prompt
     from opsft.data.chat import response_ids
-    from opsft.method.hinted import HDItem, hint_messages, hinted_decode
+    from opsft.data.hints import hint_messages
+    from opsft.engines.hf_streams import ModelStreams
+    from opsft.method.hinted import hinted_decode
+    from opsft.method.hinted_params import HDItem
 
     row = ROWS[0]
     item = HDItem(hinted_prompt=prompt_ids(tokenizer, hint_messages(row["prompt"], row["response"]))
                   + response_ids(tokenizer, before + line),
                   student_prompt=prompt_ids(tokenizer, [{"role": "user", "content": row["prompt"]}]))
-    expect = hinted_decode(tiny_engine.model, [item], params.hd, {end_of_turn_id(tokenizer)},
-                           pad_id=tokenizer.pad_token_id or 0)[0]
+    expect = hinted_decode(ModelStreams(tiny_engine.model, tokenizer.pad_token_id or 0), [item], params.hd,
+                           {end_of_turn_id(tokenizer)})[0]
     assert out[0]["hd_tokens"] == len(expect.tokens)
     assert out[0]["hd_response"] == tokenizer.decode(expect.tokens, skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="missing_hint"):
@@ -247,7 +252,7 @@ def test_outputs_that_invent_a_question_or_say_nothing(tiny_engine, script, text
 def test_generation_stops_at_a_stop_string_split_across_tokens(tiny_engine, tokenizer):
     """hf generate with stop strings: each output is its plain greedy output up to the token that
     completes the string (found here by brute force on the plain outputs), nothing after."""
-    from opsft.method.hinted import TokenText
+    from opsft.data.chat import TokenText
 
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 2 + 3?", "Name a colour.")]
     plain = tiny_engine.generate(prompts, GenerationParams(max_new_tokens=12))
@@ -314,17 +319,16 @@ def test_engine_capabilities_are_what_the_classes_can_do():
 
 def test_a_stage_whose_engine_cannot_do_it_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
     from opsft.cli import main
-    from opsft.config import REWRITE_STAGES, RewriteConfig
+    from opsft.config import RewriteConfig
     from opsft.engines import base
-    from opsft.recipe import STAGE_NEEDS
+    from opsft.stages import check_stages
 
-    RewriteConfig(engine={"kind": "vllm"}).check_stages()  # vllm can do every stage
+    check_stages(RewriteConfig(engine={"kind": "vllm"}))  # vllm can do every stage
     # an engine kind without the decode capability (as vllm was before opsft.engines.vllm_hd)
     monkeypatch.setitem(base.CAPABILITIES, "vllm", frozenset({"score", "generate"}))
-    assert REWRITE_STAGES == tuple(s for s, need in STAGE_NEEDS.items() if need is not None)
     with pytest.raises(ValueError, match="stage hinted-decoding needs an engine that can decode; engine 'vllm'"):
-        RewriteConfig(engine={"kind": "vllm"}).check_stages()
-    RewriteConfig(engine={"kind": "vllm"}, stages={"hinted-decoding": {"engine": {"kind": "hf"}}}).check_stages()
+        check_stages(RewriteConfig(engine={"kind": "vllm"}))
+    check_stages(RewriteConfig(engine={"kind": "vllm"}, stages={"hinted-decoding": {"engine": {"kind": "hf"}}}))
     cfg = RewriteConfig(engine={"kind": "vllm", "model": "/m"}, stages={"hinted-decoding": {"engine": {"kind": "hf"}}})
     assert cfg.stage_engine("hinted-decoding").kind == "hf" and cfg.stage_engine("hinted-decoding").model == "/m"
     assert cfg.stage_engine("score").kind == "vllm"
@@ -380,6 +384,6 @@ def test_recipe_defaults_are_the_configs():
     defaults: the recipe built from an empty config equals the recipe's own default."""
     from opsft.config import RewriteConfig
 
-    assert RewriteParams.from_config({}) == RewriteParams()
+    assert RewriteConfig().params() == RewriteParams.from_fields({}) == RewriteParams()
     assert RewriteParams().hd.temperature == RewriteConfig().temperature == 0.0  # the study's choice
     assert RewriteParams().hd.stop_strings == OUTPUT_STOPS and RewriteParams().hd.hold_eos

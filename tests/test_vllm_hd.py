@@ -13,9 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from opsft.engines.vllm import token_groups
+from opsft.data.chat import TokenText
+from opsft.engines.batching import token_groups
+from opsft.engines.hf_streams import ModelStreams
 from opsft.engines.vllm_hd import HintedPairs, MoveDirectionality, hinted_decode_vllm, replay
-from opsft.method.hinted import HDItem, HDParams, TokenText, hinted_decode
+from opsft.method.hinted import hinted_decode
+from opsft.method.hinted_params import HDItem, HDParams
 
 
 class FakeSamplingParams:
@@ -124,14 +127,14 @@ def check_equal(got, want):
 def test_paired_decoding_equals_the_hf_decoder(lm64, tokenizer, model_dir, fake_vllm, temperature):
     items = items_of(tokenizer)
     eos = {tokenizer.eos_token_id}
-    plain = hinted_decode(lm64, items, HDParams(beta=0.7, temperature=temperature, max_new_tokens=10, splitter=None),
-                          eos)
+    plain = hinted_decode(ModelStreams(lm64), items,
+                          HDParams(beta=0.7, temperature=temperature, max_new_tokens=10, splitter=None), eos)
     # a splitter from item 0's 4th token: item 0 (at least) switches to the student stream mid-way
     splitter = tokenizer.decode([plain[0].tokens[3]])
     assert splitter.strip()
     params = HDParams(beta=0.7, temperature=temperature, max_new_tokens=10, splitter=splitter)
     decode_token = TokenText(tokenizer)
-    want = hinted_decode(lm64, items, params, eos, decode_token=decode_token)
+    want = hinted_decode(ModelStreams(lm64), items, params, eos, decode_token=decode_token)
     assert want[0].switched_at is not None
     stats = {}
     got = hinted_decode_vllm(FakeLLM(lm64, model_dir), items, params, eos, decode_token=decode_token, stats=stats)
@@ -147,14 +150,14 @@ def test_held_eos_and_stop_strings_equal_the_hf_decoder(lm64, tokenizer, model_d
     items = items_of(tokenizer)
     decode_token = TokenText(tokenizer)
     base = {"beta": 0.7, "temperature": temperature, "max_new_tokens": 10, "splitter": None}
-    plain = hinted_decode(lm64, items, HDParams(**base), {tokenizer.eos_token_id})
+    plain = hinted_decode(ModelStreams(lm64), items, HDParams(**base), {tokenizer.eos_token_id})
     eos = {tokenizer.eos_token_id} | {r.tokens[0] for r in plain}
-    held = hinted_decode(lm64, items, HDParams(**base, hold_eos=True), eos, decode_token=decode_token)
+    held = hinted_decode(ModelStreams(lm64), items, HDParams(**base, hold_eos=True), eos, decode_token=decode_token)
     pieces = [decode_token(t) for t in held[2].tokens]  # a stop string split across two tokens of item 2
     k = next(i for i in range(1, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
     for fields in ({"hold_eos": True}, {"hold_eos": True, "stop_strings": (pieces[k][-1] + pieces[k + 1][0],)}):
         params = HDParams(**base, **fields)
-        want = hinted_decode(lm64, items, params, eos, decode_token=decode_token)
+        want = hinted_decode(ModelStreams(lm64), items, params, eos, decode_token=decode_token)
         assert all(r.tokens[0] not in eos for r in want)
         stats = {}
         got = hinted_decode_vllm(FakeLLM(lm64, model_dir), items, params, eos, decode_token=decode_token, stats=stats)
@@ -168,7 +171,7 @@ def test_a_request_left_out_of_a_step_is_detected_and_decoded_again(lm64, tokeni
     items = items_of(tokenizer)
     eos = {tokenizer.eos_token_id}
     params = HDParams(beta=3.0, temperature=0.0, max_new_tokens=8, splitter=None)
-    want = hinted_decode(lm64, items, params, eos)
+    want = hinted_decode(ModelStreams(lm64), items, params, eos)
     # call 0 is pass 1; in call 1 (pass 2, one wave: h0 s0 h1 s1 ...) item 1's student (request 3)
     # misses step 2, as a preempted request would
     llm = FakeLLM(lm64, model_dir, leave_out=lambda call, step, r: (call, step, r) == (1, 2, 3))

@@ -44,25 +44,22 @@ def evaluation_tasks(held_out: int, out_of_family: int):
         EvalTask(name, out_of_family, 48, config, label) for name, label, config in OUT_OF_FAMILY]
 
 
-def evaluate(model: str, tasks, corpus: list[dict], passages: int, say) -> dict:
+def evaluate(model: str, tasks, corpus: str, passages: int, say) -> dict:
+    from opsft.commands import evaluate
     from opsft.engines.hf import HFEngine
-    from opsft.evaluation import evaluate_model
 
-    engine = HFEngine(model, device="cpu", max_batch_size=32)
-    result, _ = evaluate_model(engine, tasks, family=["basic_arithmetic"], exclude=corpus, passages=passages,
-                               tokens_per_passage=256, report=lambda m: say(f"  {m}"))
-    return result
+    results, _ = evaluate({model: lambda: HFEngine(model, device="cpu", max_batch_size=32)}, tasks,
+                          family=["basic_arithmetic"], exclude=[corpus], passages=passages, tokens_per_passage=256,
+                          report=lambda m: say(f"  {m}"))
+    return results[0]
 
 
-def corpus_cll(model: str, path: str) -> float | None:
-    """Mean per-row CLL of a corpus file under `model` (in-process, hf)."""
-    from opsft.data.reader import read_rows
+def corpus_cll(model: str, path: str, output: str) -> float | None:
+    """Mean per-row CLL of a corpus file under `model` (in-process, hf), its scored rows written to output."""
+    from opsft.commands import score_file
     from opsft.engines.hf import HFEngine
-    from opsft.scoring import score_rows, summary
 
-    rows = [{k: r.get(k) for k in ("id", "prompt", "messages", "response") if r.get(k) is not None}
-            for r in read_rows(path)]
-    return summary(score_rows(rows, HFEngine(model, device="cpu")))["cll_mean"]
+    return score_file(path, output, lambda: HFEngine(model, device="cpu"))["cll_mean"]
 
 
 def rewritten_cll(folder: Path) -> tuple[float | None, float | None]:
@@ -139,7 +136,7 @@ def main() -> int:
     say(f"corpus: {len(corpus)} additions with column-method solutions -> {out / 'corpus.jsonl'}")
 
     say("evaluating the base model (held-out additions, out-of-family tasks, general text) ...")
-    before = evaluate(base, tasks, corpus, args.passages, say)
+    before = evaluate(base, tasks, str(out / "corpus.jsonl"), args.passages, say)
 
     say("realignment cycle: score -> select -> rewrite -> train -> rescore -> report (Ray, local)")
     result = Cycle(cfg).run()
@@ -150,11 +147,11 @@ def main() -> int:
 
     say("scoring the realigned corpus under the base model ...")
     cll_orig = outputs["report"]["cll_before"]  # the cycle's score stage: the original corpus, base model
-    cll_new = corpus_cll(base, str(folder / "corpus.parquet"))
+    cll_new = corpus_cll(base, str(folder / "corpus.parquet"), str(out / "realigned.base_scores.parquet"))
 
     checkpoint = outputs["train"]["checkpoint"]
     say("evaluating the new checkpoint ...")
-    after = evaluate(checkpoint, tasks, corpus, args.passages, say)
+    after = evaluate(checkpoint, tasks, str(out / "corpus.jsonl"), args.passages, say)
 
     print_table(before, after, cll_orig, cll_new, rewritten_cll(folder), outputs)
     (out / "demo.json").write_text(json.dumps({"before": before, "after": after, "cll_original": cll_orig,

@@ -43,12 +43,13 @@ def main() -> None:
     from opsft.data.datasets import gsm_symbolic_corpus
     from opsft.data.verify import make_verifier
     from opsft.engines.hf import HFEngine
-    from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
+    from opsft.recipe import recipe_summary, rewrite_rows
+    from opsft.recipe_plan import RewriteParams
 
     torch.set_num_threads(args.threads)
     rows = gsm_symbolic_corpus(args.rows, seed=args.seed)
     engine = HFEngine(None, device="cpu")
-    params = RewriteParams.from_config({
+    params = RewriteParams.from_fields({
         "policy": args.policy, "beta": args.beta, "temperature": args.temperature, "seed": args.seed,
         "max_new_tokens": args.max_new_tokens, "hint_max_new_tokens": args.hint_max_new_tokens,
         "splitter": args.splitter, "batch_size": args.batch_size, "verifier": "rg:gsm_symbolic"})

@@ -39,6 +39,8 @@ from pydantic import Field  # noqa: E402
 
 log = logging.getLogger("reproduce")
 DATA_FILES = {"original": "corpus.jsonl", "hd": "hd.jsonl", "pairs": "pairs.jsonl"}
+# what each training corpus's CLL is measured on (pairs: their chosen responses, as corpus rows)
+SCORED_FILES = {**DATA_FILES, "pairs": "pairs_chosen.jsonl"}
 
 
 CORPORA = {"addition": "addition_corpus", "gsm_symbolic": "gsm_symbolic_corpus"}  # opsft.data.datasets
@@ -89,37 +91,38 @@ def timed(stages: dict, name: str):
 
 
 def make_data(cfg: ReproduceConfig, out: Path, stages: dict) -> None:
+    from opsft.commands import rewrite_file
     from opsft.data import datasets
     from opsft.data.corpus import write_rows
     from opsft.data.pairs import preference_pairs
     from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
-    from opsft.recipe import RewriteParams, recipe_summary, rewrite_rows
+    from opsft.recipe import recipe_summary
 
     if not (out / "corpus.jsonl").exists():
         make_corpus = getattr(datasets, CORPORA[cfg.corpus.family])
         write_rows(make_corpus(cfg.corpus.rows, seed=cfg.corpus.seed), out / "corpus.jsonl")
     if not (out / "rewrite.jsonl").exists():
         with timed(stages, "rewrite"):
-            engine = HFEngine(cfg.model, device="cpu", max_batch_size=16)
-            params = RewriteParams.from_config(cfg.rewrite.model_dump())
-            rows = rewrite_rows(read_rows(out / "corpus.jsonl"), engine, params,
-                                report=lambda s, d, t: log.info("  rewrite %s: %d/%d", s, d, t))
-            write_rows(rows, out / "rewrite.jsonl")  # atomic: a killed run leaves no partial file
+            # a file in, a file out (atomic; a killed run resumes from its work folder)
+            rewrite_file(str(out / "corpus.jsonl"), str(out / "rewrite.jsonl"),
+                         lambda: HFEngine(cfg.model, device="cpu", max_batch_size=16), cfg.rewrite.params(),
+                         report=lambda s, d, t: log.info("  rewrite %s: %d/%d", s, d, t))
     rows = read_rows(out / "rewrite.jsonl")
     write_rows([{k: r[k] for k in ("id", "prompt", "response", "answer", "task", "source", "verified")}
                 for r in rows], out / "hd.jsonl")
     pairs, counts = preference_pairs(rows)
     write_rows(pairs, out / "pairs.jsonl")
+    write_rows([{"prompt": r["prompt"], "response": r["chosen"]} for r in pairs], out / "pairs_chosen.jsonl")
     write_json(out / "data.json", {"rewrite": recipe_summary(rows), "pairs": len(pairs), "pair_skips": counts})
 
 
 def evaluate(cfg: ReproduceConfig, model: str | None, out: Path, label: str) -> dict:
+    from opsft.commands import score_file
     from opsft.data.corpus import write_rows
     from opsft.data.reader import read_rows
     from opsft.engines.hf import HFEngine
     from opsft.evaluation import EvalTask, evaluate_model
-    from opsft.scoring import score_rows, summary
 
     path = out / "eval" / f"{label}.json"
     if path.exists():
@@ -130,15 +133,13 @@ def evaluate(cfg: ReproduceConfig, model: str | None, out: Path, label: str) -> 
                                      exclude=read_rows(out / "corpus.jsonl"), passages=e.passages,
                                      tokens_per_passage=e.tokens_per_passage, text_source=e.text,
                                      report=lambda m: log.info("  %s %s", label, m))
-    # mean CLL (token-weighted) of each training corpus under this model
+    # mean CLL (token-weighted) of each training corpus under this model (pairs: their chosen responses)
     result["corpus_cll"] = {}
-    for name, file in DATA_FILES.items():
-        rows = read_rows(out / file)
-        if name == "pairs":
-            rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows]
-        if rows:
-            result["corpus_cll"][name] = summary(score_rows(rows, engine))["cll_token_mean"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    for name, file in SCORED_FILES.items():
+        if read_rows(out / file):
+            scored = score_file(str(out / file), str(path.parent / f"{label}.{name}.scored.parquet"), engine)
+            result["corpus_cll"][name] = scored["cll_token_mean"]
     write_rows(records, out / "eval" / f"{label}.items.jsonl")
     write_json(path, result)
     return result

@@ -1,8 +1,14 @@
 """opsft: on-policy SFT (CLL scoring, IDFT, Hinted Decoding) on Ray.
 
-Method code (plain torch, no Ray/vLLM/FastAPI): opsft.method.cll, opsft.method.losses, opsft.data.chat,
-opsft.data.corpus, opsft.scoring, opsft.engines.hf. Ray layers: opsft.jobs (Ray Data),
-opsft.train (Ray Train), opsft.serve (Ray Serve), opsft.cli.
+The house, from the bottom up (tests/test_architecture.py enforces the direction):
+- opsft.method: the method as plain torch over token ids (CLL, the loss family, hinted decoding);
+- opsft.data: the data edge (corpus rules, the one reader, storage, tokenisation, the hint prompt);
+- opsft.config: every setting, plain data (pydantic); opsft.recipe_plan: the recipe's stages and settings;
+- opsft.engines: model runners behind one protocol (hf, vllm, fake);
+- opsft.scoring, opsft.recipe, opsft.evaluation: rows in, rows out, on any engine;
+- opsft.commands: one way to run each command (score a file, rewrite a file, evaluate);
+- the thin Ray layer: opsft.jobs (Ray Data), opsft.train (Ray Train around a plain loop), opsft.serve
+  (Ray Serve), opsft.realign (the recurring cycle); opsft.cli maps flags to all of it.
 """
 
 import warnings

@@ -13,10 +13,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from opsft.data.hints import HINT_CUTS, HINT_PROMPTS, MISSING_HINT
+from opsft.data.storage import require_posix
+from opsft.engines.base import DEFAULT_MAX_MODEL_LEN, DTYPES, KINDS, SCORERS
 from opsft.method import loss_registry
+from opsft.method.hinted_params import LAMBDA_MODES
+from opsft.recipe_plan import ENGINE_STAGES, POLICIES, RewriteParams
 
-DEFAULT_MAX_MODEL_LEN = 16_384  # tokens an engine is sized for when max_model_len is unset (the model's context if
-# shorter): a 128k-context model would otherwise ask vLLM for a kv cache of 128k tokens before it scores a row
 ROWS_PER_PART = 20_000  # rows per part of a Ray Data job's output: ~500 parts for 10M rows (docs/data_jobs.md)
 
 
@@ -43,10 +46,10 @@ class FakeOptions(Strict):
 class EngineConfig(Strict):
     """Which model runner, on which model, with what numeric settings."""
 
-    kind: Literal["hf", "vllm", "fake"] = Field("hf", description="hf (transformers), vllm, or fake: a "
+    kind: Literal[KINDS] = Field("hf", description="hf (transformers), vllm, or fake: a "
                                                 "deterministic engine without a model, for rehearsals and tests")
     model: str | None = Field(None, description="local HF folder or hub id; None = the embedded default")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    dtype: Literal[DTYPES] | None = Field(
         None, description="the body's weights and activations; None = float32 for hf (the exactness reference), "
         "bfloat16 for vllm on a GPU (float32 on CPU). The LM head, the softmax, log p and H are float32 in every "
         "case (bf16 body vs fp32: docs/data_jobs.md)")
@@ -58,7 +61,7 @@ class EngineConfig(Strict):
                                            "None = 1024 on CPU (there padding costs more than batching gains: "
                                            "docs/data_jobs.md), max_batch_tokens on CUDA")
     # vLLM only
-    scorer: Literal["exact", "topk"] = Field("exact", description="vllm: exact = full-vocabulary H from the "
+    scorer: Literal[SCORERS] = Field("exact", description="vllm: exact = full-vocabulary H from the "
                                              "pooling runner's hidden states (as hf); topk = H estimated from "
                                              "top_k_logprobs log-probs, biased low (-0.09 nats/token measured, "
                                              "docs/data_jobs.md), temperature 1 only")
@@ -67,7 +70,7 @@ class EngineConfig(Strict):
     score_memory_share: float = Field(0.4, gt=0, lt=1, description="vllm, scorer exact: the pooling runner's "
                                       "share of gpu_memory_utilization; the generate runner gets the rest")
     max_model_len: int | None = Field(None, ge=16, description="tokens per sequence the engine holds; None = the "
-                                      "model's context, at most DEFAULT_MAX_MODEL_LEN (16,384)")
+                                      f"model's context, at most {DEFAULT_MAX_MODEL_LEN:,}")
     runners: tuple[Literal["score", "generate"], ...] | None = Field(
         None, description="vllm: the runners this engine starts (the job sets it per stage): one runner gets all of "
         "gpu_memory_utilization; None = both, split by score_memory_share")
@@ -434,8 +437,6 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _output_dir_is_posix(self):
-        from opsft.data.storage import require_posix
-
         require_posix(self.output_dir, "output_dir (metrics.jsonl and TensorBoard logs; put checkpoints on object "
                                        "storage with storage_path)")
         return self
@@ -474,8 +475,6 @@ class ScheduleConfig(Strict):
 
     @model_validator(mode="after")
     def _state_dir_is_posix(self):
-        from opsft.data.storage import require_posix
-
         require_posix(self.state_dir, "state_dir (the scheduler's lock and history)")
         return self
 
@@ -483,7 +482,12 @@ class ScheduleConfig(Strict):
 # ---------------------------------------------------------------------------- rewriting (opsft rewrite)
 
 
-REWRITE_STAGES = ("self-answer", "hint", "hinted-decoding", "score")  # the engine stages of opsft.recipe.STAGES
+_RECIPE = RewriteParams().fields()  # the recipe's defaults, written once (opsft.recipe_plan)
+
+
+def _recipe(name: str, description: str | None = None, **bounds):
+    default = _RECIPE[name]
+    return Field(tuple(default) if isinstance(default, list) else default, description=description, **bounds)
 
 
 class RewriteStageConfig(Strict):
@@ -500,51 +504,56 @@ class RewriteStageConfig(Strict):
 
 
 class RewriteConfig(Strict):
-    """The on-policy data recipe (opsft.recipe) and its hinted decoder (opsft.method.hinted)."""
+    """`opsft rewrite`: the on-policy data recipe (opsft.recipe) and its hinted decoder. The recipe's own
+    settings are RewriteParams' fields (opsft.recipe_plan), flat, with their defaults and allowed values."""
 
     input: str | None = None
     output: str | None = None
     engine: EngineConfig = EngineConfig()
     pool: PoolConfig = PoolConfig()
-    stages: dict[Literal[REWRITE_STAGES], RewriteStageConfig] = Field(
-        default_factory=dict, description="per-stage engine / pool overrides, keys: " + ", ".join(REWRITE_STAGES))
+    stages: dict[Literal[ENGINE_STAGES], RewriteStageConfig] = Field(
+        default_factory=dict, description="per-stage engine / pool overrides, keys: " + ", ".join(ENGINE_STAGES))
     address: str | None = Field(None, description="Ray cluster address (jobs that run the recipe on Ray)")
     distributed: bool = Field(False, description="run as a Ray Data job, one actor pool per stage (else in-process)")
     rows_per_part: int = Field(ROWS_PER_PART, ge=1, description="Ray Data job: rows per output part file")
-    policy: Literal["self-first", "hd-all"] = Field("self-first", description="self-first: keep verified "
-                                                    "self-answers, hinted decoding for the rest; hd-all: HD every row")
-    verifier: str = Field("auto", description="numeric | exact | auto | rg:<reasoning-gym task>")
-    drop_unverified: bool = Field(False, description="rows whose rewrite fails verification go to a side file "
-                                                     "instead of keeping their original response")
-    beta: float = Field(3.0, ge=0, description="lambda = clamp(beta * H_norm) (linear), the sigmoid slope")
-    lambda_mode: Literal["linear", "sigmoid", "piecewise"] = "linear"
-    sigmoid_center: float = 0.5
-    piecewise_bounds: tuple[float, float] = (0.3, 0.7)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy (default: the best setting across four task "
-                                                       "families, docs/hinted_decoding.md); official: 0.3")
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(1024, ge=1, description="per self-answer and per hinted-decoding output")
-    hint_max_new_tokens: int = Field(512, ge=1, description="per '# Analyze ... # CoT' hint")
-    missing_hint: Literal["skip", "cot"] = Field("cot", description="a hint with no usable analysis ended by "
-                                                 "its '# CoT' marker: cot (default): decode anyway with the hinted "
-                                                 "stream opened at '# CoT:' (after the analysis, if any); skip: "
-                                                 "keep the row's reference (the official rule, finish_reason "
-                                                 "no_hint). docs/hinted_decoding.md")
-    hint_cut: Literal["line", "marker"] = Field("line", description="how the hinted stream's analysis prefix "
-                                                "ends: line = with the line '# CoT:'; marker = with '# CoT' "
-                                                "(the official rule; outputs then often start with ':')")
-    hint_prompt: Literal["analyze", "direct"] = Field("analyze", description="analyze: the model analyses the "
-                                                      "reference, then its own CoT opens the hinted stream; direct: "
-                                                      "no analysis, the hinted stream opens at '# CoT:' at once")
-    splitter: str | None = Field("\\boxed{", description="after this text, decode from the student stream alone")
-    seed: int = 0
-    batch_size: int = Field(16, ge=1, description="items per hinted-decoding batch")
+    # the recipe's settings (RewriteParams)
+    policy: Literal[POLICIES] = _recipe("policy", "self-first: keep verified self-answers, hinted decoding for "
+                                        "the rest; hd-all: hinted decoding for every row")
+    verifier: str = _recipe("verifier", "numeric | exact | auto | rg:<reasoning-gym task>")
+    drop_unverified: bool = _recipe("drop_unverified", "rows whose rewrite fails verification go to a side file "
+                                    "instead of keeping their original response")
+    beta: float = _recipe("beta", "lambda = clamp(beta * H_norm) (linear), the sigmoid slope", ge=0)
+    lambda_mode: Literal[LAMBDA_MODES] = _recipe("lambda_mode", "how the student's weight follows H_norm")
+    sigmoid_center: float = _recipe("sigmoid_center", "lambda_mode sigmoid: H_norm where lambda = 0.5")
+    piecewise_bounds: tuple[float, float] = _recipe("piecewise_bounds", "lambda_mode piecewise: lambda rises from "
+                                                    "0 to 1 between these H_norm")
+    temperature: float = _recipe("temperature", "0 = greedy (the best setting across four task families, "
+                                 "docs/hinted_decoding.md); official: 0.3", ge=0)
+    top_p: float = _recipe("top_p", "nucleus, chosen at temperature 1", gt=0, le=1)
+    max_new_tokens: int = _recipe("max_new_tokens", "per self-answer and per hinted-decoding output", ge=1)
+    hint_max_new_tokens: int = _recipe("hint_max_new_tokens", "per '# Analyze ... # CoT' hint", ge=1)
+    missing_hint: Literal[MISSING_HINT] = _recipe(
+        "missing_hint", "a hint with no usable analysis ended by its '# CoT' marker: cot: decode anyway with the "
+        "hinted stream opened at '# CoT:' (after the analysis, if any); skip: keep the row's reference (the "
+        "official rule, finish_reason no_hint). docs/hinted_decoding.md")
+    hint_cut: Literal[HINT_CUTS] = _recipe("hint_cut", "how the hinted stream's analysis prefix ends: line = with "
+                                           "the line '# CoT:'; marker = with '# CoT' (the official rule; outputs "
+                                           "then often start with ':')")
+    hint_prompt: Literal[HINT_PROMPTS] = _recipe("hint_prompt", "analyze: the model analyses the reference, then "
+                                                 "its own CoT opens the hinted stream; direct: no analysis, the "
+                                                 "hinted stream opens at '# CoT:' at once")
+    splitter: str | None = _recipe("splitter", "after this text, decode from the student stream alone "
+                                   "('' or None: never)")
+    seed: int = _recipe("seed", "sampling seed (each row's own stream is seeded from its id too)")
+    batch_size: int = _recipe("batch_size", "items per hinted-decoding batch", ge=1)
 
-    def recipe_params(self) -> dict:
-        """The recipe's own settings (flat; opsft.recipe.RewriteParams.from_config reads them): all
-        fields but where the job reads, writes and runs."""
-        return self.model_dump(mode="json", exclude={"input", "output", "engine", "pool", "address", "distributed",
-                                                     "stages", "rows_per_part"})
+    def recipe_fields(self) -> dict:
+        """The recipe's own settings, flat (RewriteParams.from_fields takes them): every field but where the
+        job reads, writes and runs."""
+        return self.model_dump(mode="json", include=set(_RECIPE))
+
+    def params(self) -> RewriteParams:
+        return RewriteParams.from_fields(self.recipe_fields())
 
     def stage_engine(self, stage: str, base: EngineConfig | None = None) -> EngineConfig:
         """The engine of a stage: `base` (default: engine) with the stage's overrides."""
@@ -553,30 +562,14 @@ class RewriteConfig(Strict):
         return EngineConfig.model_validate({**base.model_dump(), **over.engine}) if over else base
 
     def stage_pool(self, stage: str, base: PoolConfig | None = None) -> PoolConfig:
+        """The actor pool of a stage: `base` (default: pool) with the stage's overrides."""
         over = self.stages.get(stage)
         base = base or self.pool
         return PoolConfig.model_validate({**base.model_dump(), **over.pool}) if over else base
 
-    def stage_pools(self, base: PoolConfig | None = None) -> list[PoolConfig]:
-        """The actor pool of each engine stage the policy runs."""
-        from opsft.recipe import STAGE_NEEDS, stages_for
-
-        return [self.stage_pool(s, base) for s in stages_for(self.policy) if STAGE_NEEDS[s] is not None]
-
-    def check_stages(self, base: EngineConfig | None = None, pool: PoolConfig | None = None) -> None:
-        """Refuse (ValueError, one line) a stage whose engine cannot do it, or whose actors cannot hold
-        its engine, before any job starts."""
-        from opsft.engines.base import require
-        from opsft.recipe import STAGE_NEEDS, stages_for
-
-        for stage in stages_for(self.policy):
-            if STAGE_NEEDS[stage] is not None:
-                require(self.stage_engine(stage, base).kind, STAGE_NEEDS[stage], stage)
-                check_placement(self.stage_engine(stage, base), self.stage_pool(stage, pool), stage)
-
     @model_validator(mode="after")
     def _engines_fit_their_actors(self):
-        for stage in REWRITE_STAGES:
+        for stage in ENGINE_STAGES:
             check_placement(self.stage_engine(stage), self.stage_pool(stage), stage)
         return self
 
@@ -626,18 +619,18 @@ class RealignConfig(Strict):
 
     @model_validator(mode="after")
     def _output_dir_is_posix(self):
-        from opsft.data.storage import require_posix
-
         require_posix(self.output_dir, "output_dir (the cycle's lock and state; put the data on object storage with "
                                        "data_dir)")
         return self
 
     @model_validator(mode="after")
-    def _rewrite_stages_can_run(self):
-        # The cycle's engine serves scoring and the rewrite's stages (with rewrite.stages' overrides):
-        # refuse an engine that cannot do a stage before any job starts, instead of erroring every row.
-        self.rewrite.check_stages(self.engine, self.pool)
+    def _engines_fit_their_actors(self):
+        # The cycle's engine serves scoring and the rewrite's stages (with rewrite.stages' overrides);
+        # whether each engine can do its stage is checked before any job starts (opsft.stages.check_stages).
         check_placement(self.engine, self.pool, "score")
+        for stage in ENGINE_STAGES:
+            check_placement(self.rewrite.stage_engine(stage, self.engine), self.rewrite.stage_pool(stage, self.pool),
+                            stage)
         return self
 
 

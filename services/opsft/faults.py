@@ -130,7 +130,8 @@ def probe(engine, capabilities: set[str]) -> None:
     if "generate" in capabilities:
         base.generate([ids], GenerationParams(max_new_tokens=1))
     if "decode" in capabilities:
-        from opsft.method.hinted import HDItem, HDParams, hinted_decode
+        from opsft.method.hinted import hinted_decode
+        from opsft.method.hinted_params import HDItem, HDParams
 
         item, params = HDItem(hinted_prompt=ids, student_prompt=ids, seed=0), HDParams(max_new_tokens=1, splitter=None)
         eos = {base.tokenizer.eos_token_id} - {None}

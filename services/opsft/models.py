@@ -10,7 +10,8 @@ so a conversion that was killed is detected (no completion marker) and redone.
 
 The LM head (below): how each model family's logits follow from its head and final hidden state
 (HEAD_FAMILIES), what opsft folds in (a logit scale) or refuses (soft-capping), plain_lm_head for
-the callers that apply the head themselves, and head_mismatch, the hf engine's check of it.
+the callers that apply the head themselves, and head_mismatch, the hf engine's check of it;
+load_lm_head reads the head of a checkpoint from its safetensors files (the exact vllm scorer).
 """
 
 from __future__ import annotations
@@ -484,3 +485,78 @@ def head_mismatch(model, head: LMHead, length: int = 8) -> str | None:
         return None
     return (f"the model's own logits differ from its LM head applied to the decoder's last hidden state by "
             f"{diff:.3g} at most (largest |logit| {size:.3g}, tolerance {tol:.0e} of it)")
+
+
+# ------------------------------------------------------------------------------ the head of a checkpoint
+
+
+def checkpoint_folder(model_id: str) -> Path:
+    """The local folder of a model: the path itself, or the hub snapshot vLLM also reads."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def safetensors_names(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file of a checkpoint folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    names: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            names.update(dict.fromkeys(handle.keys(), file))
+    return names
+
+
+def load_lm_head(model_id: str, device="cpu"):
+    """The LM head of a causal LM checkpoint as float32 (weight [V, d], bias [V] or None) on `device`,
+    such that the model's logits are hidden @ weight.T + bias for the hidden states vLLM's pooling
+    runner returns.
+
+    Which tensor it is comes from the transformers model class, built on the meta device (no
+    weights): the output embedding's weight, or, with tied word embeddings and no separate
+    head in the checkpoint, the input embedding's. A family's logit scale (head_spec:
+    Cohere's logit_scale, Granite's logits_scaling, ...) is folded in, in float32 (weight * s, bias
+    * s), except one vLLM's forward already applies to the hidden states (MiniCPM's scale_width);
+    models whose logits are not a linear map of the final hidden state (Gemma's soft-capping,
+    HEAD_FAMILIES) are refused with a ValueError naming the family and the field."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = checkpoint_folder(model_id)
+    config = AutoConfig.from_pretrained(str(folder))
+    try:  # the scales vLLM's pooled hidden states do not carry yet (HeadSpec.for_vllm_pooled)
+        spec = head_spec(config).for_vllm_pooled()
+    except ValueError as exc:  # UnsupportedHead: one line, with what to do
+        raise ValueError(f"{model_id}: {exc}") from exc
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    module_names = {id(m): name for name, m in skeleton.named_modules()}
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{model_id}: no plain linear LM head; use the hf engine for this model")
+    candidates = [module_names[id(head)] + ".weight"]
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) and embed is not None:
+        candidates.append(module_names[id(embed)] + ".weight")
+    files = safetensors_names(folder)
+    name = next((c for c in candidates if c in files), None)
+    if name is None:
+        raise ValueError(f"{model_id}: none of {candidates} is in its safetensors files; the exact vllm scorer "
+                         "reads the LM head from them (use the hf engine, or scorer='topk')")
+    with safe_open(str(files[name]), "pt") as handle:
+        weight = handle.get_tensor(name)
+    bias_name = module_names[id(head)] + ".bias"
+    bias = None
+    if head.bias is not None and bias_name in files:
+        with safe_open(str(files[bias_name]), "pt") as handle:
+            bias = handle.get_tensor(bias_name).to(device=device, dtype=torch.float32)
+    if weight.shape != head.weight.shape:
+        raise ValueError(f"{model_id}: {name} has shape {tuple(weight.shape)}, the head needs "
+                         f"{tuple(head.weight.shape)}")
+    return spec.fold(weight.to(device=device, dtype=torch.float32), bias, inplace=True)  # read just now: ours

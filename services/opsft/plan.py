@@ -191,8 +191,8 @@ def engine_dtype(engine) -> str:
 
 def max_len(engine, shape: Shape) -> int:
     """The sequence length an engine is sized for: max_model_len, else the model's context bounded by
-    opsft.config.DEFAULT_MAX_MODEL_LEN (as the engines do)."""
-    from opsft.config import DEFAULT_MAX_MODEL_LEN
+    opsft.engines.base.DEFAULT_MAX_MODEL_LEN (as the engines do)."""
+    from opsft.engines.base import DEFAULT_MAX_MODEL_LEN
 
     return engine.max_model_len or min(shape.context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
 
@@ -367,14 +367,12 @@ def choose_strategy(cfg, shape: Shape, gpu_bytes: float) -> str:
 
 
 def _rewrite_stages(cfg, engine, pool, shape, gpu_bytes, per_stage: bool) -> list[StagePlan]:
-    from opsft.recipe import STAGE_NEEDS, stages_for
+    from opsft.recipe_plan import STAGE_NEEDS
+    from opsft.stages import engine_stages
 
     plans = []
-    for stage in stages_for(cfg.policy):
+    for stage, eng, pl in engine_stages(cfg, engine, pool):
         need = STAGE_NEEDS[stage]
-        if need is None:
-            continue
-        eng, pl = cfg.stage_engine(stage, engine), cfg.stage_pool(stage, pool)
         # a Ray job gives each stage its own actors; in-process one engine serves every stage
         runners = stage_runners(eng, need) if per_stage else eng.runners or ("score", "generate")
         plans.append(plan_engine(f"rewrite/{stage}", eng, shape, gpu_bytes, runners=runners,
@@ -532,6 +530,9 @@ def model_folder(model: str | None) -> str:
 # ---------------------------------------------------------------------------- reading a config file
 
 
+CONFIG_KINDS = ("score", "rewrite", "realign", "train", "serve")  # what `opsft plan --kind` names
+
+
 def load_any_config(path: str, kind: str | None = None) -> Any:
     """A Score / Rewrite / Realign / Train / Serve config from a YAML file: opsft's own, a Ray Serve
     config (the opsft application's args), a Kubernetes ConfigMap holding one (its first opsft
@@ -542,8 +543,8 @@ def load_any_config(path: str, kind: str | None = None) -> Any:
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     data = _unwrap(data)
-    kinds = {"score": C.ScoreConfig, "rewrite": C.RewriteConfig, "realign": C.RealignConfig,
-             "train": C.TrainConfig, "serve": C.ServeConfig}
+    kinds = dict(zip(CONFIG_KINDS, (C.ScoreConfig, C.RewriteConfig, C.RealignConfig, C.TrainConfig, C.ServeConfig),
+                     strict=True))
     kind = kind or _guess_kind(data)
     try:
         return kinds[kind].model_validate(data)

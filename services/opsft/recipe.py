@@ -7,7 +7,7 @@ Policy `self-first` (default):
   2. the other rows go through Hinted Decoding: a greedy "# Analyze ... # CoT" hint that stops at
      its first "# CoT" marker (or at a "# Question"/"# Answer" header: a new example the model
      started); the analysis before it, then the marker line "# CoT:" (hint_cut="line"; "marker"
-     = "# CoT" alone, the official rule), opens the hinted stream (opsft.method.hinted.hint_prefix).
+     = "# CoT" alone, the official rule), opens the hinted stream (opsft.data.hints.hint_prefix).
      No marker or no analysis: by default the stream opens at the marker line anyway, after the
      analysis if there is one (`hint_forced` = true); with missing_hint="skip", the official
      rule, finish reason `no_hint`. Then opsft.method.hinted.hinted_decode, with eos held until
@@ -29,7 +29,7 @@ row's `answer`, else the final answer extracted from its original response. Inva
 `error` (corpus rules) and null fields.
 
     rows = rewrite_rows(rows, engine, RewriteParams(policy="self-first"))        # rows out == rows in
-    rows = rewrite_rows(rows, engine, params={"beta": 3.0, "policy": "hd-all"})  # flat RewriteConfig keys
+    rows = rewrite_rows(rows, engine, params={"beta": 3.0, "policy": "hd-all"})  # flat fields, as in RewriteConfig
     kept, dropped = split_dropped(rows)
 """
 
@@ -38,75 +38,25 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
-from opsft.data.chat import end_of_turn_id, prompt_ids, response_ids
+from opsft.data.chat import TokenText, end_of_turn_id, prompt_ids, response_ids
 from opsft.data.corpus import RowError, check_answer, parse_row, question_text, with_id
+from opsft.data.hints import HINT_STOPS, cut_at_stop, hint_messages, hint_prefix, marker_line
 from opsft.data.verify import extract_final_answer, make_verifier
 from opsft.engines.base import GenerationParams, can_decode
-from opsft.method.hinted import (
-    HINT_CUTS,
-    HINT_PROMPTS,
-    HINT_STOPS,
-    MISSING_HINT,
-    OUTPUT_STOPS,
-    HDItem,
-    HDParams,
-    TokenText,
-    cut_at_stop,
-    hint_messages,
-    hint_prefix,
-    hinted_decode,
-    marker_line,
-)
+from opsft.method.hinted import hinted_decode
+from opsft.method.hinted_params import HDItem
+from opsft.recipe_plan import STAGE_NEEDS, STAGES, RewriteParams, stages_for
 from opsft.scoring import score_rows
 
-POLICIES = ("self-first", "hd-all")
-# What the recipe adds to the decoder's official rules: no end before content, a stop at a hint header.
-RECIPE_HD = {"stop_strings": OUTPUT_STOPS, "hold_eos": True}
 ENDED = ("eos", "stop")  # finish reasons of an output that ended by itself (the only ones accepted)
 # Hinted-decoding outcomes counted in the summary: finish reason -> the summary's name
 OUTCOMES = {"eos": "eos", "stop": "stop", "no_hint": "no_hint", "empty": "empty", "out_of_step": "out_of_step",
             "max_length": "max_length", "repeating": "repetition"}
 NEW_FIELDS = ("original_response", "source", "verified", "finish_reason", "hint", "hd_response", "hd_tokens", "cll",
               "cll_original", "self_response", "self_verified", "hint_forced")
-
-
-@dataclass(frozen=True)
-class RewriteParams:
-    policy: str = "self-first"
-    hd: HDParams = field(default_factory=lambda: HDParams(temperature=0.0, **RECIPE_HD))  # greedy: RewriteConfig
-    hint_max_new_tokens: int = 512
-    missing_hint: str = "cot"     # "cot" (hinted stream opens at "# CoT:") or "skip" (official: finish_reason no_hint)
-    hint_cut: str = "line"        # where the analysis prefix ends: "line" (after "# CoT:\n") or "marker" (official)
-    hint_prompt: str = "analyze"  # "analyze" (the model's analysis first) or "direct" (no hint generated)
-    batch_size: int = 16          # items per hinted-decoding batch
-    drop_unverified: bool = False
-    verifier: str = "auto"        # opsft.data.verify.make_verifier name
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.missing_hint not in MISSING_HINT:
-            raise ValueError(f"missing_hint must be one of {MISSING_HINT}, got {self.missing_hint!r}")
-        if self.hint_cut not in HINT_CUTS:
-            raise ValueError(f"hint_cut must be one of {HINT_CUTS}, got {self.hint_cut!r}")
-        if self.hint_prompt not in HINT_PROMPTS:
-            raise ValueError(f"hint_prompt must be one of {HINT_PROMPTS}, got {self.hint_prompt!r}")
-
-    @classmethod
-    def from_config(cls, values: dict) -> RewriteParams:
-        """From flat RewriteConfig fields (the CLI's config, or the dict a Ray job passes)."""
-        from opsft.config import RewriteConfig
-
-        cfg = RewriteConfig.model_validate(values)
-        hd = HDParams(beta=cfg.beta, lambda_mode=cfg.lambda_mode, sigmoid_center=cfg.sigmoid_center,
-                      piecewise_bounds=tuple(cfg.piecewise_bounds), temperature=cfg.temperature, top_p=cfg.top_p,
-                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, splitter=cfg.splitter or None, **RECIPE_HD)
-        return cls(policy=cfg.policy, hd=hd, hint_max_new_tokens=cfg.hint_max_new_tokens, batch_size=cfg.batch_size,
-                   missing_hint=cfg.missing_hint, hint_cut=cfg.hint_cut, hint_prompt=cfg.hint_prompt,
-                   drop_unverified=cfg.drop_unverified, verifier=cfg.verifier)
 
 
 Report = Callable[[str, int, int], None]  # (stage, done, total)
@@ -125,22 +75,9 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-# The recipe as stages, each rows -> rows (same rows, same order): what `opsft rewrite` runs in one
-# process and what its --ray job (opsft.jobs.pipeline.rewrite_spec) runs as one Ray Data pipeline, one
-# actor pool or task per stage. A row's progress lives in the row itself: its new fields, and until the last
-# stage a private `_rewrite` dict (its reference answer and the self-answer's finish reason).
-STAGES = ("self-answer", "verify-self", "hint", "hinted-decoding", "verify", "score")
-# The engine capability each stage needs (opsft.engines.base.CAPABILITIES); None: a CPU task, no engine.
-STAGE_NEEDS = {"self-answer": "generate", "verify-self": None, "hint": "generate", "hinted-decoding": "decode",
-               "verify": None, "score": "score"}
+# A row's progress through the stages (opsft.recipe_plan.STAGES) lives in the row itself: its new fields,
+# and until the last stage a private `_rewrite` dict (its reference answer and the self-answer's finish reason).
 PRIVATE = "_rewrite"
-
-
-def stages_for(policy: str) -> tuple[str, ...]:
-    """The stages a policy runs, in order (hd-all has no self-answer)."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    return STAGES if policy == "self-first" else STAGES[2:]
 
 
 @dataclass
@@ -179,7 +116,7 @@ class Rewrite:
 
 
 def _params(params: RewriteParams | dict | None) -> RewriteParams:
-    return params if isinstance(params, RewriteParams) else RewriteParams.from_config(dict(params or {}))
+    return params if isinstance(params, RewriteParams) else RewriteParams.from_fields(dict(params or {}))
 
 
 def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None = None, verifier=None,
@@ -188,7 +125,8 @@ def rewrite_rows(rows: list[dict], engine, params: RewriteParams | dict | None =
     `stages_for(policy)` one after the other, in this process.
 
     engine: generates the self-answers and hints and scores CLL (opsft.engines);
-    params: RewriteParams, or flat RewriteConfig fields; verifier: a callable (default: params.verifier);
+    params: RewriteParams, or its flat fields (RewriteParams.from_fields);
+    verifier: a callable (default: params.verifier);
     hd_engine: the engine that runs hinted decoding (the decode capability; default: engine);
     engines: {stage: engine} for any engine stage (wins over engine / hd_engine)."""
     params = _params(params)

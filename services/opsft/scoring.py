@@ -20,24 +20,29 @@ def empty_scores(error: str | None, tokens: bool = False) -> dict:
     return out
 
 
-def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool = False,
-               temperature: float = 1.0, token_details: bool = False) -> list[dict]:
-    """Each row with its CLL statistics added; invalid rows get `error` and null statistics.
-    `token_details` also adds the response's `token_ids`, `token_logprob` and `token_entropy`
-    (lists; set on scored rows only), e.g. for the HTTP API's per-token answer."""
+def encode_rows(rows: list[dict], engine, include_eos: bool = False,
+                tokens: bool = False) -> tuple[list[dict], list[tuple[int, object]]]:
+    """The tokenisation half of score_rows: (copies of the rows with ids, [(index, its Encoded)] of every row
+    the engine can score); a row it cannot score gets `error` and null statistics here."""
     out = [with_id(dict(row)) for row in rows]
-    encoded, where = [], []
+    encoded = []
     for k, row in enumerate(out):
         try:
             ex = parse_row(row)
-            encoded.append(encode(engine.tokenizer, ex.messages, ex.response, include_eos, engine.max_length))
-            where.append(k)
+            encoded.append((k, encode(engine.tokenizer, ex.messages, ex.response, include_eos, engine.max_length)))
         except RowError as exc:
             row.update(empty_scores(str(exc), tokens))
+    return out, encoded
+
+
+def score_encoded(out: list[dict], encoded: list[tuple[int, object]], engine, tokens: bool = False,
+                  temperature: float = 1.0, token_details: bool = False) -> list[dict]:
+    """The scoring half of score_rows: one engine call over every encoded row; returns `out` with their
+    statistics added."""
     if encoded:
-        scores = engine.score_tokens([e.input_ids for e in encoded], [e.response_start for e in encoded],
+        scores = engine.score_tokens([e.input_ids for _, e in encoded], [e.response_start for _, e in encoded],
                                      temperature)
-        for k, enc, sc in zip(where, encoded, scores, strict=True):
+        for (k, enc), sc in zip(encoded, scores, strict=True):
             stats = summarize(sc.logprob, sc.entropy).as_dict()
             stats.update(exact_entropy=bool(sc.exact_entropy), error=None)
             if tokens:
@@ -47,6 +52,15 @@ def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool
                              token_entropy=sc.entropy.tolist())
             out[k].update(stats)
     return out
+
+
+def score_rows(rows: list[dict], engine, include_eos: bool = False, tokens: bool = False,
+               temperature: float = 1.0, token_details: bool = False) -> list[dict]:
+    """Each row with its CLL statistics added; invalid rows get `error` and null statistics.
+    `token_details` also adds the response's `token_ids`, `token_logprob` and `token_entropy`
+    (lists; set on scored rows only), e.g. for the HTTP API's per-token answer."""
+    out, encoded = encode_rows(rows, engine, include_eos, tokens)
+    return score_encoded(out, encoded, engine, tokens, temperature, token_details)
 
 
 SUMMARY_COLUMNS = ["error", "cll", "cll_sum", "n_tokens", "cll_frac_pos"]

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import sys
 
-from opsft.cli.common import add_engine_flags, engine_overrides
+from opsft.cli.common import Settings, add_engine_flags
+from opsft.config import EvalConfig
 
-OUTPUT_FILES = ("eval.json", "table.md", "items.jsonl")  # what --output receives
+FLAGS = Settings(EvalConfig)
 
 
 def add_parser(sub) -> None:
@@ -35,7 +36,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--tokens-per-passage", type=int, help="tokens per window (default 256)")
     parser.add_argument("--text", help="general text: pydoc (default) or a UTF-8 file")
     parser.add_argument("--output", help="folder for eval.json, table.md, items.jsonl")
-    add_engine_flags(parser)
+    add_engine_flags(parser, FLAGS)
     parser.set_defaults(run=run)
 
 
@@ -53,12 +54,12 @@ def labelled(spec: str) -> tuple[str, str | None]:
 
 
 def run(args) -> int:
-    from opsft.config import EvalConfig, load_config
+    from opsft.config import load_config
 
     cfg = load_config(EvalConfig, args.config, {
         "models": args.model, "tasks": _split(args.tasks), "family": _split(args.family), "exclude": args.exclude,
         "seed": args.seed, "passages": args.passages, "tokens_per_passage": args.tokens_per_passage,
-        "text": args.text, "output": args.output, **engine_overrides(args), "engine.model": None})
+        "text": args.text, "output": args.output, **FLAGS.overrides(args)})
     results, table = run_eval(cfg, report=lambda m: print(m, file=sys.stderr, flush=True))
     print(table)
     if cfg.output:
@@ -66,52 +67,26 @@ def run(args) -> int:
     return 0
 
 
-def run_eval(cfg, report=None) -> tuple[list[dict], str]:
-    """Evaluate every model of cfg; write the outputs when cfg.output is set. Returns
-    (results with their labels, the markdown table)."""
-    import gc
-    import json
-
-    from opsft.data import storage
-    from opsft.data.corpus import refuse_overwrite, write_rows, write_text_atomic
-    from opsft.data.reader import read_rows
+def run_eval(cfg: EvalConfig, report=None) -> tuple[list[dict], str]:
+    """An EvalConfig run through opsft.commands.evaluate: one engine per model, built from cfg.engine when its
+    turn comes (and closed before the next). Returns (results with their labels, the markdown table)."""
+    from opsft.commands import evaluate
     from opsft.engines import make_engine
-    from opsft.evaluation import EvalTask, evaluate_model, results_table
+    from opsft.evaluation import EvalTask
+    from opsft.plan import preflight
 
-    report = report or (lambda message: None)
     tasks = [EvalTask.from_spec(t) for t in cfg.tasks]
     if not tasks:
         raise ValueError("no tasks to evaluate (--tasks)")
-    if cfg.output:
-        refuse_overwrite([cfg.output, *(storage.join(cfg.output, name) for name in OUTPUT_FILES)], cfg.exclude)
-    exclude = [row for path in cfg.exclude for row in read_rows(path)]
     models = [labelled(m) for m in cfg.models] or [("default", None)]
     if len({label for label, _ in models}) != len(models):
         raise ValueError(f"model labels must differ: {[label for label, _ in models]}")
-    from opsft.plan import preflight
-
     for _, path in models:  # a model whose engine cannot fit its GPU fails here, before any engine starts
         preflight(cfg, path or cfg.engine.model)
-    results, items = [], []
-    for label, path in models:
-        report(f"== {label}: {path or 'embedded default'}")
-        engine = make_engine(cfg.engine.kind, path or cfg.engine.model, **cfg.engine.options())
-        try:
-            result, records = evaluate_model(engine, tasks, family=cfg.family, seed=cfg.seed, exclude=exclude,
-                                             passages=cfg.passages, tokens_per_passage=cfg.tokens_per_passage,
-                                             text_source=cfg.text, report=report)
-        finally:  # vllm: its runners are shut down before the next model's start, and before the command exits
-            if hasattr(engine, "close"):
-                engine.close()
-            del engine
-            gc.collect()
-        results.append({"label": label, **result})
-        items += [{"model": label, **r} for r in records]
-    table = results_table(results, [r["label"] for r in results])
-    if cfg.output:  # a folder, or a URI (s3://...)
-        out = cfg.output
-        write_text_atomic(storage.join(out, "eval.json"),
-                          json.dumps({"config": cfg.model_dump(), "results": results}, indent=2))
-        write_text_atomic(storage.join(out, "table.md"), table + "\n")
-        write_rows(items, storage.join(out, "items.jsonl"))
-    return results, table
+
+    def builder(path):
+        return lambda: make_engine(cfg.engine.kind, path or cfg.engine.model, **cfg.engine.options())
+
+    return evaluate({label: builder(path) for label, path in models}, tasks, family=cfg.family, seed=cfg.seed,
+                    exclude=cfg.exclude, passages=cfg.passages, tokens_per_passage=cfg.tokens_per_passage,
+                    text=cfg.text, output=cfg.output, config=cfg.model_dump(), report=report)

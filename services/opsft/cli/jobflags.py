@@ -3,6 +3,8 @@ engine actor pool. They override the config's `distributed`, `address` and `pool
 
 from __future__ import annotations
 
+from opsft.config import PoolConfig
+
 
 def parse_actors(text: str) -> tuple[int, int]:
     """'4' -> (4, 4); '2-8' -> (2, 8)."""
@@ -16,20 +18,21 @@ def parse_actors(text: str) -> tuple[int, int]:
     return pair
 
 
-def add_job_flags(parser) -> None:
+def add_job_flags(parser, flags) -> None:
+    """The Ray Data job's flags; `flags`: the command's Settings (opsft.cli.common), which gives each flag's
+    type and default from the config."""
     group = parser.add_argument_group("Ray Data job")
-    group.add_argument("--ray", dest="distributed", action="store_true", default=None,
-                       help="run as a Ray Data job (output: a folder of part files; resumes by id)")
-    group.add_argument("--address", help="Ray cluster address (implies --ray; default RAY_ADDRESS or local)")
-    group.add_argument("--actors", help="engine actors: N or MIN-MAX (default 1)")
-    group.add_argument("--gpus", type=float, help="GPUs per actor (default 0)")
-    group.add_argument("--cpus", type=float, help="CPUs per actor (default 1)")
-    group.add_argument("--rows-per-batch", type=int, help="rows handed to an actor per call (default 64)")
-    group.add_argument("--rows-per-part", type=int, help="rows per output part file (default 20000)")
+    flags.add(group, "distributed", "--ray", help="run as a Ray Data job (output: a folder of part files; resumes "
+                                                  "by id)")
+    flags.add(group, "address", help="Ray cluster address (implies --ray; default RAY_ADDRESS or local)")
+    group.add_argument("--actors", help=f"engine actors: N or MIN-MAX (default {PoolConfig().min_size})")
+    flags.add(group, "pool.num_gpus", "--gpus")
+    flags.add(group, "pool.num_cpus", "--cpus", help="CPUs per actor")
+    flags.add(group, "pool.batch_size", "--rows-per-batch")
+    flags.add(group, "rows_per_part")
 
 
 def job_overrides(args) -> dict:
+    """--actors as the pool's sizes (the other job flags are the command's Settings)."""
     low, high = parse_actors(args.actors) if args.actors else (None, None)
-    return {"distributed": args.distributed, "address": args.address, "pool.min_size": low,
-            "pool.max_size": high, "pool.num_gpus": args.gpus, "pool.num_cpus": args.cpus,
-            "pool.batch_size": args.rows_per_batch, "rows_per_part": args.rows_per_part}
+    return {"pool.min_size": low, "pool.max_size": high}

@@ -48,9 +48,9 @@ def run(args) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from opsft.data.chat import model_max_length
-    from opsft.data.corpus import check_corpus_paths, write_rows_chunked
+    from opsft.data.corpus import write_rows_chunked
     from opsft.data.pairs import empty_counts, pair_rows
-    from opsft.data.reader import iter_rows
+    from opsft.data.reader import check_corpus_paths, iter_rows
     from opsft.models import resolve_model
 
     check_corpus_paths(args.input, [args.output])

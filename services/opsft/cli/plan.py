@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("plan", help="per-GPU memory of each stage of a config; exit 1 when one cannot fit")
     parser.add_argument("--config", required=True, help="a score, rewrite, realign, train or serve config (YAML; a "
                         "Ray Serve config, a ConfigMap or a RayService holding one is read too)")
-    parser.add_argument("--kind", choices=["score", "rewrite", "realign", "train", "serve"],
+    from opsft.plan import CONFIG_KINDS
+
+    parser.add_argument("--kind", choices=CONFIG_KINDS,
                         help="the config's kind (default: guessed from its fields)")
     parser.add_argument("--model", help="the model folder (config.json is enough; default: the config's model)")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory per GPU (default: this machine's "

@@ -16,16 +16,19 @@ import os
 import signal
 import time
 
-from opsft.cli.common import add_engine_flags, add_model_flags, engine_overrides
+from opsft.cli.common import Settings, add_engine_flags, add_model_flags
+from opsft.config import ServeConfig
+
+FLAGS = Settings(ServeConfig)
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("serve", help="serve CLL scoring over HTTP (Ray Serve)")
     add_model_flags(parser)
-    add_engine_flags(parser)
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--replicas", type=int, help="scorer replicas (default 1)")
+    add_engine_flags(parser, FLAGS)
+    FLAGS.add(parser, "host", help="address to bind")
+    FLAGS.add(parser, "port")
+    FLAGS.add(parser, "num_replicas", "--replicas")
     parser.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                         help="score each request on its own (for comparison)")
     parser.add_argument("--api-key-file", help="require 'Authorization: Bearer <key>' with the key in this file "
@@ -43,11 +46,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from opsft.config import ServeConfig, load_config
+    from opsft.config import load_config
 
     cfg = load_config(ServeConfig, args.config, {
-        **engine_overrides(args), "host": args.host, "port": args.port, "num_replicas": args.replicas,
-        "batching": args.batching, "api_key_file": args.api_key_file, "admin_key_file": args.admin_key_file,
+        **FLAGS.overrides(args), "engine.model": args.model, "batching": args.batching,
+        "api_key_file": args.api_key_file, "admin_key_file": args.admin_key_file,
         "allow_open": args.allow_open, "model_roots": args.model_roots})
     from opsft.serve.auth import read_keys
 

@@ -7,6 +7,7 @@ string could merge tokens across the boundary). The end-of-turn token (the token
 eos, `<|im_end|>` for ChatML models) follows the response when `include_eos` is set:
 scoring leaves it out by default (as the official scorer does), training includes it.
 A tokenizer without a chat template gets the plain concatenation of the turns.
+TokenText: the text of one token id (memoised), the decoders' view of the generated text.
 """
 
 from __future__ import annotations
@@ -72,3 +73,16 @@ def model_max_length(model_config, tokenizer=None) -> int:
     if isinstance(limit, int) and 0 < limit < 10**8:
         return limit
     raise ValueError("cannot tell the model's maximum length; pass max_length explicitly")
+
+
+class TokenText:
+    """decode_token (id -> text) for the decoders' text rules (splitter, stop strings, blank
+    outputs): the text of one token id by itself, memoised."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self.cache:
+            self.cache[token] = self.tokenizer.decode([token])
+        return self.cache[token]

@@ -164,17 +164,6 @@ def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: Iterable[str 
                                  "choose another output path")
 
 
-def check_corpus_paths(input: str, outputs: list[str | Path]) -> None:
-    """Before any work: the input exists, the input and output corpora have known formats, and no
-    output is the input."""
-    from opsft.data.reader import corpus_files
-
-    for path in (input, *outputs):
-        file_format(path)
-    refuse_overwrite(outputs, [input])
-    corpus_files(input)  # a missing input, or a folder without corpus files
-
-
 def file_format(path: str | Path) -> str:
     name = str(path).lower()
     if name.endswith((".jsonl", ".json", ".jsonl.gz")):

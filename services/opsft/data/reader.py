@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opsft.data import storage
-from opsft.data.corpus import BOM, file_format, parse_jsonl_line, rows_table
+from opsft.data.corpus import BOM, file_format, parse_jsonl_line, refuse_overwrite, rows_table
 
 RANGE_BYTES = 16 << 20  # a JSONL piece is at least this long (up to the next line end), or the rest of the file
 WINDOW = 16 << 20  # bytes read at a time when a JSONL file is streamed
@@ -108,6 +108,15 @@ class _Dense:
             start = self.offsets[k] + a - self.merged[k][0]
             out.append([start, start + b - a])
         return out
+
+
+def check_corpus_paths(input: str, outputs: list) -> None:
+    """Before any work: the input exists, the input and output corpora have known formats, and no
+    output is the input."""
+    for path in (input, *outputs):
+        file_format(path)
+    refuse_overwrite(outputs, [input])
+    corpus_files(input)  # a missing input, or a folder without corpus files
 
 
 def corpus_files(path) -> list[str]:

@@ -1,13 +1,14 @@
 """Model runners behind one small protocol (see base.Engine): `hf` (transformers, CPU or
-CUDA, exact CLL, the hinted decoder), `vllm` (imported lazily, GPU clusters) and `fake`
-(deterministic, no model, fault injection: rehearsals and tests).
+CUDA, exact CLL, hinted decoding's streams: hf_streams.py), `vllm` (imported lazily, GPU
+clusters; hinted decoding: vllm_hd.py; driven by a JSON request in its own venv:
+opsft.vllm_probe) and `fake` (deterministic, no model, fault injection: rehearsals and
+tests). batching.py cuts calls into model batches.
 
 `make_engine` is the one factory; the protocol file (base.py) knows no implementation."""
 
-from opsft.engines.base import Engine, GenerationParams, TokenScores
+from opsft.engines.base import KINDS, Engine, GenerationParams, TokenScores
 
 __all__ = ["Engine", "GenerationParams", "TokenScores", "engine_from_config", "make_engine"]
-KINDS = ("hf", "vllm", "fake")
 
 
 def make_engine(kind: str, model: str | None = None, **options) -> Engine:

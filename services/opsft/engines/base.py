@@ -10,6 +10,14 @@ from typing import Protocol
 
 import numpy as np
 
+# Tokens an engine is sized for when max_model_len is unset (the model's context if shorter): a 128k-context
+# model would otherwise ask vLLM for a kv cache of 128k tokens before it scores a row.
+DEFAULT_MAX_MODEL_LEN = 16_384
+# Each engine setting's allowed values, written once (opsft.config's EngineConfig takes them as its choices).
+KINDS = ("hf", "vllm", "fake")             # opsft.engines.make_engine
+DTYPES = ("float32", "bfloat16", "float16")  # the body's dtype (hf, vllm); log p and H stay float32
+SCORERS = ("exact", "topk")                # vllm: how H is computed
+
 
 @dataclass(frozen=True)
 class TokenScores:
@@ -75,17 +83,11 @@ class DecodeEngine(Engine, Protocol):
         """Prefill the prompts (one row per item index) and return the stream."""
 
 
-class HintedDecodeEngine(Engine, Protocol):
-    """The decode capability as one call (an engine that schedules the two streams itself, e.g.
-    vLLM: opsft.engines.vllm_hd): results equal opsft.method.hinted.hinted_decode's."""
-
-    def hinted_decode(self, items: list, params: object, eos_ids, decode_token=None, max_positions=None,
-                      on_token=None) -> list:
-        """Hinted decoding of every item (opsft.method.hinted.HDItem) -> HDResult per item, in order."""
-
-
 def can_decode(engine) -> bool:
-    """Whether an engine object has the decode capability, in either form."""
+    """Whether an engine object has the decode capability, in either form: streams (DecodeEngine,
+    stepped by opsft.method.hinted.hinted_decode) or one `hinted_decode(items, params, eos_ids,
+    decode_token=None, max_positions=None, on_token=None)` call of an engine that schedules the two
+    streams itself (vllm: opsft.engines.vllm_hd; fake), whose results equal hinted_decode's."""
     return hasattr(engine, "open_stream") or hasattr(engine, "hinted_decode")
 
 

@@ -121,7 +121,7 @@ class FakeEngine:
     # ------------------------------------------------------------------ generation
 
     def _answer(self, prompt: str) -> str:
-        if "# Question:" in prompt:  # the hint prompt (opsft.method.hinted.hint_messages)
+        if "# Question:" in prompt:  # the hint prompt (opsft.data.hints.hint_messages)
             return HINT
         found = SUM.findall(prompt)
         if not found:
@@ -132,7 +132,8 @@ class FakeEngine:
         return f"The answer is {value if right else value + 1}."
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
-        from opsft.method.hinted import TokenText, trim_at_stop
+        from opsft.data.chat import TokenText
+        from opsft.method.hinted import trim_at_stop
 
         self._call()
         token_text = TokenText(self.tokenizer)
@@ -146,7 +147,7 @@ class FakeEngine:
 
     def hinted_decode(self, items, params, eos_ids, decode_token=None, max_positions=None, on_token=None) -> list:
         """The decode capability as one call (as the vLLM engine's): one deterministic text per item."""
-        from opsft.method.hinted import HDResult
+        from opsft.method.hinted_params import HDResult
 
         self._call()
         eos = min(eos_ids) if eos_ids else self.tokenizer.eos_token_id

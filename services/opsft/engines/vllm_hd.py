@@ -3,7 +3,8 @@
 The two streams of every item (method.md section 3) run as two requests of one vLLM generate
 runner, paired by a batch-level logits processor, HintedPairs. The hf decoder
 (opsft.method.hinted.hinted_decode) is the reference; both use the same per-step functions
-(mixed_logprobs, mask_eos, pick_tokens, stop_after, the text watches) and the same per-item generators.
+(mixed_logprobs, mask_eos, pick_tokens, stop_after, the text watches), the same item check
+(opsft.method.hinted_params.check_items) and the same per-item generators.
 
 1. Pass 1: every hinted prompt alone, one token: the first token comes from the hinted stream
    alone, as in the reference.
@@ -42,15 +43,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from opsft.engines.vllm import token_groups
+from opsft.data.chat import TokenText
+from opsft.engines.batching import token_groups
 from opsft.method.hinted import (
     ContentWatch,
-    HDItem,
-    HDParams,
-    HDResult,
     SplitterWatch,
     TextWatch,
-    TokenText,
     check_text_rules,
     item_generator,
     mask_eos,
@@ -58,6 +56,7 @@ from opsft.method.hinted import (
     pick_tokens,
     stop_after,
 )
+from opsft.method.hinted_params import HDItem, HDParams, HDResult, check_items
 
 log = logging.getLogger(__name__)
 ARG = "opsft_hd"  # the SamplingParams.extra_args key of a hinted-decoding request
@@ -273,12 +272,7 @@ def hinted_decode_vllm(llm, items: list[HDItem], params: HDParams, eos_ids, deco
 
     check_text_rules(params, decode_token)
     limit = max_positions or llm.llm_engine.vllm_config.model_config.max_model_len
-    for k, item in enumerate(items):
-        if not item.hinted_prompt or not item.student_prompt:
-            raise ValueError(f"item {k}: empty prompt")
-        longest = max(len(item.hinted_prompt), len(item.student_prompt))
-        if longest >= limit:
-            raise ValueError(f"item {k}: prompt of {longest} tokens leaves no room (model limit {limit})")
+    check_items(items, limit)
     if not items:
         return []
     eos = sorted(set(eos_ids))

@@ -43,6 +43,8 @@ from opsft.data.corpus import file_format
 from opsft.data.reader import corpus_ranges
 from opsft.faults import JobFailed
 from opsft.jobs.stages import WRITE_STEP, EngineActor, JobMonitor, PartsDatasink, read_pieces, task_batch
+from opsft.recipe_plan import STAGE_NEEDS, stages_for
+from opsft.stages import check_stages, engine_stages
 
 log = logging.getLogger(__name__)
 # CPU share of the light stages (read, write): actors that take every CPU of a node must not
@@ -466,20 +468,20 @@ def rewrite_spec(cfg, input: str, output: str, *, model: str | None = None, engi
     pool, or `engine` / `pool` given here, with cfg.stages' per-stage overrides); `model`
     replaces every stage engine's model (the cycle's current model). Refuses (ValueError) a stage
     whose engine cannot do it, before anything runs."""
-    from opsft.recipe import STAGE_NEEDS, stages_for
-
-    params = cfg.recipe_params()
-    cfg.check_stages(engine, pool)
+    params = cfg.recipe_fields()  # flat and JSON-ready: the job's identity records them
+    check_stages(cfg, engine, pool)
+    engines = {stage: (eng, pl) for stage, eng, pl in engine_stages(cfg, engine, pool)}
     steps = []
     for i, stage in enumerate(stages_for(cfg.policy)):
         kwargs = {"stage": stage, "params": params, "first": i == 0}
-        if STAGE_NEEDS[stage] is None:
+        if stage not in engines:
             steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs))
             continue
-        stage_engine = cfg.stage_engine(stage, engine).for_stage(STAGE_NEEDS[stage])  # its own vLLM runner
+        stage_engine, stage_pool = engines[stage]
+        stage_engine = stage_engine.for_stage(STAGE_NEEDS[stage])  # its own vLLM runner
         if model is not None:
             stage_engine = stage_engine.model_copy(update={"model": model})
-        steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs, stage_engine, cfg.stage_pool(stage, pool),
+        steps.append(StepSpec(stage, "opsft.recipe:rewrite_stage", kwargs, stage_engine, stage_pool,
                               need=STAGE_NEEDS[stage]))
     return JobSpec(input=input, output=output, fn="opsft.recipe:rewrite_stage", engine=engine or cfg.engine,
                    pool=pool or cfg.pool, name="rewrite", steps=steps, dropped_output=dropped_output,

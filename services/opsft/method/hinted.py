@@ -1,8 +1,7 @@
-"""Hinted Decoding (method.md section 3): the batched, key/value-cached decoder.
+"""Hinted Decoding (method.md section 3): the batched decoder, over two streams of ONE model.
 
-Two streams of ONE model: the hinted stream p (system prompt + question + reference
-answer + the model's own analysis prefix) and the student stream q (the question alone).
-Per step, for each item still decoding:
+The hinted stream p (system prompt + question + reference answer + the model's own analysis
+prefix) and the student stream q (the question alone). Per step, for each item still decoding:
 
     first token:  sampled from p alone
     then:         H_norm = H(p) / log V;  lambda = f(H_norm)   (linear, sigmoid, piecewise)
@@ -15,98 +14,33 @@ hint headers, text the model starts inventing after its answer), `max_length` (m
 the model's position limit), `repeating` (every `repeat_every` tokens: some `repeat_window`-token
 window seen at least `repeat_times` times). With `hold_eos`, no end-of-sequence id can be picked
 while the generated text is still blank (an output never ends before it has any content).
-The official code runs one item at a time with no cache; here every
-stream keeps a DynamicCache over a left-padded batch (attention mask + explicit position ids),
-items leave the batch as they finish (their cache rows are index-selected away), and an item
-that switched to the student stream leaves the hinted batch.
+The official code runs one item at a time with no cache; here both streams are batches that a
+decoder with the decode capability (opsft.engines.base.DecodeEngine: `open_stream`) keeps and
+steps with its cache: items leave the batch as they finish, and an item that switched to the
+student stream leaves the hinted batch. The hf engine's streams (a KV-cached, left-padded batch)
+are opsft.engines.hf_streams; ModelStreams opens them on a bare transformers model.
 
-Pure torch over token ids: the caller tokenizes (see `build_hint_prompt`, `hinted_prompt_ids`
-and opsft.recipe). The only text the decoder sees is through `decode_token(id) -> str`, used
-to spot the splitter exactly as the official code does (concatenated per-token decodes), the
-stop strings and a blank output the same way.
+This module is the method: the per-step math, the text rules and the loop, pure torch over token
+ids. The settings, items and results are opsft.method.hinted_params; the hint prompt and its
+reading are opsft.data.hints; the caller tokenizes (opsft.recipe). The only text the decoder sees
+is through `decode_token(id) -> str` (opsft.data.chat.TokenText), used to spot the splitter
+exactly as the official code does (concatenated per-token decodes), the stop strings and a blank
+output the same way.
 
     results = hinted_decode(engine, [HDItem(hinted_ids, student_ids)], HDParams(beta=3.0), eos_ids={2},
-                            decode_token=TokenText(tokenizer))   # an hf engine, or a transformers model
+                            decode_token=TokenText(tokenizer))   # an hf engine, or ModelStreams(model)
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
-LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
-
-# The hint prompt: our own wording of what the method asks (method.md section 3): analyse the
-# reference line by line under "# Analyze", then write one's own chain of thought under "# CoT"
-# without mentioning the reference. Short, so a small model's hinted stream stays cheap.
-HINT_SYSTEM_PROMPT = (Path(__file__).parents[1] / "data" / "hd_system_prompt.txt").read_text(encoding="utf-8")
-# hint_prompt "direct": no analysis asked for; the hinted stream opens at the marker line at once
-DIRECT_SYSTEM_PROMPT = (Path(__file__).parents[1] / "data" / "hd_direct_prompt.txt").read_text(encoding="utf-8")
-HINT_PROMPTS = ("analyze", "direct")
-HINT_USER_TEMPLATE = "\n# Question:\n{question}\n\n# Answer:\n{answer}\n\n# CoT:\n"
-COT_MARKER = "# CoT"
-
-
-@dataclass(frozen=True)
-class HDParams:
-    beta: float = 3.0
-    lambda_mode: str = "linear"
-    sigmoid_center: float = 0.5
-    piecewise_bounds: tuple[float, float] = (0.3, 0.7)
-    temperature: float = 0.3  # 0 = greedy
-    top_p: float = 0.95
-    max_new_tokens: int = 1024
-    seed: int = 0
-    splitter: str | None = "\\boxed{"
-    repeat_window: int = 30
-    repeat_times: int = 5
-    repeat_every: int = 100
-    stop_strings: tuple[str, ...] = ()  # the official code has none; the recipe stops at its hint headers
-    hold_eos: bool = False              # True: no eos while the output is blank (official: eos any time)
-
-    @classmethod
-    def from_fields(cls, fields: dict) -> HDParams:
-        """From a JSON-style dict of fields (dataclasses.asdict, or a request): lists become tuples."""
-        values = dict(fields)
-        for name in ("piecewise_bounds", "stop_strings"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
-
-    def __post_init__(self):
-        if self.lambda_mode not in LAMBDA_MODES:
-            raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {self.lambda_mode!r}")
-        if self.beta < 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
-            raise ValueError("need beta >= 0, temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
-        lo, hi = self.piecewise_bounds
-        if not lo < hi:
-            raise ValueError(f"piecewise_bounds must be (h1, h2) with h1 < h2, got {self.piecewise_bounds}")
-        if any(not isinstance(text, str) or not text for text in self.stop_strings):
-            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
-
-
-@dataclass(frozen=True)
-class HDItem:
-    hinted_prompt: list[int]   # chat(system + question + reference) + generation prompt + analysis prefix
-    student_prompt: list[int]  # chat(question) + generation prompt
-    seed: int | None = None    # sampling seed of this item (None: its index in the call); the recipe derives it
-                               # from the row id, so a row samples the same tokens in any batch (resume-safe)
-
-
-@dataclass
-class HDResult:
-    tokens: list[int]
-    finish_reason: str
-    switched_at: int | None = None  # index of the first token decoded from the student stream alone
-
+from opsft.method.hinted_params import HDItem, HDParams, HDResult, check_items
 
 # ------------------------------------------------------------------------------ per-step math
 
@@ -261,132 +195,25 @@ def trim_at_stop(tokens: Sequence[int], stop_strings: Sequence[str], decode_toke
     return list(tokens)
 
 
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """text up to the first occurrence of any stop string (the whole text when none occurs)."""
-    at = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
-    return text[:at]
-
-
 def item_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-class TokenText:
-    """decode_token for the splitter check: the text of one token id, memoised (edge helper)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def __call__(self, token: int) -> str:
-        if token not in self.cache:
-            self.cache[token] = self.tokenizer.decode([token])
-        return self.cache[token]
-
-
-# ------------------------------------------------------------------------------ batched streams
-
-
-class Stream:
-    """One left-padded batch of sequences with its DynamicCache; rows carry item indices."""
-
-    def __init__(self, model, prompts: list[list[int]], items: list[int], pad_id: int, prefill_rows: int):
-        self.model, self.items = model, list(items)
-        device = model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        self.attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            self.attn[r, width - len(p):] = 1
-        self.attn = self.attn.to(device)
-        self.next_pos = self.attn.sum(-1)
-        positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
-        # Prefill in row chunks (bounded activation memory), then join the caches along the batch.
-        chunks, logits = [], []
-        for s in range(0, len(prompts), prefill_rows):
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=ids[s:s + prefill_rows].to(device), attention_mask=self.attn[s:s + prefill_rows],
-                        position_ids=positions[s:s + prefill_rows], past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            chunks.append(out.past_key_values)
-            logits.append(out.logits[:, -1].float())
-        self.cache = chunks[0] if len(chunks) == 1 else _concat_caches(chunks, model.config)
-        self.last_logits = torch.cat(logits)
-
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Append one token per row; the next-token logits [rows, V]."""
-        device = self.attn.device
-        self.attn = torch.cat([self.attn, torch.ones((len(tokens), 1), dtype=torch.long, device=device)], dim=1)
-        out = self.model(input_ids=torch.tensor(tokens, dtype=torch.long, device=device)[:, None],
-                         attention_mask=self.attn, position_ids=self.next_pos[:, None], past_key_values=self.cache,
-                         use_cache=True)
-        self.cache = out.past_key_values
-        self.next_pos = self.next_pos + 1
-        self.last_logits = out.logits[:, -1].float()
-        return self.last_logits
-
-    def keep(self, items: set[int]) -> None:
-        """Drop every row whose item is not in `items`, and left padding no row needs any more."""
-        rows = [r for r, i in enumerate(self.items) if i in items]
-        if len(rows) == len(self.items):
-            return
-        self.items = [self.items[r] for r in rows]
-        if not rows:
-            return
-        index = torch.tensor(rows, device=self.attn.device)
-        self.cache.batch_select_indices(index)
-        self.attn, self.next_pos, self.last_logits = self.attn[index], self.next_pos[index], self.last_logits[index]
-        first_used = int((self.attn.sum(0) > 0).nonzero()[0])
-        if first_used > 0:
-            self.attn = self.attn[:, first_used:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first_used:, :], layer.values[..., first_used:, :]
-
-
-class ModelStreams:
-    """The decode capability (opsft.engines.base.DecodeEngine) over a transformers model:
-    `open_stream(prompts, items)` prefills a Stream, as HFEngine.open_stream does for its own model;
-    a bare model handed to hinted_decode is wrapped in it."""
-
-    def __init__(self, model, pad_id: int = 0, prefill_rows: int = 4):
-        self.model, self.pad_id, self.prefill_rows = model, pad_id, prefill_rows
-        self.max_length = getattr(model.config, "max_position_embeddings", None) or 10**9
-
-    def open_stream(self, prompts: list[list[int]], items: list[int]) -> Stream:
-        return Stream(self.model, prompts, items, self.pad_id, self.prefill_rows)
-
-
-def _concat_caches(caches: list[DynamicCache], config) -> DynamicCache:
-    merged = DynamicCache(config=config)
-    for layer_idx in range(len(caches[0].layers)):
-        keys = torch.cat([c.layers[layer_idx].keys for c in caches])
-        values = torch.cat([c.layers[layer_idx].values for c in caches])
-        merged.update(keys, values, layer_idx)
-    return merged
-
-
 @torch.inference_mode()
 def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[int] | Sequence[int],
-                  decode_token: Callable[[int], str] | None = None, pad_id: int = 0, prefill_rows: int = 4,
-                  max_positions: int | None = None, on_token: Callable[[int], None] | None = None) -> list[HDResult]:
+                  decode_token: Callable[[int], str] | None = None, max_positions: int | None = None,
+                  on_token: Callable[[int], None] | None = None) -> list[HDResult]:
     """Hinted decoding of all items in one shrinking batch; results in input order.
 
-    decoder: an engine with the decode capability (`open_stream(prompts, items)` -> a stream with
-    `items`, `last_logits`, `step(tokens)`, `keep(items)`; opsft.engines.base.DecodeEngine), or a
-    transformers model (wrapped in ModelStreams with pad_id and prefill_rows);
+    decoder: anything with the decode capability (opsft.engines.base.DecodeEngine): `open_stream(prompts,
+    items)` -> a stream with `items`, `last_logits`, `step(tokens)`, `keep(items)`, and `max_length`
+    (an hf engine; opsft.engines.hf_streams.ModelStreams over a bare transformers model);
     decode_token maps one id to its text (needed only when params.splitter is set);
     max_positions bounds prompt + generated tokens (default: the decoder's max_length);
     on_token(n) is called with the number of tokens produced at each step (progress)."""
     check_text_rules(params, decode_token)
-    if not hasattr(decoder, "open_stream"):
-        decoder = ModelStreams(decoder, pad_id, prefill_rows)
     limit = max_positions or getattr(decoder, "max_length", None) or 10**9
-    for k, item in enumerate(items):
-        longest = max(len(item.hinted_prompt), len(item.student_prompt))
-        if not item.hinted_prompt or not item.student_prompt:
-            raise ValueError(f"item {k}: empty prompt")
-        if longest >= limit:
-            raise ValueError(f"item {k}: prompt of {longest} tokens leaves no room (model limit {limit})")
+    check_items(items, limit)
     if not items:
         return []
     eos = set(eos_ids)
@@ -438,87 +265,3 @@ def hinted_decode(decoder, items: list[HDItem], params: HDParams, eos_ids: set[i
             mix_rows = torch.tensor([where[i] for i in hinted.items], device=scores.device)
             scores[mix_rows] = mixed_logprobs(logits_p, logits_q[mix_rows], params)
         rows = student.items
-
-
-# ------------------------------------------------------------------------------ prompts (edge helpers)
-
-
-def hint_messages(question: str, reference: str, prompt: str = "analyze") -> list[dict]:
-    """The chat that asks the model for "# Analyze ... # CoT" given the question and the reference
-    (prompt "analyze"), or for its own solution under "# CoT" at once (prompt "direct")."""
-    if prompt not in HINT_PROMPTS:
-        raise ValueError(f"hint prompt must be one of {HINT_PROMPTS}, got {prompt!r}")
-    system = HINT_SYSTEM_PROMPT if prompt == "analyze" else DIRECT_SYSTEM_PROMPT
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": HINT_USER_TEMPLATE.format(question=question, answer=reference)}]
-
-
-HINT_CUTS = ("line", "marker")
-MISSING_HINT = ("cot", "skip")
-# The hint template's own headers: a hint that writes one has started an example of its own (a new
-# question), so its text from there on is not about the row being rewritten.
-HINT_HEADERS = ("# Question", "# Answer")
-HINT_STOPS = (COT_MARKER, *HINT_HEADERS)  # where hint generation stops: its marker, or a new example
-# Where the hinted-decoding output stops (HDParams.stop_strings in the recipe): a line that opens a
-# section of the hint template again is text the hinted stream invents past its own answer.
-OUTPUT_STOPS = (*HINT_HEADERS, "# Analy", COT_MARKER)
-_ANALYSIS_HEADING = re.compile(r"^[ \t]*#+[ \t]*analy[a-z]*[ \t]*:?[ \t]*$", re.IGNORECASE | re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class HintReading:
-    """What a hint output holds for the row it was asked about: the analysis (the text before the
-    first "# CoT" marker or the first header of a new example, whichever comes first), whether the
-    marker ended it, and whether it is usable: it says something (more than an "# Analyze"
-    heading) and the hint ended (a hint that ran out of tokens with neither marker nor header is
-    runaway text, often one line repeated)."""
-
-    analysis: str
-    marker: bool
-    ended: bool = True
-
-    @property
-    def usable(self) -> bool:
-        return self.ended and bool(_ANALYSIS_HEADING.sub("", self.analysis).strip())
-
-
-def read_hint(hint_output: str, ended: bool = True) -> HintReading:
-    """The hint read up to the marker that belongs to the row's question: the FIRST "# CoT"; any
-    marker after a "# Question"/"# Answer" header belongs to an example the model invented.
-    `ended`: whether the generation ended by itself (an end-of-turn token or a stop string), not at
-    its token budget; a hint stopped at its marker or at a header has ended whatever it says."""
-    found = {text: hint_output.find(text) for text in HINT_STOPS}
-    ends = [at for at in found.values() if at >= 0]
-    end = min(ends, default=len(hint_output))
-    return HintReading(analysis=hint_output[:end], marker=bool(ends) and found[COT_MARKER] == end,
-                       ended=ended or bool(ends))
-
-
-def marker_line(cut: str = "line") -> str:
-    """The marker as the hinted stream sees it: "# CoT:" and a newline (cut "line": the template's own
-    line, so both streams start on the chain of thought) or "# CoT" alone (cut "marker", official)."""
-    if cut not in HINT_CUTS:
-        raise ValueError(f"hint cut must be one of {HINT_CUTS}, got {cut!r}")
-    return COT_MARKER + (":\n" if cut == "line" else "")
-
-
-def hint_prefix(hint_output: str, cut: str = "line", missing_hint: str = "cot",
-                ended: bool = True) -> tuple[str | None, bool]:
-    """(the analysis prefix of the hinted stream, whether we wrote its marker) for a hint output.
-
-    A hint with a usable analysis ended by its marker: the analysis, then the marker line (cut
-    "marker", the official rule: the hint exactly up to the end of "# CoT"). Otherwise (no marker:
-    the hint ended or began a new example; or no analysis before the marker; or a hint that ran
-    out of tokens, `ended` False, with neither) as missing_hint says:
-    "skip" (official) gives None (the row keeps its reference, finish reason no_hint); "cot" opens
-    the hinted stream at the marker line anyway, after the analysis when there is one."""
-    if missing_hint not in MISSING_HINT:
-        raise ValueError(f"missing_hint must be one of {MISSING_HINT}, got {missing_hint!r}")
-    reading = read_hint(hint_output, ended)
-    if reading.marker and reading.usable:
-        return reading.analysis + marker_line(cut), False
-    if missing_hint == "skip":
-        return None, False
-    if not reading.usable:
-        return marker_line(cut), True
-    return reading.analysis.rstrip() + "\n\n" + marker_line(cut), True

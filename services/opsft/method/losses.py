@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from opsft.method import loss_registry
-from opsft.method.cll import DEFAULT_CHUNK, linear_logprob_entropy, token_logprob_entropy
+from opsft.method.cll import DEFAULT_CHUNK, token_logprob_entropy
 
 # name -> function(logp, entropy, vocab_size, progress, **params) -> (weight, extra metrics)
 WeightFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -154,28 +154,6 @@ def compute(
     """
     logp, entropy = token_logprob_entropy(logits, labels, temperature, chunk_size)
     return weighted_nll(name, logp, entropy, labels, logits.shape[-1], mask, progress, normalizer, **params)
-
-
-def compute_from_hidden(
-    name: str,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    progress: float = 1.0,
-    *,
-    bias: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK,
-    **params,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """`compute` from final hidden states [B, T, d] and the LM head (weight [V, d], bias), memory-
-    bounded: the logits exist chunk_size positions at a time, forward and backward
-    (opsft.method.cll.linear_logprob_entropy), never [B x T x V]. The same loss and gradients as
-    `compute` on the head's logits."""
-    logp, entropy = linear_logprob_entropy(hidden, weight, labels, temperature, chunk_size, bias)
-    return weighted_nll(name, logp, entropy, labels, weight.shape[0], mask, progress, normalizer, **params)
 
 
 def weighted_nll(name: str, logp: torch.Tensor, entropy: torch.Tensor, labels: torch.Tensor, vocab: int,

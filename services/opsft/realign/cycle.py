@@ -179,6 +179,11 @@ class Cycle:
     (`runners`) so a test can swap one; the defaults call the project's jobs."""
 
     def __init__(self, cfg, runners: dict[str, Callable] | None = None):
+        from opsft.stages import check_stages
+
+        # The cycle's engine serves scoring and the rewrite's stages (with rewrite.stages' overrides): an
+        # engine that cannot do a stage is refused here, before any job starts, instead of erroring every row.
+        check_stages(cfg.rewrite, cfg.engine, cfg.pool)
         self.cfg = cfg
         self.root = Path(cfg.output_dir).resolve()
         self.runners = {**default_runners(), **(runners or {})}
@@ -294,8 +299,9 @@ def _connect(cycle: Cycle) -> None:
     stage pools): the first stage that needs Ray calls this, the later calls are no-ops."""
     from opsft.cluster import connect
     from opsft.jobs.pipeline import local_num_cpus
+    from opsft.stages import stage_pools
 
-    connect(cycle.cfg.address, num_cpus=local_num_cpus(cycle.cfg.rewrite.stage_pools(cycle.cfg.pool)))
+    connect(cycle.cfg.address, num_cpus=local_num_cpus(stage_pools(cycle.cfg.rewrite, cycle.cfg.pool)))
 
 
 def run_score(cycle: Cycle, folder: Path, state: dict, *, corpus: str | None = None, model: str | None = None,

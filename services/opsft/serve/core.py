@@ -1,6 +1,7 @@
-"""What a scorer replica does with requests, without Ray: check items against the model's
-tokenizer, and score several requests in one call of opsft.scoring.score_rows (the same code
-`opsft score` runs, so the numbers are the same up to the float noise of batched matmuls).
+"""What a scorer replica does with requests, without Ray: tokenise a request's items once (an item
+the model cannot score answers 422 before the request joins a batch), and score several requests
+in one engine call (opsft.scoring.score_encoded: the same code `opsft score` runs, so the numbers
+are the same up to the float noise of batched matmuls).
 
 A request ("job") is answered either {"results": [...]} or {"status": 4xx, "detail": why}. An
 engine that fails (opsft.faults: an engine fault) is never a 4xx: `score_jobs_guarded` raises
@@ -9,10 +10,7 @@ EngineFault, and the replica answers 503 and asks to be replaced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from opsft.data.chat import encode
-from opsft.data.corpus import RowError, parse_row
+from dataclasses import dataclass, replace
 
 # opsft.scoring (and so torch) is imported where it is used: the HTTP ingress imports this
 # module for Job only and holds no model.
@@ -25,22 +23,24 @@ class Job:
     rows: list[dict]
     include_eos: bool = False
     return_tokens: bool = False
+    encoded: tuple | None = None  # (the engine that tokenised them, rows with ids, [(index, Encoded)]): prepare_job
 
 
 def item_error(i: int, message: str) -> dict:
     return {"status": 422, "detail": f"items[{i}]: {message}"}
 
 
-def check_job(engine, job: Job) -> dict | None:
-    """A 422 answer for the first item the model cannot score (no response token, too long,
-    bad chat), else None. Costs a tokenization, no forward pass."""
-    for i, row in enumerate(job.rows):
-        try:
-            ex = parse_row(row)
-            encode(engine.tokenizer, ex.messages, ex.response, job.include_eos, engine.max_length)
-        except RowError as exc:
-            return item_error(i, str(exc))
-    return None
+def prepare_job(engine, job: Job) -> tuple[Job, dict | None]:
+    """(the job with its items tokenised by this engine, None), or (job, a 422 answer naming the first item
+    the model cannot score: no response token, too long, bad chat). Costs a tokenisation, no forward pass;
+    score_jobs reuses it (a job tokenised by another engine, before a reload, is tokenised again)."""
+    from opsft.scoring import encode_rows
+
+    out, encoded = encode_rows(job.rows, engine, job.include_eos)
+    bad = next((i for i, row in enumerate(out) if row.get("error")), None)
+    if bad is not None:
+        return job, item_error(bad, out[bad]["error"])
+    return replace(job, encoded=(engine, out, encoded)), None
 
 
 def token_table(tokenizer, row: dict) -> list[dict]:
@@ -60,18 +60,25 @@ def answer_row(tokenizer, row: dict, return_tokens: bool) -> dict:
 
 
 def score_jobs(engine, jobs: list[Job], temperature: float = 1.0) -> list[dict]:
-    """Answers for several jobs, scoring all their rows together (one score_rows call per
-    include_eos setting; the engine batches rows by length inside)."""
-    from opsft.scoring import score_rows
+    """Answers for several jobs, scoring all their rows together (one engine call per include_eos
+    setting; the engine batches rows by length inside). Each job's items are tokenised once: by
+    prepare_job, or here when it did not run on this engine."""
+    from opsft.scoring import encode_rows, score_encoded
 
     answers: list[dict | None] = [None] * len(jobs)
     for include_eos in (False, True):
         group = [k for k, job in enumerate(jobs) if job.include_eos == include_eos]
         if not group:
             continue
-        rows = [row for k in group for row in jobs[k].rows]
+        rows, encoded = [], []
+        for k in group:
+            job = jobs[k]
+            mine = job.encoded if job.encoded is not None and job.encoded[0] is engine else \
+                (engine, *encode_rows(job.rows, engine, include_eos))
+            encoded += [(len(rows) + i, enc) for i, enc in mine[2]]
+            rows += [dict(row) for row in mine[1]]
         details = any(jobs[k].return_tokens for k in group)
-        scored = score_rows(rows, engine, include_eos, temperature=temperature, token_details=details)
+        scored = score_encoded(rows, encoded, engine, temperature=temperature, token_details=details)
         offset = 0
         for k in group:
             mine = scored[offset: offset + len(jobs[k].rows)]

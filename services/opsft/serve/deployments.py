@@ -38,7 +38,7 @@ from ray.serve.metrics import Counter, Histogram
 from opsft.config import EngineConfig, ServeConfig
 from opsft.faults import EngineFault, Guard
 from opsft.serve.auth import read_keys
-from opsft.serve.core import Job, check_job, score_jobs_guarded
+from opsft.serve.core import Job, prepare_job, score_jobs_guarded
 from opsft.serve.current import ModelPathError, check_model_path, default_roots, point_link, read_link
 from opsft.serve.http import Limits, build_http_app
 
@@ -146,7 +146,7 @@ class Scorer:
         if self.dead:
             return self.unavailable()
         engine = self.current[0]
-        error = check_job(engine, job)
+        job, error = prepare_job(engine, job)  # its items tokenised once, here: a bad item answers 422 now
         if error is not None:
             return error
         if self.cfg.batching:
