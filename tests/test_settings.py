@@ -42,6 +42,11 @@ def test_rewrite_fields_round_trip_and_reach_the_decoder():
         RewriteParams.from_fields({"bta": 1.0})
     with pytest.raises(ValueError, match="policy must be one of"):
         RewriteParams.from_fields({"policy": "sometimes"})
+    # what only the method can judge is refused when the config loads, in one line
+    from opsft.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="piecewise_bounds must be"):
+        load_config(RewriteConfig, None, {"piecewise_bounds": [0.7, 0.3]})
 
 
 def literal_values(annotation) -> tuple:

@@ -568,6 +568,11 @@ class RewriteConfig(Strict):
         return PoolConfig.model_validate({**base.model_dump(), **over.pool}) if over else base
 
     @model_validator(mode="after")
+    def _recipe_can_run(self):
+        self.params()  # what the recipe itself refuses (e.g. piecewise_bounds out of order), at load
+        return self
+
+    @model_validator(mode="after")
     def _engines_fit_their_actors(self):
         for stage in ENGINE_STAGES:
             check_placement(self.stage_engine(stage), self.stage_pool(stage), stage)
