@@ -44,11 +44,11 @@ def evaluation_tasks(held_out: int, out_of_family: int):
         EvalTask(name, out_of_family, 48, config, label) for name, label, config in OUT_OF_FAMILY]
 
 
-def evaluate(model: str, tasks, corpus: str, passages: int, say) -> dict:
+def evaluate(label: str, model: str, tasks, corpus: str, passages: int, say) -> dict:
     from opsft.commands import evaluate
     from opsft.engines.hf import HFEngine
 
-    results, _ = evaluate({model: lambda: HFEngine(model, device="cpu", max_batch_size=32)}, tasks,
+    results, _ = evaluate({label: lambda: HFEngine(model, device="cpu", max_batch_size=32)}, tasks,
                           family=["basic_arithmetic"], exclude=[corpus], passages=passages, tokens_per_passage=256,
                           report=lambda m: say(f"  {m}"))
     return results[0]
@@ -136,7 +136,7 @@ def main() -> int:
     say(f"corpus: {len(corpus)} additions with column-method solutions -> {out / 'corpus.jsonl'}")
 
     say("evaluating the base model (held-out additions, out-of-family tasks, general text) ...")
-    before = evaluate(base, tasks, str(out / "corpus.jsonl"), args.passages, say)
+    before = evaluate("base model", base, tasks, str(out / "corpus.jsonl"), args.passages, say)
 
     say("realignment cycle: score -> select -> rewrite -> train -> rescore -> report (Ray, local)")
     result = Cycle(cfg).run()
@@ -151,7 +151,7 @@ def main() -> int:
 
     checkpoint = outputs["train"]["checkpoint"]
     say("evaluating the new checkpoint ...")
-    after = evaluate(checkpoint, tasks, str(out / "corpus.jsonl"), args.passages, say)
+    after = evaluate("after training", checkpoint, tasks, str(out / "corpus.jsonl"), args.passages, say)
 
     print_table(before, after, cll_orig, cll_new, rewritten_cll(folder), outputs)
     (out / "demo.json").write_text(json.dumps({"before": before, "after": after, "cll_original": cll_orig,
