@@ -40,6 +40,8 @@ def test_rewrite_fields_round_trip_and_reach_the_decoder():
     assert set(HD_FIELDS) <= set(cfg.recipe_fields())
     with pytest.raises(ValueError, match="unknown rewrite setting"):
         RewriteParams.from_fields({"bta": 1.0})
+    with pytest.raises(ValueError, match="unknown rewrite setting"):
+        RewriteParams.from_fields({"hd": {}})  # the decoder's settings are flat fields
     with pytest.raises(ValueError, match="policy must be one of"):
         RewriteParams.from_fields({"policy": "sometimes"})
     # what only the method can judge is refused when the config loads, in one line

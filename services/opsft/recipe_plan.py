@@ -63,7 +63,8 @@ class RewriteParams:
     def from_fields(cls, values: dict) -> RewriteParams:
         """From flat fields (RewriteParams' own and HD_FIELDS, as RewriteConfig names them); unset fields keep
         their defaults. An unknown name is an error. An empty splitter means none."""
-        unknown = set(values) - set(cls.__dataclass_fields__) - set(HD_FIELDS) | ({"hd"} & set(values))
+        known = (set(cls.__dataclass_fields__) - {"hd"}) | set(HD_FIELDS)
+        unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown rewrite setting(s): {', '.join(sorted(unknown))}")
         base = cls()

@@ -33,10 +33,11 @@ class Settings:
         if not (default is None or default is False or default == ""):
             text = f"{text} (default {default})".strip()
         flag = flag or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+        text = text.replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             action = parser.add_argument(flag, action="store_true", default=None, help=text, **kwargs)
         else:
-            action = parser.add_argument(flag, type=kind, choices=choices, help=text.replace("%", "%%"), **kwargs)
+            action = parser.add_argument(flag, type=kind, choices=choices, help=text, **kwargs)
         self.keys[action.dest] = key
 
     def overrides(self, args) -> dict:
